@@ -1,0 +1,62 @@
+//! Service load-balancing maps (Cilium's layout): one master entry per frontend
+//! (`backend_slot == 0`, carrying the backend count) plus one entry per slot
+//! `1..=count` naming a backend id. A per-packet lookup is two hash lookups no
+//! matter how many services exist, and an update can be made atomic for traffic
+//! by writing slots before the master count.
+
+/// Key of `LB4_SERVICES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Service4Key {
+    /// Frontend address (ClusterIP), network order.
+    pub address: u32,
+    /// Frontend port, network order.
+    pub dport: u16,
+    /// 0 for the master entry, 1..=count for backend slots.
+    pub backend_slot: u16,
+    /// IPPROTO_TCP / IPPROTO_UDP / IPPROTO_SCTP.
+    pub proto: u8,
+    /// Reserved for traffic-policy scopes (external/internal); 0 today.
+    pub scope: u8,
+    pub pad: [u8; 2],
+}
+
+/// Value of `LB4_SERVICES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service4Value {
+    /// In slot entries: the backend id (key of `LB4_BACKENDS`). 0 in the master.
+    pub backend_id: u32,
+    /// In the master entry: how many slots follow. 0 means "no endpoints".
+    pub count: u16,
+    /// Key of `LB4_REVNAT` for replies of this frontend.
+    pub rev_nat_index: u16,
+    /// `SVC_FLAG_*`.
+    pub flags: u16,
+    pub pad: u16,
+}
+
+/// The service has no ready backends: reject new connections at once.
+pub const SVC_FLAG_NO_BACKENDS: u16 = 1 << 0;
+
+/// Value of `LB4_BACKENDS` (key: backend id, u32, never 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend4 {
+    /// Backend (pod) address, network order.
+    pub address: u32,
+    /// Backend port, network order.
+    pub port: u16,
+    pub proto: u8,
+    pub flags: u8,
+}
+
+/// Value of `LB4_REVNAT` (key: rev_nat_index, u16): the frontend to restore as
+/// the source of replies.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RevNat4 {
+    pub address: u32,
+    pub port: u16,
+    pub pad: u16,
+}

@@ -1,0 +1,48 @@
+//! Map keys and values shared by the kernel-side programs (`ebpf/programs`) and
+//! the agent. Every type is `#[repr(C)]`, padded explicitly (the verifier and the
+//! kernel's hash compare whole keys, so padding bytes must be zeroed), and holds
+//! addresses and ports in **network byte order**, exactly as they sit in the
+//! packet, so the datapath never converts.
+#![no_std]
+
+pub mod ct;
+pub mod endpoint;
+pub mod lb;
+pub mod metrics;
+
+/// Pinned map names, declared once: the programs use them as symbol names and the
+/// agent opens `<bpffs>/maps/<name>`. Kernel map names hold at most 15 bytes.
+pub mod map_names {
+    pub const LB4_SERVICES: &str = "LB4_SERVICES";
+    pub const LB4_BACKENDS: &str = "LB4_BACKENDS";
+    pub const LB4_REVNAT: &str = "LB4_REVNAT";
+    pub const CT4: &str = "CT4";
+    pub const ENDPOINTS: &str = "ENDPOINTS";
+    pub const METRICS: &str = "METRICS";
+}
+
+/// Program names as they appear in the object file (one per attach point).
+pub mod program_names {
+    /// tc ingress of the host-side veth: packets the pod sends.
+    pub const FROM_CONTAINER: &str = "from_container";
+    /// tc egress of the host-side veth: packets delivered to the pod.
+    pub const TO_CONTAINER: &str = "to_container";
+}
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_SCTP: u8 = 132;
+
+#[cfg(feature = "user")]
+mod pod_impls {
+    use super::*;
+    // SAFETY: every type is #[repr(C)], Copy, has explicit padding fields and no
+    // pointers, so any bit pattern is a valid value.
+    unsafe impl aya::Pod for lb::Service4Key {}
+    unsafe impl aya::Pod for lb::Service4Value {}
+    unsafe impl aya::Pod for lb::Backend4 {}
+    unsafe impl aya::Pod for lb::RevNat4 {}
+    unsafe impl aya::Pod for ct::Ct4Key {}
+    unsafe impl aya::Pod for ct::Ct4Value {}
+    unsafe impl aya::Pod for endpoint::EndpointInfo {}
+}
