@@ -1,1 +1,29 @@
-fn main() {}
+//! `catena-agent`: the node agent. Loads and pins the datapath, serves the agent
+//! API to the CNI plugin and the CLI, and keeps the eBPF maps in line with the
+//! cluster state from its source (a manifest directory or Kubernetes).
+
+use anyhow::Result;
+use catena_agent::config::{AgentConfig, LogFormat};
+use clap::Parser;
+
+fn main() -> Result<()> {
+    let config = AgentConfig::parse();
+    init_tracing(config.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(catena_agent::daemon::run(config))
+}
+
+fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,128 @@
+//! The few bpf(2) commands aya 0.14 does not expose for our needs: reading a
+//! TCX link's target (ifindex, attach type) from a pin, swapping a link's
+//! program, and forcing a link's detach.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+pub const BPF_LINK_TYPE_TCX: u32 = 11;
+pub const BPF_TCX_INGRESS: u32 = 46;
+pub const BPF_TCX_EGRESS: u32 = 47;
+
+/// Filesystem magic of bpffs (`BPF_FS_MAGIC` in linux/magic.h).
+pub const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+fn bpf(cmd: libc::c_long, attr: &mut [u64]) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a zero-initialised buffer at least as large as the
+    // union member the command reads; the kernel copies at most `size` bytes.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(attr) as libc::c_uint,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Opens a pinned object (map, program or link).
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // union bpf_attr { __aligned_u64 pathname; __u32 bpf_fd; __u32 file_flags; }
+    let mut attr = [0u64; 4];
+    attr[0] = path.as_ptr() as u64;
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: the kernel returned a new file descriptor we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The parts of `struct bpf_link_info` catena looks at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub link_type: u32,
+    pub id: u32,
+    pub prog_id: u32,
+    /// TCX links: the attached device, 0 once the device is gone.
+    pub tcx_ifindex: u32,
+    pub tcx_attach_type: u32,
+}
+
+pub fn link_info(fd: BorrowedFd<'_>) -> io::Result<LinkInfo> {
+    // struct bpf_link_info: type, id, prog_id (u32 each), then an 8-aligned
+    // union whose `tcx` member is { ifindex: u32, attach_type: u32 } at 16.
+    let mut info = [0u64; 16];
+    let mut attr = [0u64; 2];
+    // { __u32 bpf_fd; __u32 info_len; __aligned_u64 info; }
+    attr[0] = (fd.as_raw_fd() as u32 as u64) | ((std::mem::size_of_val(&info) as u64) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(LinkInfo {
+        link_type: info[0] as u32,
+        id: (info[0] >> 32) as u32,
+        prog_id: info[1] as u32,
+        tcx_ifindex: info[2] as u32,
+        tcx_attach_type: (info[2] >> 32) as u32,
+    })
+}
+
+/// Atomically replaces the program of a link.
+pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    // { __u32 link_fd; __u32 new_prog_fd; __u32 flags; __u32 old_prog_fd; }
+    let mut attr = [0u64; 2];
+    attr[0] = (link.as_raw_fd() as u32 as u64) | ((prog.as_raw_fd() as u32 as u64) << 32);
+    bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}
+
+/// Detaches a link from its hook even if other references (pins, fds) remain.
+pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = [0u64; 1];
+    attr[0] = link.as_raw_fd() as u32 as u64;
+    bpf(BPF_LINK_DETACH, &mut attr).map(|_| ())
+}
+
+/// f_type of the filesystem holding `path`.
+pub fn fs_magic(path: &Path) -> io::Result<i64> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: statfs fills the zeroed struct; `c` outlives the call.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_type as i64)
+}
+
+pub fn ifindex_of(name: &str) -> Option<u32> {
+    let c = CString::new(name).ok()?;
+    // SAFETY: plain libc call on a valid C string.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => None,
+        i => Some(i),
+    }
+}
+
+pub fn ifname_of(ifindex: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buf has IF_NAMESIZE bytes as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: on success buf holds a NUL-terminated name.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
+}

@@ -1,0 +1,480 @@
+//! Services -> service-map contents. Backends come from EndpointSlices when a
+//! Service has any; otherwise, for a Service with a selector, the agent acts as
+//! its own endpoints controller over the pods it knows (Pod manifests and
+//! endpoints the CNI plugin registered).
+
+use super::selector::service_selects;
+use crate::sources::{ClusterState, ObjectKey};
+use catena_datapath::{BackendAddr, Frontend, LbDesired, LbService, Proto};
+use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+/// A pod as the endpoints controller sees it: where it is and its labels.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodEndpoint {
+    pub key: ObjectKey,
+    pub ipv4: Vec<Ipv4Addr>,
+    pub labels: BTreeMap<String, String>,
+    /// The Pod manifest, when the source has one (for named target ports).
+    pub pod: Option<Pod>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Compiled {
+    pub desired: LbDesired,
+    /// Things the operator should know (skipped services, unresolvable ports).
+    pub warnings: Vec<String>,
+}
+
+pub fn compile_services(state: &ClusterState, pods: &[PodEndpoint]) -> Compiled {
+    let mut out = Compiled::default();
+    let slices_by_service = slices_by_service(state);
+    for (key, svc) in &state.services {
+        let Some(spec) = &svc.spec else { continue };
+        if spec.type_.as_deref() == Some("ExternalName") {
+            continue;
+        }
+        let cluster_ips = cluster_ipv4s(svc);
+        if cluster_ips.is_empty() {
+            continue; // headless or IPv6-only: nothing to translate (IPv6 comes later)
+        }
+        let slices = slices_by_service.get(key);
+        let selector = spec.selector.clone().unwrap_or_default();
+        for port in spec.ports.as_deref().unwrap_or_default() {
+            let Some(proto) = parse_proto(port.protocol.as_deref()) else {
+                out.warnings.push(format!(
+                    "service {key}: port {} has unknown protocol {:?}",
+                    port.port, port.protocol
+                ));
+                continue;
+            };
+            let Ok(svc_port) = u16::try_from(port.port) else {
+                out.warnings
+                    .push(format!("service {key}: port {} out of range", port.port));
+                continue;
+            };
+            let backends = match slices {
+                Some(slices) => backends_from_slices(slices, port, proto),
+                None if !selector.is_empty() => {
+                    backends_from_pods(&key.namespace, &selector, port, pods, &mut out.warnings)
+                }
+                None => Vec::new(),
+            };
+            for address in &cluster_ips {
+                out.desired.services.insert(
+                    Frontend {
+                        address: *address,
+                        port: svc_port,
+                        proto,
+                    },
+                    LbService {
+                        name: key.to_string(),
+                        backends: backends.clone(),
+                    },
+                );
+            }
+        }
+    }
+    out
+}
+
+fn parse_proto(p: Option<&str>) -> Option<Proto> {
+    match p.unwrap_or("TCP") {
+        "TCP" => Some(Proto::Tcp),
+        "UDP" => Some(Proto::Udp),
+        "SCTP" => Some(Proto::Sctp),
+        _ => None,
+    }
+}
+
+fn cluster_ipv4s(svc: &Service) -> Vec<Ipv4Addr> {
+    let Some(spec) = &svc.spec else { return vec![] };
+    let mut ips: Vec<&String> = spec.cluster_ips.iter().flatten().collect();
+    if ips.is_empty() {
+        ips.extend(spec.cluster_ip.iter());
+    }
+    let mut out: Vec<Ipv4Addr> = ips.into_iter().filter_map(|ip| ip.parse().ok()).collect();
+    out.dedup();
+    out
+}
+
+fn slices_by_service(state: &ClusterState) -> BTreeMap<ObjectKey, Vec<&EndpointSlice>> {
+    let mut map: BTreeMap<ObjectKey, Vec<&EndpointSlice>> = BTreeMap::new();
+    for (key, slice) in &state.endpoint_slices {
+        let owner = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("kubernetes.io/service-name"));
+        if let Some(service) = owner {
+            map.entry(ObjectKey::new(key.namespace.clone(), service.clone()))
+                .or_default()
+                .push(slice);
+        }
+    }
+    map
+}
+
+/// Ready endpoints of the slices, on the slice port matching the Service port by
+/// name and protocol. Terminating endpoints serve only when nothing is ready.
+fn backends_from_slices(
+    slices: &[&EndpointSlice],
+    port: &ServicePort,
+    proto: Proto,
+) -> Vec<BackendAddr> {
+    let mut ready = BTreeSet::new();
+    let mut serving_terminating = BTreeSet::new();
+    for slice in slices {
+        if slice.address_type != "IPv4" {
+            continue;
+        }
+        let want_name = port.name.as_deref().unwrap_or("");
+        let slice_port = slice.ports.iter().flatten().find(|p| {
+            p.name.as_deref().unwrap_or("") == want_name
+                && parse_proto(p.protocol.as_deref()) == Some(proto)
+        });
+        let Some(target) = slice_port
+            .and_then(|p| p.port)
+            .and_then(|p| u16::try_from(p).ok())
+        else {
+            continue;
+        };
+        for ep in slice.endpoints.iter().flatten() {
+            let cond = ep.conditions.as_ref();
+            // Per the EndpointSlice API, an unset `ready` means ready.
+            let is_ready = cond.and_then(|c| c.ready).unwrap_or(true);
+            let serving = cond.and_then(|c| c.serving).unwrap_or(is_ready);
+            let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+            for addr in &ep.addresses {
+                let Ok(address) = addr.parse::<Ipv4Addr>() else {
+                    continue;
+                };
+                let b = BackendAddr {
+                    address,
+                    port: target,
+                };
+                if is_ready && !terminating {
+                    ready.insert(b);
+                } else if serving && terminating {
+                    serving_terminating.insert(b);
+                }
+            }
+        }
+    }
+    if ready.is_empty() {
+        serving_terminating.into_iter().collect()
+    } else {
+        ready.into_iter().collect()
+    }
+}
+
+fn backends_from_pods(
+    namespace: &str,
+    selector: &BTreeMap<String, String>,
+    port: &ServicePort,
+    pods: &[PodEndpoint],
+    warnings: &mut Vec<String>,
+) -> Vec<BackendAddr> {
+    let mut out = BTreeSet::new();
+    for pod in pods {
+        if pod.key.namespace != namespace || !service_selects(selector, &pod.labels) {
+            continue;
+        }
+        if pod.pod.as_ref().is_some_and(pod_is_gone) {
+            continue;
+        }
+        let Some(target) = target_port(port, pod.pod.as_ref()) else {
+            warnings.push(format!(
+                "pod {}: no container port named {:?}",
+                pod.key, port.target_port
+            ));
+            continue;
+        };
+        for address in &pod.ipv4 {
+            out.insert(BackendAddr {
+                address: *address,
+                port: target,
+            });
+        }
+    }
+    out.into_iter().collect()
+}
+
+fn pod_is_gone(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_some()
+        || matches!(
+            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        )
+}
+
+fn target_port(port: &ServicePort, pod: Option<&Pod>) -> Option<u16> {
+    match &port.target_port {
+        None => u16::try_from(port.port).ok(),
+        Some(IntOrString::Int(p)) => u16::try_from(*p).ok(),
+        Some(IntOrString::String(name)) => {
+            if let Ok(p) = name.parse::<u16>() {
+                return Some(p);
+            }
+            pod?.spec
+                .as_ref()?
+                .containers
+                .iter()
+                .flat_map(|c| c.ports.iter().flatten())
+                .find(|p| p.name.as_deref() == Some(name.as_str()))
+                .and_then(|p| u16::try_from(p.container_port).ok())
+        }
+    }
+}
+
+/// The pods the endpoints controller knows: Pod manifests with an IP, and
+/// registered endpoints (labels from the registration, merged with the Pod
+/// manifest of the same namespace/name when there is one).
+pub fn pod_endpoints(
+    state: &ClusterState,
+    registered: &[catena_api::Endpoint],
+) -> Vec<PodEndpoint> {
+    let mut by_key: BTreeMap<ObjectKey, PodEndpoint> = BTreeMap::new();
+    for (key, pod) in &state.pods {
+        let ips: Vec<Ipv4Addr> = pod
+            .status
+            .iter()
+            .flat_map(|s| {
+                s.pod_ips
+                    .iter()
+                    .flatten()
+                    .map(|p| p.ip.clone())
+                    .chain(s.pod_ip.clone())
+            })
+            .filter_map(|ip| ip.parse().ok())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        by_key.insert(
+            key.clone(),
+            PodEndpoint {
+                key: key.clone(),
+                ipv4: ips,
+                labels: pod.metadata.labels.clone().unwrap_or_default(),
+                pod: Some(pod.clone()),
+            },
+        );
+    }
+    for ep in registered {
+        let namespace = if ep.spec.pod.namespace.is_empty() {
+            "default"
+        } else {
+            &ep.spec.pod.namespace
+        };
+        let name = if ep.spec.pod.name.is_empty() {
+            &ep.spec.container_id
+        } else {
+            &ep.spec.pod.name
+        };
+        let key = ObjectKey::new(namespace, name);
+        let ips = ep
+            .spec
+            .ips
+            .iter()
+            .filter_map(|cidr| cidr.split('/').next()?.parse::<Ipv4Addr>().ok());
+        let entry = by_key.entry(key.clone()).or_insert_with(|| PodEndpoint {
+            key,
+            ipv4: vec![],
+            labels: BTreeMap::new(),
+            pod: None,
+        });
+        entry.labels.extend(ep.spec.labels.clone());
+        for ip in ips {
+            if !entry.ipv4.contains(&ip) {
+                entry.ipv4.push(ip);
+            }
+        }
+    }
+    by_key.into_values().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sources::manifests::parse;
+    use std::path::Path;
+
+    fn state(yaml: &str) -> ClusterState {
+        let mut s = ClusterState::default();
+        for o in parse(Path::new("t.yaml"), yaml).unwrap().objects {
+            s.insert(o);
+        }
+        s
+    }
+
+    fn fe(ip: &str, port: u16, proto: Proto) -> Frontend {
+        Frontend {
+            address: ip.parse().unwrap(),
+            port,
+            proto,
+        }
+    }
+
+    fn be(ip: &str, port: u16) -> BackendAddr {
+        BackendAddr {
+            address: ip.parse().unwrap(),
+            port,
+        }
+    }
+
+    const SVC: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: http}
+  - {name: dns, port: 53, protocol: UDP, targetPort: 5353}
+"#;
+
+    #[test]
+    fn endpoint_slices_by_port_name_with_ready_and_terminating() {
+        let s = state(&format!(
+            r#"{SVC}---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080, protocol: TCP}}, {{name: dns, port: 5353, protocol: UDP}}]
+endpoints:
+- addresses: [10.0.0.2]
+- addresses: [10.0.0.1]
+  conditions: {{ready: true}}
+- addresses: [10.0.0.3]
+  conditions: {{ready: false, serving: true, terminating: true}}
+- addresses: [10.0.0.4]
+  conditions: {{ready: false}}
+"#
+        ));
+        let c = compile_services(&s, &[]);
+        let http = &c.desired.services[&fe("10.96.0.10", 80, Proto::Tcp)];
+        assert_eq!(http.name, "shop/web");
+        assert_eq!(
+            http.backends,
+            vec![be("10.0.0.1", 8080), be("10.0.0.2", 8080)]
+        );
+        let dns = &c.desired.services[&fe("10.96.0.10", 53, Proto::Udp)];
+        assert_eq!(
+            dns.backends,
+            vec![be("10.0.0.1", 5353), be("10.0.0.2", 5353)]
+        );
+    }
+
+    #[test]
+    fn terminating_endpoints_only_when_nothing_is_ready() {
+        let s = state(&format!(
+            r#"{SVC}---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints:
+- addresses: [10.0.0.3]
+  conditions: {{ready: false, serving: true, terminating: true}}
+"#
+        ));
+        let c = compile_services(&s, &[]);
+        assert_eq!(
+            c.desired.services[&fe("10.96.0.10", 80, Proto::Tcp)].backends,
+            vec![be("10.0.0.3", 8080)]
+        );
+        // The UDP port has no matching slice port: present, no backends (rejects).
+        assert!(c.desired.services[&fe("10.96.0.10", 53, Proto::Udp)]
+            .backends
+            .is_empty());
+    }
+
+    #[test]
+    fn selector_over_pod_manifests_and_registered_endpoints() {
+        let s = state(&format!(
+            r#"{SVC}---
+apiVersion: v1
+kind: Pod
+metadata: {{name: web-a, namespace: shop, labels: {{app: web}}}}
+spec:
+  containers: [{{name: c, ports: [{{name: http, containerPort: 8080}}]}}]
+status: {{podIP: 10.0.0.7}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: web-b, namespace: shop, labels: {{app: web}}}}
+spec:
+  containers: [{{name: c, ports: [{{name: http, containerPort: 9090}}]}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: db, namespace: shop, labels: {{app: db}}}}
+spec: {{containers: [{{name: c}}]}}
+status: {{podIP: 10.0.0.9}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: web-x, namespace: other, labels: {{app: web}}}}
+spec: {{containers: [{{name: c}}]}}
+status: {{podIP: 10.0.0.10}}
+"#
+        ));
+        // web-b has no IP in its manifest; the CNI plugin registered it.
+        let registered = catena_api::Endpoint {
+            id: 1,
+            spec: catena_api::EndpointSpec {
+                container_id: "c1".into(),
+                ifname: "eth0".into(),
+                ips: vec!["10.0.0.8/24".into()],
+                pod: catena_api::PodRef {
+                    namespace: "shop".into(),
+                    name: "web-b".into(),
+                    uid: String::new(),
+                },
+                ..Default::default()
+            },
+            identity: 256,
+            attach_mode: "tcx".into(),
+            created: String::new(),
+        };
+        let pods = pod_endpoints(&s, &[registered]);
+        let c = compile_services(&s, &pods);
+        assert_eq!(
+            c.desired.services[&fe("10.96.0.10", 80, Proto::Tcp)].backends,
+            vec![be("10.0.0.7", 8080), be("10.0.0.8", 9090)]
+        );
+        assert_eq!(
+            c.desired.services[&fe("10.96.0.10", 53, Proto::Udp)].backends,
+            vec![be("10.0.0.7", 5353), be("10.0.0.8", 5353)]
+        );
+    }
+
+    #[test]
+    fn skips_headless_external_and_bad_protocols() {
+        let s = state(
+            r#"apiVersion: v1
+kind: Service
+metadata: {name: headless}
+spec: {clusterIP: None, selector: {a: b}, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ext}
+spec: {type: ExternalName, externalName: example.org}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: odd}
+spec: {clusterIP: 10.96.0.3, ports: [{port: 80, protocol: ICMP}]}
+"#,
+        );
+        let c = compile_services(&s, &[]);
+        assert!(c.desired.services.is_empty());
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    }
+}

@@ -1,0 +1,35 @@
+use clap::{Parser, ValueEnum};
+use std::path::PathBuf;
+
+/// Every path is a flag with the production default, so tests can run several
+/// isolated "nodes" side by side.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "catena-agent", version, about = "catena node agent")]
+pub struct AgentConfig {
+    /// Standalone mode: watch this directory of Kubernetes YAML/JSON manifests
+    /// (Services, EndpointSlices, Pods, Namespaces, NetworkPolicies,
+    /// CiliumNetworkPolicies) instead of a cluster.
+    #[arg(long, env = "CATENA_MANIFESTS")]
+    pub manifests: Option<PathBuf>,
+
+    /// Agent API socket (HTTP/JSON, mode 0600).
+    #[arg(long, default_value = catena_api::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+
+    /// Directory on a bpf filesystem for catena's pinned programs, maps and links.
+    #[arg(long, default_value = catena_api::DEFAULT_BPFFS_DIR)]
+    pub bpffs_dir: PathBuf,
+
+    /// Agent state (endpoint records, the CNI plugin's DEL queue).
+    #[arg(long, default_value = catena_api::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}

@@ -1,0 +1,104 @@
+//! The agent process: restores state, opens the datapath, starts the source and
+//! the API, and reconciles the service maps whenever the cluster or the set of
+//! endpoints changes.
+
+use crate::api;
+use crate::config::AgentConfig;
+use crate::core::{AgentCore, SourceInfo};
+use crate::sources::watch::{watch_manifest_dir, SourceUpdate};
+use anyhow::{Context, Result};
+use std::sync::Arc;
+use tokio::sync::watch;
+
+pub async fn run(config: AgentConfig) -> Result<()> {
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        socket = %config.socket.display(),
+        bpffs = %config.bpffs_dir.display(),
+        state = %config.state_dir.display(),
+        "starting catena-agent"
+    );
+    // The API comes up first (answering "not ready") so the CNI plugin gets a
+    // clear try-again-later instead of a missing socket while we restore.
+    let core = Arc::new(AgentCore::new(config.clone()));
+    let listener = api::bind(&config.socket)?;
+    let server = tokio::spawn(api::serve(listener, core.clone()));
+
+    let restore_core = core.clone();
+    tokio::task::spawn_blocking(move || restore_core.open_and_restore())
+        .await
+        .context("restore task panicked")??;
+
+    let mut updates = start_source(&config, &core).await?;
+    let first = updates.borrow_and_update().clone();
+    apply_update(&core, first).await?;
+    let drained = blocking(&core, |c| c.drain_delete_queue()).await?;
+    if drained > 0 {
+        tracing::info!(drained, "processed deletes queued while the agent was down");
+    }
+    core.set_ready();
+    tracing::info!("agent ready");
+
+    let reconciler = {
+        let core = core.clone();
+        tokio::spawn(async move {
+            while updates.changed().await.is_ok() {
+                let update = updates.borrow_and_update().clone();
+                if let Err(e) = apply_update(&core, update).await {
+                    tracing::error!(error = %format!("{e:#}"), "reconcile failed; will retry on the next change");
+                }
+            }
+        })
+    };
+
+    shutdown_signal().await;
+    tracing::info!("shutting down; pinned programs and maps keep the datapath running");
+    reconciler.abort();
+    server.abort();
+    let _ = std::fs::remove_file(&config.socket);
+    Ok(())
+}
+
+async fn start_source(
+    config: &AgentConfig,
+    core: &Arc<AgentCore>,
+) -> Result<watch::Receiver<SourceUpdate>> {
+    match &config.manifests {
+        Some(dir) => {
+            core.set_source(SourceInfo::new(format!("manifests:{}", dir.display())));
+            watch_manifest_dir(dir.clone()).await
+        }
+        None => {
+            // No source: endpoints still get their programs, no services exist.
+            core.set_source(SourceInfo::new("none".to_string()));
+            let (tx, rx) = watch::channel(SourceUpdate::default());
+            std::mem::forget(tx); // keep the channel open for the life of the process
+            Ok(rx)
+        }
+    }
+}
+
+async fn apply_update(core: &Arc<AgentCore>, update: SourceUpdate) -> Result<()> {
+    core.record_source_errors(update.errors.clone());
+    let state = update.state.clone();
+    blocking(core, move |c| c.set_cluster(state)).await
+}
+
+async fn blocking<T: Send + 'static>(
+    core: &Arc<AgentCore>,
+    f: impl FnOnce(&AgentCore) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let core = core.clone();
+    tokio::task::spawn_blocking(move || f(&core))
+        .await
+        .context("agent task panicked")?
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,12 @@
+//! The agent as a library, so its pure parts (sources, compilers) are testable
+//! without a kernel. Data flows sources -> model -> compile -> datapath; the API
+//! feeds endpoints into the model.
+
+pub mod api;
+pub mod compile;
+pub mod config;
+pub mod core;
+pub mod daemon;
+pub mod model;
+pub mod sources;
+pub mod state_file;

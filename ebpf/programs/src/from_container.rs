@@ -1,0 +1,101 @@
+//! `from_container`: tc ingress of the host-side veth, i.e. every packet the pod
+//! sends. IPv4 TCP/UDP to a service frontend is DNATed to a backend chosen once
+//! per flow and remembered in conntrack; everything else passes untouched.
+
+use aya_ebpf::{macros::classifier, programs::TcContext};
+use catena_common::metrics::Counter;
+
+use crate::{
+    ct, lb,
+    metrics::count,
+    nat,
+    parse::{self, Parsed},
+    VERDICT_DROP, VERDICT_PASS,
+};
+
+#[classifier]
+pub fn from_container(ctx: TcContext) -> i32 {
+    count(Counter::FromContainer);
+    match try_from_container(&ctx) {
+        Ok(verdict) => verdict,
+        Err(()) => {
+            count(Counter::DropInvalid);
+            VERDICT_DROP
+        }
+    }
+}
+
+#[inline(always)]
+fn try_from_container(ctx: &TcContext) -> Result<i32, ()> {
+    let flow = match parse::parse(ctx) {
+        Ok(Parsed::Flow(flow)) => flow,
+        Ok(Parsed::Other) => return Ok(VERDICT_PASS),
+        // Not ours to judge: a malformed packet is the stack's business and we
+        // have not touched it (only service traffic is dropped by catena).
+        Err(()) => return Ok(VERDICT_PASS),
+    };
+    let master_key = lb::master_key(&flow);
+    let Some(master) = lb::lookup_master(&master_key) else {
+        return Ok(VERDICT_PASS);
+    };
+
+    let now = ct::now_ns();
+    let len = ctx.len();
+    let svc_ct_key = ct::service_key(&flow);
+
+    // An existing flow keeps its backend as long as that backend still exists.
+    let mut chosen = None;
+    if let Some(entry) = ct::lookup(&svc_ct_key) {
+        // SAFETY: pointer from a CT4 lookup in this run.
+        let id = unsafe { (*entry).backend_id };
+        if let Some(backend) = lb::backend(id) {
+            // SAFETY: as above.
+            unsafe { ct::touch(entry, now, len, flow.closing) };
+            chosen = Some(backend);
+        }
+    }
+    let backend = match chosen {
+        Some(backend) => backend,
+        None => {
+            if master.count == 0 {
+                count(Counter::DropNoBackend);
+                return Ok(VERDICT_DROP);
+            }
+            let Some((id, backend)) = lb::select_backend(&master_key, master.count) else {
+                // The agent writes slots before raising the count, so this is a
+                // backend removed under us: treat as no backend.
+                count(Counter::DropNoBackend);
+                return Ok(VERDICT_DROP);
+            };
+            if ct::create(&svc_ct_key, id, master.rev_nat_index, now, len, flow.closing).is_err() {
+                count(Counter::DropCtFull);
+                return Ok(VERDICT_DROP);
+            }
+            backend
+        }
+    };
+
+    // The translated tuple is what replies are matched against.
+    let egress_key = ct::egress_key(&flow, backend.address, backend.port);
+    match ct::lookup(&egress_key) {
+        Some(entry) => {
+            // SAFETY: pointer from a CT4 lookup in this run.
+            unsafe {
+                (*entry).rev_nat_index = master.rev_nat_index;
+                ct::touch(entry, now, len, flow.closing);
+            }
+        }
+        None => {
+            if ct::create(&egress_key, 0, master.rev_nat_index, now, len, flow.closing).is_err() {
+                // Without this entry replies would not be reverse-NATed and the
+                // client would drop them: fail the flow visibly instead.
+                count(Counter::DropCtFull);
+                return Ok(VERDICT_DROP);
+            }
+        }
+    }
+
+    nat::rewrite_dst(ctx, &flow, backend.address, backend.port)?;
+    count(Counter::ServiceDnat);
+    Ok(VERDICT_PASS)
+}

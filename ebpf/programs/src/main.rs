@@ -1,0 +1,38 @@
+//! catena's kernel-side programs. Two tc classifiers share one set of maps:
+//! - `from_container` (host-veth ingress: packets the pod sends): service DNAT;
+//! - `to_container` (host-veth egress: packets delivered to the pod): reverse NAT
+//!   of replies from service backends.
+//!
+//! Layout follows Cilium's bpf/: one file per attach point, logic split by
+//! concern, every map declared once in `maps.rs`.
+#![no_std]
+#![no_main]
+
+mod ct;
+mod from_container;
+mod lb;
+mod maps;
+mod metrics;
+mod nat;
+mod parse;
+mod to_container;
+
+/// Verdict for "not ours / done": `TC_ACT_UNSPEC`. With TCX it means
+/// `TCX_NEXT` and with a clsact filter chain "continue": programs attached after
+/// us (another chained plugin) still run, and if there are none the packet is
+/// passed exactly as with `TC_ACT_OK`. Returning `TC_ACT_OK` would end the
+/// chain and silently bypass them.
+pub const VERDICT_PASS: i32 = aya_ebpf::bindings::TC_ACT_UNSPEC;
+pub const VERDICT_DROP: i32 = aya_ebpf::bindings::TC_ACT_SHOT as i32;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any reachable loop, and panics cannot unwind in BPF;
+    // this is never reached in a verified program.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,40 @@
+//! Every map, declared once. Symbol names are the pinned names of
+//! `catena_common::map_names` (checked by the agent when it opens the object),
+//! and all are pinned by name so the agent's `map_pin_path` reuses them across
+//! restarts.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray},
+};
+use catena_common::{
+    ct::{Ct4Key, Ct4Value},
+    endpoint::EndpointInfo,
+    lb::{Backend4, RevNat4, Service4Key, Service4Value},
+    metrics::COUNTER_MAX,
+};
+
+/// Master entries (slot 0) and backend slots of every frontend.
+#[map]
+pub static LB4_SERVICES: HashMap<Service4Key, Service4Value> = HashMap::pinned(262_144, 0);
+
+/// Backend id -> backend address.
+#[map]
+pub static LB4_BACKENDS: HashMap<u32, Backend4> = HashMap::pinned(262_144, 0);
+
+/// rev_nat_index -> frontend to restore as the source of replies.
+#[map]
+pub static LB4_REVNAT: HashMap<u16, RevNat4> = HashMap::pinned(65_536, 0);
+
+/// Connection tracking; LRU so a full table evicts the oldest flows instead of
+/// failing new ones.
+#[map]
+pub static CT4: LruHashMap<Ct4Key, Ct4Value> = LruHashMap::pinned(262_144, 0);
+
+/// Host-veth ifindex -> endpoint config.
+#[map]
+pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(65_536, 0);
+
+/// Packet counters, indexed by `catena_common::metrics::Counter`.
+#[map]
+pub static METRICS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_MAX, 0);
