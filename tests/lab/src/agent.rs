@@ -95,7 +95,6 @@ impl Agent<'_> {
     fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + self.ready_timeout;
         let client = self.client().with_timeout(Duration::from_secs(2));
-        let mut last = String::from("no answer yet");
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Some(status) = child.try_wait()? {
@@ -106,11 +105,11 @@ impl Agent<'_> {
                     );
                 }
             }
-            match client.get::<catena_api::Health>("/v1/healthz") {
+            let last = match client.get::<catena_api::Health>("/v1/healthz") {
                 Ok(h) if h.ready => return Ok(()),
-                Ok(h) => last = format!("not ready: {}", h.reason.unwrap_or_default()),
-                Err(e) => last = e.to_string(),
-            }
+                Ok(h) => format!("not ready: {}", h.reason.unwrap_or_default()),
+                Err(e) => e.to_string(),
+            };
             if Instant::now() >= deadline {
                 bail!(
                     "catena-agent not ready after {:?} ({last}); log tail:\n{}",

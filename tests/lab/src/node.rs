@@ -1,7 +1,7 @@
 //! A throwaway "node" (a network namespace plus scratch state) and its pods.
 
 use crate::cni::{AddResult, Conflist};
-use crate::netns::{next_unique, random_hex, sanitize_tag, Netns};
+use crate::netns::{next_unique, random_hex, Netns};
 use anyhow::{anyhow, Context, Result};
 use serde_json::{json, Value};
 use std::net::Ipv4Addr;
@@ -120,7 +120,9 @@ impl Node {
             "ipam": self.host_local(subnet),
         })];
         plugins.extend(extra_plugins_after);
-        Conflist::from_value(json!({"cniVersion": cni_version, "name": name, "plugins": plugins}))
+        Ok(Conflist::from_value(
+            json!({"cniVersion": cni_version, "name": name, "plugins": plugins}),
+        )?)
     }
 
     /// bridge (`bridge` device in the node netns, gateway on it) + host-local, then `extra`.
@@ -141,7 +143,9 @@ impl Node {
             "ipam": self.host_local(subnet),
         })];
         plugins.extend(extra_plugins_after);
-        Conflist::from_value(json!({"cniVersion": cni_version, "name": name, "plugins": plugins}))
+        Ok(Conflist::from_value(
+            json!({"cniVersion": cni_version, "name": name, "plugins": plugins}),
+        )?)
     }
 
     fn host_local(&self, subnet: &str) -> Value {

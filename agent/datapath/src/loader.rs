@@ -1,0 +1,135 @@
+//! Loading the embedded object: bpffs checks, pinned-map reuse, program pins.
+
+use std::fs;
+use std::io;
+use std::mem::size_of;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use aya::maps::{MapInfo, MapType};
+use aya::programs::SchedClassifier;
+use aya::{Ebpf, EbpfLoader};
+use catena_common::{ct, endpoint, lb, map_names, program_names};
+use tracing::{debug, info, warn};
+
+use crate::sys;
+
+/// The object built by build.rs from ebpf/programs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/catena-ebpf.o"));
+
+pub const PROGRAMS: [&str; 2] = [program_names::FROM_CONTAINER, program_names::TO_CONTAINER];
+
+/// The bpffs layout under the datapath dir.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    pub root: PathBuf,
+}
+
+impl Layout {
+    pub fn maps(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+    pub fn programs(&self) -> PathBuf {
+        self.root.join("programs")
+    }
+    pub fn program(&self, name: &str) -> PathBuf {
+        self.programs().join(name)
+    }
+    pub fn links(&self) -> PathBuf {
+        self.root.join("links")
+    }
+}
+
+/// Fails unless `dir` is (or would be created) on a bpf filesystem, then
+/// creates the layout's directories.
+pub fn prepare(dir: &Path) -> anyhow::Result<Layout> {
+    // The nearest existing ancestor decides where mkdir would land.
+    let mut probe = dir;
+    while !probe.exists() {
+        probe = probe
+            .parent()
+            .with_context(|| format!("{} has no existing ancestor", dir.display()))?;
+    }
+    let magic = sys::fs_magic(probe).with_context(|| format!("statfs {}", probe.display()))?;
+    if magic != sys::BPF_FS_MAGIC {
+        bail!(
+            "{} is not on a bpf filesystem ({} has magic {magic:#x}); mount one with \
+             `mount -t bpf bpf /sys/fs/bpf`",
+            dir.display(),
+            probe.display()
+        );
+    }
+    let layout = Layout { root: dir.to_path_buf() };
+    for d in [layout.maps(), layout.programs(), layout.links()] {
+        fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    Ok(layout)
+}
+
+/// (name, type, key size, value size) the programs expect of every map.
+fn expected_maps() -> [(&'static str, MapType, usize, usize); 6] {
+    [
+        (map_names::LB4_SERVICES, MapType::HashMap, size_of::<lb::Service4Key>(), size_of::<lb::Service4Value>()),
+        (map_names::LB4_BACKENDS, MapType::HashMap, size_of::<u32>(), size_of::<lb::Backend4>()),
+        (map_names::LB4_REVNAT, MapType::HashMap, size_of::<u16>(), size_of::<lb::RevNat4>()),
+        (map_names::CT4, MapType::LruHashMap, size_of::<ct::Ct4Key>(), size_of::<ct::Ct4Value>()),
+        (map_names::ENDPOINTS, MapType::HashMap, size_of::<u32>(), size_of::<endpoint::EndpointInfo>()),
+        (map_names::METRICS, MapType::PerCpuArray, size_of::<u32>(), size_of::<u64>()),
+    ]
+}
+
+/// aya reuses any pin with the map's name without comparing definitions. A pin
+/// left by a version with another key/value layout would be read with the wrong
+/// layout, so such pins are replaced (their state is lost, which is the lesser
+/// evil) before loading.
+fn drop_incompatible_pins(layout: &Layout) -> anyhow::Result<()> {
+    for (name, ty, key, value) in expected_maps() {
+        let path = layout.maps().join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path).with_context(|| format!("reading pinned map {}", path.display()))?;
+        let compatible = info.map_type().ok() == Some(ty)
+            && info.key_size() as usize == key
+            && info.value_size() as usize == value;
+        if !compatible {
+            warn!(map = name, "pinned map has an incompatible layout; replacing it");
+            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Loads the object (maps reused from or pinned to `<dir>/maps`), loads both
+/// programs into the kernel and pins them under `<dir>/programs`.
+pub fn load(layout: &Layout) -> anyhow::Result<Ebpf> {
+    drop_incompatible_pins(layout)?;
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(layout.maps())
+        .load(OBJECT)
+        .context("loading the catena eBPF object")?;
+    for (name, ..) in expected_maps() {
+        if ebpf.map(name).is_none() {
+            bail!("the eBPF object has no map {name}");
+        }
+    }
+    for name in PROGRAMS {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .with_context(|| format!("the eBPF object has no program {name}"))?
+            .try_into()
+            .with_context(|| format!("program {name} is not a tc classifier"))?;
+        prog.load().with_context(|| format!("loading program {name} (verifier)"))?;
+        let pin = layout.program(name);
+        // Replace the pin of a previous agent run: links keep their own
+        // reference to the old program, and attach() upgrades them.
+        match fs::remove_file(&pin) {
+            Ok(()) => debug!(path = %pin.display(), "replaced stale program pin"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", pin.display())),
+        }
+        prog.pin(&pin).with_context(|| format!("pinning {name} at {}", pin.display()))?;
+    }
+    info!(dir = %layout.root.display(), "catena eBPF programs loaded");
+    Ok(ebpf)
+}
