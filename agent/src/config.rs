@@ -12,6 +12,11 @@ pub struct AgentConfig {
     #[arg(long, env = "CATENA_MANIFESTS")]
     pub manifests: Option<PathBuf>,
 
+    /// Kubernetes mode: use this kubeconfig. Without it (and without
+    /// --manifests) the agent uses in-cluster config when it runs in a pod.
+    #[arg(long, env = "KUBECONFIG", conflicts_with = "manifests")]
+    pub kubeconfig: Option<PathBuf>,
+
     /// Agent API socket (HTTP/JSON, mode 0600).
     #[arg(long, default_value = catena_api::DEFAULT_SOCKET)]
     pub socket: PathBuf,

@@ -68,7 +68,14 @@ async fn start_source(
             core.set_source(SourceInfo::new(format!("manifests:{}", dir.display())));
             watch_manifest_dir(dir.clone()).await
         }
+        None if config.kubeconfig.is_some() || in_cluster() => {
+            core.set_source(SourceInfo::new("kubernetes".to_string()));
+            let client = crate::sources::kube::client(config.kubeconfig.as_deref()).await?;
+            tracing::info!("waiting for the first list of every Kubernetes kind");
+            crate::sources::kube::watch_kubernetes(client).await
+        }
         None => {
+            tracing::warn!("no --manifests, no --kubeconfig and not in a cluster: no services or policies will be programmed");
             // No source: endpoints still get their programs, no services exist.
             core.set_source(SourceInfo::new("none".to_string()));
             let (tx, rx) = watch::channel(SourceUpdate::default());
@@ -76,6 +83,11 @@ async fn start_source(
             Ok(rx)
         }
     }
+}
+
+/// Running in a pod with a service account (the chart's DaemonSet).
+fn in_cluster() -> bool {
+    std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
 }
 
 async fn apply_update(core: &Arc<AgentCore>, update: SourceUpdate) -> Result<()> {

@@ -3,13 +3,28 @@
 //! traffic and state survive the agent), attaches the programs to host-side
 //! veths (TCX links, pinned; clsact where TCX is missing), and writes the maps.
 
+mod attach;
+mod ct;
 mod desired;
+mod endpoints;
+mod lb;
+mod loader;
+mod metrics;
+mod netlink;
+mod sys;
 
+pub use attach::AttachError;
 pub use desired::{BackendAddr, Frontend, LbDesired, LbService, Proto};
 
+use anyhow::Context;
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use aya::Ebpf;
+use catena_common::ct::{Ct4Key, Ct4Value};
 use catena_common::endpoint::EndpointInfo;
-use std::collections::BTreeMap;
+use catena_common::map_names;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use tracing::info;
 
 /// How the programs are attached to an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -48,7 +63,23 @@ pub struct ProgrammedService {
 }
 
 pub struct Datapath {
-    _bpffs_dir: PathBuf,
+    layout: loader::Layout,
+    /// Owns the loaded programs (their fds; the pins keep them alive too).
+    ebpf: Ebpf,
+    lb_maps: lb::LbMaps,
+    lb: lb::LbState,
+    endpoints: endpoints::Endpoints,
+    conntrack: ct::Conntrack,
+    metrics: metrics::Metrics,
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<Map> {
+    ebpf.take_map(name)
+        .with_context(|| format!("the eBPF object has no map {name}"))
+}
+
+fn hash_map<K: aya::Pod, V: aya::Pod>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<HashMap<MapData, K, V>> {
+    HashMap::try_from(take_map(ebpf, name)?).with_context(|| format!("map {name} has an unexpected type"))
 }
 
 impl Datapath {
@@ -57,17 +88,56 @@ impl Datapath {
     /// pins the programs under `<bpffs_dir>/programs`. Creates the dirs; fails
     /// with a clear error if `bpffs_dir` is not on a bpf filesystem.
     pub fn open(bpffs_dir: &Path) -> anyhow::Result<Datapath> {
-        let _ = bpffs_dir;
-        unimplemented!()
+        let layout = loader::prepare(bpffs_dir)?;
+        let mut ebpf = loader::load(&layout)?;
+        let lb_maps = lb::LbMaps {
+            services: hash_map(&mut ebpf, map_names::LB4_SERVICES)?,
+            backends: hash_map(&mut ebpf, map_names::LB4_BACKENDS)?,
+            revnat: hash_map(&mut ebpf, map_names::LB4_REVNAT)?,
+        };
+        let lb = lb::LbState::rebuild(&lb_maps)?;
+        lb::warn_dirty(&lb);
+        let endpoints = endpoints::Endpoints {
+            map: hash_map(&mut ebpf, map_names::ENDPOINTS)?,
+        };
+        let conntrack = ct::Conntrack {
+            map: hash_map::<Ct4Key, Ct4Value>(&mut ebpf, map_names::CT4)?,
+        };
+        let metrics = metrics::Metrics {
+            map: PerCpuArray::try_from(take_map(&mut ebpf, map_names::METRICS)?)
+                .context("map METRICS has an unexpected type")?,
+        };
+        info!(
+            dir = %layout.root.display(),
+            services = lb.programmed().len(),
+            "datapath open"
+        );
+        Ok(Datapath {
+            layout,
+            ebpf,
+            lb_maps,
+            lb,
+            endpoints,
+            conntrack,
+            metrics,
+        })
     }
 
     pub fn bpffs_dir(&self) -> &Path {
-        unimplemented!()
+        &self.layout.root
+    }
+
+    /// Where a program is pinned (`<bpffs_dir>/programs/<name>`).
+    pub fn program_pin(&self, name: &str) -> PathBuf {
+        self.layout.program(name)
     }
 
     /// Kernel program ids by program name.
     pub fn program_ids(&self) -> BTreeMap<String, u32> {
-        unimplemented!()
+        self.ebpf
+            .programs()
+            .filter_map(|(name, prog)| Some((name.to_owned(), prog.info().ok()?.id())))
+            .collect()
     }
 
     /// Attaches from_container (ingress) and to_container (egress) to the
@@ -76,58 +146,79 @@ impl Datapath {
     /// replaces a qdisc or another program; TCX links are pinned under
     /// `<bpffs_dir>/links/`.
     pub fn attach(&mut self, ifindex: u32, ifname: &str) -> anyhow::Result<AttachMode> {
-        let _ = (ifindex, ifname);
-        unimplemented!()
+        attach::attach(&mut self.ebpf, &self.layout, ifindex, ifname, None)
+    }
+
+    /// Like `attach`, but only in `mode` (no fallback). For tests and for
+    /// operators who want to pin the mechanism.
+    pub fn attach_with_mode(&mut self, ifindex: u32, ifname: &str, mode: AttachMode) -> anyhow::Result<AttachMode> {
+        attach::attach(&mut self.ebpf, &self.layout, ifindex, ifname, Some(mode))
     }
 
     /// Removes catena's programs from the interface and their link pins.
     /// Idempotent: a missing interface or missing pins are not an error.
     pub fn detach(&mut self, ifindex: u32) -> anyhow::Result<()> {
-        let _ = ifindex;
-        unimplemented!()
+        attach::detach(&self.layout, ifindex)
     }
 
     /// How catena is attached to `ifindex` right now (asks the kernel), if at all.
     pub fn attachment(&self, ifindex: u32) -> anyhow::Result<Option<AttachMode>> {
-        let _ = ifindex;
-        unimplemented!()
+        attach::attachment(ifindex)
+    }
+
+    /// Removes TCX link pins of interfaces not in `live_ifindexes` (or whose
+    /// device is gone). Returns how many pins were removed.
+    pub fn gc_links(&mut self, live_ifindexes: &BTreeSet<u32>) -> anyhow::Result<usize> {
+        attach::gc_links(&self.layout, live_ifindexes)
     }
 
     /// Writes the per-endpoint config read by the programs.
     pub fn upsert_endpoint(&mut self, ifindex: u32, info: EndpointInfo) -> anyhow::Result<()> {
-        let _ = (ifindex, info);
-        unimplemented!()
+        self.endpoints.upsert(ifindex, info)
     }
 
     pub fn remove_endpoint(&mut self, ifindex: u32) -> anyhow::Result<()> {
-        let _ = ifindex;
-        unimplemented!()
+        self.endpoints.remove(ifindex)
     }
 
     pub fn endpoint(&self, ifindex: u32) -> anyhow::Result<Option<EndpointInfo>> {
-        let _ = ifindex;
-        unimplemented!()
+        self.endpoints.get(ifindex)
     }
 
     /// Makes the service maps hold exactly `desired`, changing only what
     /// differs, in an order that never exposes a half-written service to
     /// packets (backends, then slots, then the master entry; removals last).
     pub fn apply_services(&mut self, desired: &LbDesired) -> anyhow::Result<ApplyStats> {
-        let _ = desired;
-        unimplemented!()
+        self.lb.apply(&mut self.lb_maps, desired)
     }
 
     pub fn services(&self) -> Vec<ProgrammedService> {
-        unimplemented!()
+        self.lb.programmed()
+    }
+
+    /// Service map writes and deletes done by this instance (a no-op apply
+    /// adds none).
+    pub fn service_map_writes(&self) -> u64 {
+        self.lb.writes
     }
 
     /// Packet counters (name -> sum over CPUs).
     pub fn counters(&self) -> anyhow::Result<BTreeMap<String, u64>> {
-        unimplemented!()
+        self.metrics.read()
     }
 
     /// Number of live conntrack entries.
     pub fn ct_entries(&self) -> anyhow::Result<usize> {
-        unimplemented!()
+        self.conntrack.count()
+    }
+
+    /// All conntrack entries.
+    pub fn ct_dump(&self) -> anyhow::Result<Vec<(Ct4Key, Ct4Value)>> {
+        self.conntrack.dump()
+    }
+
+    /// Deletes every conntrack entry; returns how many were deleted.
+    pub fn ct_flush(&mut self) -> anyhow::Result<usize> {
+        self.conntrack.flush()
     }
 }

@@ -69,11 +69,11 @@ pub fn prepare(dir: &Path) -> anyhow::Result<Layout> {
 /// (name, type, key size, value size) the programs expect of every map.
 fn expected_maps() -> [(&'static str, MapType, usize, usize); 6] {
     [
-        (map_names::LB4_SERVICES, MapType::HashMap, size_of::<lb::Service4Key>(), size_of::<lb::Service4Value>()),
-        (map_names::LB4_BACKENDS, MapType::HashMap, size_of::<u32>(), size_of::<lb::Backend4>()),
-        (map_names::LB4_REVNAT, MapType::HashMap, size_of::<u16>(), size_of::<lb::RevNat4>()),
-        (map_names::CT4, MapType::LruHashMap, size_of::<ct::Ct4Key>(), size_of::<ct::Ct4Value>()),
-        (map_names::ENDPOINTS, MapType::HashMap, size_of::<u32>(), size_of::<endpoint::EndpointInfo>()),
+        (map_names::LB4_SERVICES, MapType::Hash, size_of::<lb::Service4Key>(), size_of::<lb::Service4Value>()),
+        (map_names::LB4_BACKENDS, MapType::Hash, size_of::<u32>(), size_of::<lb::Backend4>()),
+        (map_names::LB4_REVNAT, MapType::Hash, size_of::<u16>(), size_of::<lb::RevNat4>()),
+        (map_names::CT4, MapType::LruHash, size_of::<ct::Ct4Key>(), size_of::<ct::Ct4Value>()),
+        (map_names::ENDPOINTS, MapType::Hash, size_of::<u32>(), size_of::<endpoint::EndpointInfo>()),
         (map_names::METRICS, MapType::PerCpuArray, size_of::<u32>(), size_of::<u64>()),
     ]
 }

@@ -2,6 +2,7 @@
 //! embedded default) or, later, the Kubernetes API. Every source produces the
 //! same [`ClusterState`] snapshot; the compilers never know which one it was.
 
+pub mod kube;
 pub mod manifest_dir;
 pub mod manifests;
 pub mod watch;

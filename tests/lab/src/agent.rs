@@ -16,6 +16,7 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 /// A running `catena-agent` in a node's network namespace. Drop kills it.
 pub struct Agent<'n> {
     node: &'n Node,
+    bin: PathBuf,
     manifests: PathBuf,
     extra_args: Vec<String>,
     child: Option<Child>,
@@ -27,12 +28,29 @@ impl Node {
     /// --bpffs-dir <node bpffs> --state-dir <dir>/state EXTRA..` inside the
     /// node netns and waits until it reports ready.
     pub fn start_agent(&self, manifests_dir: &Path, extra_args: &[&str]) -> Result<Agent<'_>> {
+        self.start_agent_with(
+            &bin_path("catena-agent")?,
+            manifests_dir,
+            extra_args,
+            DEFAULT_READY_TIMEOUT,
+        )
+    }
+
+    /// [`Node::start_agent`] with an explicit binary and readiness timeout.
+    pub fn start_agent_with(
+        &self,
+        bin: &Path,
+        manifests_dir: &Path,
+        extra_args: &[&str],
+        ready_timeout: Duration,
+    ) -> Result<Agent<'_>> {
         let mut agent = Agent {
             node: self,
+            bin: bin.to_path_buf(),
             manifests: manifests_dir.to_path_buf(),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             child: None,
-            ready_timeout: DEFAULT_READY_TIMEOUT,
+            ready_timeout,
         };
         agent.start()?;
         Ok(agent)
@@ -66,7 +84,6 @@ impl Agent<'_> {
     }
 
     fn start(&mut self) -> Result<()> {
-        let bin = bin_path("catena-agent")?;
         let log_path = self.node.agent_log();
         let log = OpenOptions::new()
             .create(true)
@@ -75,7 +92,7 @@ impl Agent<'_> {
             .with_context(|| format!("opening {}", log_path.display()))?;
         // A stale socket from a killed run must not answer the readiness probe.
         let _ = std::fs::remove_file(self.node.agent_socket());
-        let mut cmd = Command::new(&bin);
+        let mut cmd = Command::new(&self.bin);
         cmd.arg("--manifests")
             .arg(&self.manifests)
             .arg("--socket")

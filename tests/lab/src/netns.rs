@@ -93,9 +93,8 @@ impl Netns {
             path,
             file: None,
         };
-        ns.file = Some(
-            File::open(&ns.path).with_context(|| format!("opening {}", ns.path.display()))?,
-        );
+        ns.file =
+            Some(File::open(&ns.path).with_context(|| format!("opening {}", ns.path.display()))?);
         ns.run("ip", &["link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -178,8 +177,8 @@ impl Netns {
         T: Send + 'static,
     {
         // The thread gets its own fd: it may outlive `self`'s borrow.
-        let file = File::open(&self.path)
-            .with_context(|| format!("opening {}", self.path.display()))?;
+        let file =
+            File::open(&self.path).with_context(|| format!("opening {}", self.path.display()))?;
         let name = self.name.clone();
         std::thread::Builder::new()
             .name(format!("ns:{}", self.name))
@@ -292,7 +291,10 @@ pub fn sweep_stale() -> Result<Vec<String>> {
         }
     }
     for (dir, prefix) in [
-        (crate::node::BPFFS_ROOT.to_string(), crate::node::BPFFS_PREFIX),
+        (
+            crate::node::BPFFS_ROOT.to_string(),
+            crate::node::BPFFS_PREFIX,
+        ),
         (
             std::env::temp_dir().to_string_lossy().into_owned(),
             crate::node::TMP_PREFIX,
@@ -356,14 +358,12 @@ pub(crate) fn random_hex(n: usize) -> String {
     let mut buf = vec![0u8; n];
     let mut filled = 0;
     while filled < n {
-        let r = unsafe {
-            libc::getrandom(
-                buf[filled..].as_mut_ptr().cast(),
-                n - filled,
-                0,
-            )
-        };
-        assert!(r > 0, "getrandom failed: {}", std::io::Error::last_os_error());
+        let r = unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), n - filled, 0) };
+        assert!(
+            r > 0,
+            "getrandom failed: {}",
+            std::io::Error::last_os_error()
+        );
         filled += r as usize;
     }
     buf.iter().map(|b| format!("{b:02x}")).collect()

@@ -165,10 +165,7 @@ impl Drop for Node {
         // Pins may still hold maps/programs; removing the files releases them.
         if self.bpffs_dir.exists() {
             if let Err(e) = std::fs::remove_dir_all(&self.bpffs_dir) {
-                eprintln!(
-                    "catena-lab: removing {}: {e}",
-                    self.bpffs_dir.display()
-                );
+                eprintln!("catena-lab: removing {}: {e}", self.bpffs_dir.display());
             }
         }
         // `netns` and `tmp` drop after this: processes inside are killed first.
@@ -177,8 +174,8 @@ impl Drop for Node {
 
 /// Mounts bpffs at /sys/fs/bpf unless one is there already.
 fn ensure_bpffs() -> Result<()> {
-    let st = nix::sys::statfs::statfs(BPFFS_ROOT)
-        .with_context(|| format!("statfs {BPFFS_ROOT}"))?;
+    let st =
+        nix::sys::statfs::statfs(BPFFS_ROOT).with_context(|| format!("statfs {BPFFS_ROOT}"))?;
     if st.filesystem_type().0 as i64 == BPF_FS_MAGIC {
         return Ok(());
     }

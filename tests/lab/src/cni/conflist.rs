@@ -35,7 +35,9 @@ impl Conflist {
     }
 
     pub fn from_value(raw: Value) -> Result<Conflist, CniError> {
-        let obj = raw.as_object().ok_or_else(|| invalid("not a JSON object"))?;
+        let obj = raw
+            .as_object()
+            .ok_or_else(|| invalid("not a JSON object"))?;
         let name = match obj.get("name") {
             None => return Err(invalid("no name")),
             Some(Value::String(s)) => s.clone(),
@@ -159,7 +161,9 @@ pub(crate) fn validate_ifname(ifname: &str) -> Result<(), CniError> {
             .chars()
             .any(|c| c == '/' || c == ':' || c.is_whitespace());
     if bad {
-        return Err(CniError::Invalid(format!("invalid interface name {ifname:?}")));
+        return Err(CniError::Invalid(format!(
+            "invalid interface name {ifname:?}"
+        )));
     }
     Ok(())
 }
@@ -185,10 +189,14 @@ mod tests {
         assert!(err(json!({"name": "n"})).contains("no 'plugins' key"));
         assert!(err(json!({"name": "n", "plugins": []})).contains("no plugins in list"));
         assert!(err(json!({"name": "n", "plugins": [{"ipam": {}}]})).contains("missing 'type'"));
-        assert!(err(json!({"name": "bad name", "plugins": [{"type": "ptp"}]}))
-            .contains("invalid characters"));
-        assert!(err(json!({"name": "n", "cniVersion": 1, "plugins": [{"type": "ptp"}]}))
-            .contains("invalid cniVersion"));
+        assert!(
+            err(json!({"name": "bad name", "plugins": [{"type": "ptp"}]}))
+                .contains("invalid characters")
+        );
+        assert!(
+            err(json!({"name": "n", "cniVersion": 1, "plugins": [{"type": "ptp"}]}))
+                .contains("invalid cniVersion")
+        );
         assert!(err(
             json!({"name": "n", "plugins": [{"type": "ptp", "capabilities": {"x": "yes"}}]})
         )

@@ -43,10 +43,12 @@ impl std::fmt::Display for PluginError {
 pub enum CniError {
     /// The plugin answered with a CNI error object.
     #[error("{0}")]
-    Plugin(PluginError),
+    Plugin(Box<PluginError>),
     /// The plugin failed without a parseable error object (crash, timeout,
     /// garbage on stdout), or succeeded with output that is not valid JSON.
-    #[error("plugin {plugin} ({command}) misbehaved: {reason}; stdout: {stdout:?}; stderr: {stderr:?}")]
+    #[error(
+        "plugin {plugin} ({command}) misbehaved: {reason}; stdout: {stdout:?}; stderr: {stderr:?}"
+    )]
     Misbehaved {
         plugin: String,
         command: String,
@@ -67,7 +69,7 @@ impl CniError {
     /// The plugin's error object, if that is what this is.
     pub fn plugin_error(&self) -> Option<&PluginError> {
         match self {
-            CniError::Plugin(p) => Some(p),
+            CniError::Plugin(p) => Some(p.as_ref()),
             _ => None,
         }
     }

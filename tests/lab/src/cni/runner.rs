@@ -110,15 +110,18 @@ impl PluginOutput {
                 (false, None) => Err(misbehaved("exited 0 with non-JSON output".into())),
             };
         }
-        match parsed.as_ref().and_then(|v| v["code"].as_u64().map(|c| (v, c))) {
-            Some((v, code)) => Err(CniError::Plugin(PluginError {
+        match parsed
+            .as_ref()
+            .and_then(|v| v["code"].as_u64().map(|c| (v, c)))
+        {
+            Some((v, code)) => Err(CniError::Plugin(Box::new(PluginError {
                 plugin: self.plugin.clone(),
                 command: self.command.clone(),
                 code: code as u32,
                 msg: v["msg"].as_str().unwrap_or_default().to_string(),
                 details: v["details"].as_str().unwrap_or_default().to_string(),
                 stderr: self.stderr.clone(),
-            })),
+            }))),
             None => Err(misbehaved(format!(
                 "{} without a CNI error object",
                 self.status
@@ -462,7 +465,8 @@ impl<'n> CniRunner<'n> {
         ];
         env.extend(extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let stdin = serde_json::to_vec(conf).map_err(anyhow_err)?;
-        let out = self.exec_plugin_raw_for(plugin_type(plugin), command, &env, &stdin, &t.container_id)?;
+        let out =
+            self.exec_plugin_raw_for(plugin_type(plugin), command, &env, &stdin, &t.container_id)?;
         out.into_json()
     }
 
@@ -602,10 +606,10 @@ impl<'n> CniRunner<'n> {
     // ----- cache (libcni's `results/<net>-<cid>-<ifname>`, cniCacheV1) -----
 
     fn cache_file(&self, container_id: &str, ifname: &str) -> PathBuf {
-        self.node.cni_cache_dir().join("results").join(format!(
-            "{}-{container_id}-{ifname}",
-            self.conflist.name
-        ))
+        self.node
+            .cni_cache_dir()
+            .join("results")
+            .join(format!("{}-{container_id}-{ifname}", self.conflist.name))
     }
 
     fn cache_put(&self, e: CacheEntry) -> Result<(), CniError> {
@@ -693,7 +697,10 @@ fn read_cache_file(path: &Path) -> Option<CacheEntry> {
         ifname: s("ifName"),
         netns: s("netns"),
         cni_args,
-        capability_args: doc["capabilityArgs"].as_object().cloned().unwrap_or_default(),
+        capability_args: doc["capabilityArgs"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default(),
         result: doc["result"].clone(),
     })
 }
@@ -708,7 +715,10 @@ fn empty_target() -> Target {
 }
 
 fn plugin_type(plugin: &Map<String, Value>) -> &str {
-    plugin.get("type").and_then(Value::as_str).unwrap_or_default()
+    plugin
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
 }
 
 fn is_executable(p: &Path) -> bool {
@@ -731,7 +741,11 @@ fn base64(data: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
         for i in 0..4 {
             if i <= chunk.len() {

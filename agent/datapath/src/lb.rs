@@ -1,0 +1,451 @@
+//! Service maps: id allocation, diffing, and the write order that never shows
+//! packets a half-written service (backends, then slots, then the master entry;
+//! removals last).
+//!
+//! The in-memory mirror is rebuilt from the pinned maps on open, so a restarted
+//! agent diffs against what the kernel holds instead of rewriting everything,
+//! and backend ids / rev-NAT indices stay stable (live conntrack entries refer
+//! to them).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap as StdHashMap};
+use std::net::Ipv4Addr;
+
+use anyhow::{bail, Context};
+use aya::maps::{HashMap, MapData, MapError};
+use catena_common::lb::{Backend4, RevNat4, Service4Key, Service4Value, SVC_FLAG_NO_BACKENDS};
+use tracing::{debug, warn};
+
+use crate::{ApplyStats, BackendAddr, Frontend, LbDesired, ProgrammedService, Proto};
+
+pub(crate) fn addr_to_map(a: Ipv4Addr) -> u32 {
+    // Network order as in the packet: the octets in memory order.
+    u32::from_ne_bytes(a.octets())
+}
+
+pub(crate) fn addr_from_map(a: u32) -> Ipv4Addr {
+    Ipv4Addr::from(a.to_ne_bytes())
+}
+
+pub(crate) struct LbMaps {
+    pub services: HashMap<MapData, Service4Key, Service4Value>,
+    pub backends: HashMap<MapData, u32, Backend4>,
+    pub revnat: HashMap<MapData, u16, RevNat4>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct BackendKey {
+    address: Ipv4Addr,
+    port: u16,
+    proto: Proto,
+}
+
+impl BackendKey {
+    fn value(self) -> Backend4 {
+        Backend4 {
+            address: addr_to_map(self.address),
+            port: self.port.to_be(),
+            proto: self.proto.number(),
+            flags: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Programmed {
+    name: String,
+    backends: Vec<BackendAddr>,
+    /// Backend id of slot i+1.
+    ids: Vec<u32>,
+    rev_nat_index: u16,
+    /// The maps did not hold a consistent service at open: rewrite it whole.
+    dirty: bool,
+}
+
+fn master_key(fe: &Frontend, slot: u16) -> Service4Key {
+    Service4Key {
+        address: addr_to_map(fe.address),
+        dport: fe.port.to_be(),
+        backend_slot: slot,
+        proto: fe.proto.number(),
+        scope: 0,
+        pad: [0; 2],
+    }
+}
+
+fn master_value(count: u16, rev_nat_index: u16) -> Service4Value {
+    Service4Value {
+        backend_id: 0,
+        count,
+        rev_nat_index,
+        flags: if count == 0 { SVC_FLAG_NO_BACKENDS } else { 0 },
+        pad: 0,
+    }
+}
+
+fn slot_value(backend_id: u32) -> Service4Value {
+    Service4Value {
+        backend_id,
+        ..Default::default()
+    }
+}
+
+fn revnat_value(fe: &Frontend) -> RevNat4 {
+    RevNat4 {
+        address: addr_to_map(fe.address),
+        port: fe.port.to_be(),
+        pad: 0,
+    }
+}
+
+fn is_not_found(e: &MapError) -> bool {
+    matches!(e, MapError::KeyNotFound)
+        || matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::ENOENT))
+}
+
+#[derive(Default)]
+pub(crate) struct LbState {
+    services: BTreeMap<Frontend, Programmed>,
+    /// What LB4_BACKENDS holds.
+    backends: BTreeMap<u32, BackendKey>,
+    backend_ids: StdHashMap<BackendKey, u32>,
+    next_backend_id: u32,
+    next_rev_nat: u16,
+    /// Entries found at open that belong to no service: deleted on next apply.
+    stray_service_keys: Vec<Service4Key>,
+    stray_revnat: Vec<u16>,
+    stray_backends: Vec<u32>,
+    /// Map writes and deletes done so far (observability and tests).
+    pub writes: u64,
+}
+
+impl LbState {
+    /// Rebuilds the mirror from the pinned maps.
+    pub fn rebuild(maps: &LbMaps) -> anyhow::Result<LbState> {
+        let mut st = LbState {
+            next_backend_id: 1,
+            next_rev_nat: 1,
+            ..Default::default()
+        };
+        for entry in maps.backends.iter() {
+            let (id, b) = entry.context("reading LB4_BACKENDS")?;
+            match Proto::from_number(b.proto) {
+                Some(proto) if id != 0 => {
+                    let key = BackendKey {
+                        address: addr_from_map(b.address),
+                        port: u16::from_be(b.port),
+                        proto,
+                    };
+                    if st.backend_ids.insert(key, id).is_some() {
+                        // Two ids for one backend: keep one, drop the other later.
+                        st.stray_backends.push(id);
+                    } else {
+                        st.backends.insert(id, key);
+                    }
+                }
+                _ => st.stray_backends.push(id),
+            }
+            st.next_backend_id = st.next_backend_id.max(id.wrapping_add(1).max(1));
+        }
+        let mut all: StdHashMap<Service4Key, Service4Value> = StdHashMap::new();
+        for entry in maps.services.iter() {
+            let (k, v) = entry.context("reading LB4_SERVICES")?;
+            all.insert(k, v);
+        }
+        let mut revnat: BTreeMap<u16, RevNat4> = BTreeMap::new();
+        for entry in maps.revnat.iter() {
+            let (k, v) = entry.context("reading LB4_REVNAT")?;
+            revnat.insert(k, v);
+        }
+        let mut used_keys = std::collections::HashSet::new();
+        let mut used_revnat = BTreeSet::new();
+        for (k, v) in &all {
+            if k.backend_slot != 0 || k.scope != 0 {
+                continue;
+            }
+            let Some(proto) = Proto::from_number(k.proto) else { continue };
+            let fe = Frontend {
+                address: addr_from_map(k.address),
+                port: u16::from_be(k.dport),
+                proto,
+            };
+            used_keys.insert(*k);
+            let mut dirty = false;
+            let mut ids = Vec::new();
+            let mut backends = Vec::new();
+            for slot in 1..=v.count {
+                let sk = Service4Key { backend_slot: slot, ..*k };
+                used_keys.insert(sk);
+                match all.get(&sk).and_then(|s| st.backends.get(&s.backend_id).map(|b| (s.backend_id, b))) {
+                    Some((id, b)) if b.proto == proto => {
+                        ids.push(id);
+                        backends.push(BackendAddr { address: b.address, port: b.port });
+                    }
+                    _ => dirty = true,
+                }
+            }
+            if v.rev_nat_index == 0 || revnat.get(&v.rev_nat_index) != Some(&revnat_value(&fe)) {
+                dirty = true;
+            }
+            if *v != master_value(v.count, v.rev_nat_index) {
+                dirty = true;
+            }
+            if v.rev_nat_index != 0 {
+                used_revnat.insert(v.rev_nat_index);
+                st.next_rev_nat = st.next_rev_nat.max(v.rev_nat_index.wrapping_add(1).max(1));
+            }
+            st.services.insert(
+                fe,
+                Programmed {
+                    name: String::new(),
+                    backends,
+                    ids,
+                    rev_nat_index: v.rev_nat_index,
+                    dirty,
+                },
+            );
+        }
+        st.stray_service_keys = all.keys().filter(|k| !used_keys.contains(k)).copied().collect();
+        st.stray_revnat = revnat.keys().filter(|k| !used_revnat.contains(k)).copied().collect();
+        debug!(
+            services = st.services.len(),
+            backends = st.backends.len(),
+            stray = st.stray_service_keys.len() + st.stray_revnat.len() + st.stray_backends.len(),
+            "rebuilt service state from pinned maps"
+        );
+        Ok(st)
+    }
+
+    pub fn programmed(&self) -> Vec<ProgrammedService> {
+        self.services
+            .iter()
+            .map(|(fe, p)| ProgrammedService {
+                frontend: *fe,
+                name: p.name.clone(),
+                backends: p.backends.clone(),
+                rev_nat_index: p.rev_nat_index,
+            })
+            .collect()
+    }
+
+    fn alloc_backend_id(&mut self) -> anyhow::Result<u32> {
+        // Monotonic (wrapping, skipping live ids): a freed id is not reused
+        // soon, so a conntrack entry naming a removed backend does not
+        // silently follow a new backend that got its id.
+        for _ in 0..=self.backends.len() {
+            let id = self.next_backend_id.max(1);
+            self.next_backend_id = id.wrapping_add(1);
+            if !self.backends.contains_key(&id) {
+                return Ok(id);
+            }
+        }
+        bail!("no free backend id")
+    }
+
+    fn alloc_rev_nat(&mut self, used: &BTreeSet<u16>) -> anyhow::Result<u16> {
+        for _ in 0..=u16::MAX {
+            let idx = self.next_rev_nat.max(1);
+            self.next_rev_nat = idx.wrapping_add(1);
+            if !used.contains(&idx) {
+                return Ok(idx);
+            }
+        }
+        bail!("no free reverse-NAT index (65535 frontends)")
+    }
+
+    fn put<K: aya::Pod, V: aya::Pod>(
+        writes: &mut u64,
+        map: &mut HashMap<MapData, K, V>,
+        name: &str,
+        key: &K,
+        value: &V,
+    ) -> anyhow::Result<()> {
+        *writes += 1;
+        map.insert(key, value, 0).with_context(|| format!("writing {name}"))
+    }
+
+    fn del<K: aya::Pod, V: aya::Pod>(
+        writes: &mut u64,
+        map: &mut HashMap<MapData, K, V>,
+        name: &str,
+        key: &K,
+    ) -> anyhow::Result<()> {
+        *writes += 1;
+        match map.remove(key) {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("deleting from {name}")),
+        }
+    }
+
+    pub fn apply(&mut self, maps: &mut LbMaps, desired: &LbDesired) -> anyhow::Result<ApplyStats> {
+        let mut stats = ApplyStats::default();
+
+        // 1. Ids: existing ones are kept, new ones allocated.
+        let mut used_revnat: BTreeSet<u16> = self
+            .services
+            .iter()
+            .filter(|(fe, _)| desired.services.contains_key(fe))
+            .map(|(_, p)| p.rev_nat_index)
+            .filter(|i| *i != 0)
+            .collect();
+        let mut plan = Vec::with_capacity(desired.services.len());
+        let mut new_backends = Vec::new();
+        let mut referenced = BTreeSet::new();
+        for (fe, svc) in &desired.services {
+            if svc.backends.len() > u16::MAX as usize {
+                bail!("service {} has {} backends (max {})", svc.name, svc.backends.len(), u16::MAX);
+            }
+            let rev = match self.services.get(fe).map(|p| p.rev_nat_index) {
+                Some(i) if i != 0 => i,
+                _ => {
+                    let i = self.alloc_rev_nat(&used_revnat)?;
+                    used_revnat.insert(i);
+                    i
+                }
+            };
+            let mut ids = Vec::with_capacity(svc.backends.len());
+            for b in &svc.backends {
+                let key = BackendKey {
+                    address: b.address,
+                    port: b.port,
+                    proto: fe.proto,
+                };
+                let id = match self.backend_ids.get(&key) {
+                    Some(id) => *id,
+                    None => {
+                        let id = self.alloc_backend_id()?;
+                        self.backend_ids.insert(key, id);
+                        // Reserve the id before the write so the next
+                        // allocation cannot return it again.
+                        self.backends.insert(id, key);
+                        new_backends.push((id, key));
+                        id
+                    }
+                };
+                referenced.insert(id);
+                ids.push(id);
+            }
+            plan.push((*fe, svc, rev, ids));
+        }
+
+        // 2. New backends first: slots may only name existing backends.
+        for (n, (id, key)) in new_backends.iter().enumerate() {
+            if let Err(e) = Self::put(&mut self.writes, &mut maps.backends, "LB4_BACKENDS", id, &key.value()) {
+                // Forget the ids not written so the next apply writes them.
+                for (id, key) in &new_backends[n..] {
+                    self.backends.remove(id);
+                    self.backend_ids.remove(key);
+                }
+                return Err(e);
+            }
+            stats.backends_added += 1;
+        }
+
+        // 3. Per frontend: rev-NAT, slots, then the master (which publishes the
+        //    new count), then surplus slots.
+        for (fe, svc, rev, ids) in plan {
+            let old = self.services.get(&fe);
+            let fresh = old.is_none_or(|o| o.dirty);
+            let mut changed = false;
+            if fresh || old.is_some_and(|o| o.rev_nat_index != rev) {
+                Self::put(&mut self.writes, &mut maps.revnat, "LB4_REVNAT", &rev, &revnat_value(&fe))?;
+                changed = true;
+            }
+            for (i, id) in ids.iter().enumerate() {
+                if fresh || old.and_then(|o| o.ids.get(i)) != Some(id) {
+                    let key = master_key(&fe, i as u16 + 1);
+                    Self::put(&mut self.writes, &mut maps.services, "LB4_SERVICES", &key, &slot_value(*id))?;
+                    changed = true;
+                }
+            }
+            let count = ids.len() as u16;
+            let old_count = old.map_or(0, |o| o.ids.len() as u16);
+            if fresh || old_count != count || old.is_some_and(|o| o.rev_nat_index != rev) {
+                Self::put(
+                    &mut self.writes,
+                    &mut maps.services,
+                    "LB4_SERVICES",
+                    &master_key(&fe, 0),
+                    &master_value(count, rev),
+                )?;
+                changed = true;
+            }
+            for slot in count + 1..=old_count {
+                Self::del(&mut self.writes, &mut maps.services, "LB4_SERVICES", &master_key(&fe, slot))?;
+                changed = true;
+            }
+            match old {
+                None => stats.services_added += 1,
+                Some(_) if changed => stats.services_updated += 1,
+                Some(_) => {}
+            }
+            self.services.insert(
+                fe,
+                Programmed {
+                    name: svc.name.clone(),
+                    backends: svc.backends.clone(),
+                    ids,
+                    rev_nat_index: rev,
+                    dirty: false,
+                },
+            );
+        }
+
+        // 4. Removed frontends: master first (stops new flows), then slots and
+        //    the rev-NAT entry.
+        let removed: Vec<Frontend> = self
+            .services
+            .keys()
+            .filter(|fe| !desired.services.contains_key(fe))
+            .copied()
+            .collect();
+        for fe in removed {
+            let p = self.services.remove(&fe).expect("listed above");
+            Self::del(&mut self.writes, &mut maps.services, "LB4_SERVICES", &master_key(&fe, 0))?;
+            for slot in 1..=p.ids.len() as u16 {
+                Self::del(&mut self.writes, &mut maps.services, "LB4_SERVICES", &master_key(&fe, slot))?;
+            }
+            if p.rev_nat_index != 0 {
+                Self::del(&mut self.writes, &mut maps.revnat, "LB4_REVNAT", &p.rev_nat_index)?;
+            }
+            stats.services_removed += 1;
+        }
+
+        // 5. Leftovers found at open.
+        for key in std::mem::take(&mut self.stray_service_keys) {
+            Self::del(&mut self.writes, &mut maps.services, "LB4_SERVICES", &key)?;
+        }
+        for idx in std::mem::take(&mut self.stray_revnat) {
+            if !used_revnat.contains(&idx) {
+                Self::del(&mut self.writes, &mut maps.revnat, "LB4_REVNAT", &idx)?;
+            }
+        }
+        for id in std::mem::take(&mut self.stray_backends) {
+            if !referenced.contains(&id) {
+                Self::del(&mut self.writes, &mut maps.backends, "LB4_BACKENDS", &id)?;
+            }
+        }
+
+        // 6. Backends no service names any more.
+        let unused: Vec<u32> = self.backends.keys().filter(|id| !referenced.contains(id)).copied().collect();
+        for id in unused {
+            Self::del(&mut self.writes, &mut maps.backends, "LB4_BACKENDS", &id)?;
+            if let Some(key) = self.backends.remove(&id) {
+                self.backend_ids.remove(&key);
+            }
+            stats.backends_removed += 1;
+        }
+        if stats != ApplyStats::default() {
+            debug!(?stats, "service maps updated");
+        }
+        Ok(stats)
+    }
+}
+
+/// Logs (once per open) services whose stored state had to be repaired.
+pub(crate) fn warn_dirty(state: &LbState) {
+    let dirty = state.services.values().filter(|p| p.dirty).count();
+    if dirty > 0 {
+        warn!(dirty, "pinned service entries were inconsistent; they will be rewritten on the next apply");
+    }
+}
