@@ -53,7 +53,10 @@ fn main() {
     cmd.env("RUSTC_BOOTSTRAP", "1");
 
     let status = cmd.status().unwrap_or_else(|e| {
-        panic!("running cargo for the eBPF programs in {}: {e}", programs.display())
+        panic!(
+            "running cargo for the eBPF programs in {}: {e}",
+            programs.display()
+        )
     });
     if !status.success() {
         panic!(
@@ -79,12 +82,23 @@ fn scrub(key: &str) -> bool {
         || key.starts_with("RUSTDOC")
         || matches!(
             key,
-            "RUSTFLAGS" | "TARGET" | "HOST" | "OUT_DIR" | "PROFILE" | "OPT_LEVEL" | "DEBUG" | "NUM_JOBS"
+            "RUSTFLAGS"
+                | "TARGET"
+                | "HOST"
+                | "OUT_DIR"
+                | "PROFILE"
+                | "OPT_LEVEL"
+                | "DEBUG"
+                | "NUM_JOBS"
         )
 }
 
 fn copy(from: &Path, to: &Path) {
     std::fs::copy(from, to).unwrap_or_else(|e| {
-        panic!("copying the eBPF object {} to {}: {e}", from.display(), to.display())
+        panic!(
+            "copying the eBPF object {} to {}: {e}",
+            from.display(),
+            to.display()
+        )
     });
 }

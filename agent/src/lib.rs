@@ -7,6 +7,7 @@ pub mod compile;
 pub mod config;
 pub mod core;
 pub mod daemon;
+pub mod install;
 pub mod model;
 pub mod sources;
 pub mod state_file;

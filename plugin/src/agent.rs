@@ -1,7 +1,7 @@
 //! Talking to catena-agent, with the operator-facing wording of failures.
 
 use crate::config::NetConf;
-use crate::error::{Code, CniError};
+use crate::error::{CniError, Code};
 use catena_api::{Client, ClientError};
 use std::io::ErrorKind;
 use std::time::Duration;
@@ -58,8 +58,11 @@ pub fn failure(conf: &NetConf, what: &str, err: &ClientError) -> CniError {
         )
         .with_details(err.to_string())
     } else {
-        CniError::new(Code::AgentRejected, format!("catena agent refused to {what}"))
-            .with_details(err.to_string())
+        CniError::new(
+            Code::AgentRejected,
+            format!("catena agent refused to {what}"),
+        )
+        .with_details(err.to_string())
     }
 }
 
@@ -69,8 +72,14 @@ mod tests {
 
     #[test]
     fn paths_are_escaped() {
-        assert_eq!(endpoint_path("abc-1.2_x", "eth0"), "/v1/endpoints/abc-1.2_x/eth0");
-        assert_eq!(endpoint_path("c", "we?ird#%"), "/v1/endpoints/c/we%3Fird%23%25");
+        assert_eq!(
+            endpoint_path("abc-1.2_x", "eth0"),
+            "/v1/endpoints/abc-1.2_x/eth0"
+        );
+        assert_eq!(
+            endpoint_path("c", "we?ird#%"),
+            "/v1/endpoints/c/we%3Fird%23%25"
+        );
     }
 
     #[test]
@@ -82,7 +91,10 @@ mod tests {
         };
         let e = failure(&conf, "register", &down);
         assert_eq!(e.code, Code::TryAgainLater);
-        assert!(e.msg.contains("start catena-agent") && e.msg.contains("/run/catena/agent.sock"), "{e}");
+        assert!(
+            e.msg.contains("start catena-agent") && e.msg.contains("/run/catena/agent.sock"),
+            "{e}"
+        );
         let slow = ClientError::Unreachable {
             path: "/x".into(),
             source: std::io::Error::from(ErrorKind::WouldBlock),
@@ -91,12 +103,18 @@ mod tests {
         assert_eq!(failure(&conf, "register", &slow).code, Code::TryAgainLater);
         let busy = ClientError::Api {
             status: 503,
-            body: catena_api::ApiError { message: "loading".into(), retryable: true },
+            body: catena_api::ApiError {
+                message: "loading".into(),
+                retryable: true,
+            },
         };
         assert_eq!(failure(&conf, "register", &busy).code, Code::TryAgainLater);
         let bad = ClientError::Api {
             status: 400,
-            body: catena_api::ApiError { message: "bad ip".into(), retryable: false },
+            body: catena_api::ApiError {
+                message: "bad ip".into(),
+                retryable: false,
+            },
         };
         let e = failure(&conf, "register", &bad);
         assert_eq!(e.code, Code::AgentRejected);

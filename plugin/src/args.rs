@@ -2,7 +2,7 @@
 //! is an error unless `IgnoreUnknown` is true — runtimes set it because they
 //! pass the same args to every plugin in a chain.
 
-use crate::error::{Code, CniError};
+use crate::error::{CniError, Code};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CniArgs {
@@ -20,7 +20,10 @@ impl CniArgs {
             .filter(|p| !p.is_empty())
             .map(|p| {
                 p.split_once('=').ok_or_else(|| {
-                    CniError::new(Code::InvalidEnvironment, format!("CNI_ARGS: {p:?} is not KEY=VALUE"))
+                    CniError::new(
+                        Code::InvalidEnvironment,
+                        format!("CNI_ARGS: {p:?} is not KEY=VALUE"),
+                    )
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -47,7 +50,10 @@ impl CniArgs {
         if !unknown.is_empty() && !args.ignore_unknown {
             return Err(CniError::new(
                 Code::InvalidEnvironment,
-                format!("CNI_ARGS: unknown keys {} (set IgnoreUnknown=1 to allow them)", unknown.join(", ")),
+                format!(
+                    "CNI_ARGS: unknown keys {} (set IgnoreUnknown=1 to allow them)",
+                    unknown.join(", ")
+                ),
             ));
         }
         Ok(args)

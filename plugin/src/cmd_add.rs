@@ -25,7 +25,10 @@ pub fn run(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
         // Host ports are the portmap plugin's job; noted for the operator.
         diag!(
             "{container_id}/{ifname}: port mapping {}:{} -> {}/{} (left to the portmap plugin)",
-            pm.host_ip, pm.host_port, pm.container_port, pm.protocol
+            pm.host_ip,
+            pm.host_port,
+            pm.container_port,
+            pm.protocol
         );
     }
 
@@ -45,7 +48,10 @@ pub fn run(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
         labels: Default::default(),
     };
     register(conf, &spec)?;
-    let raw = conf.prev_result.as_ref().expect("checked by require_prev_result");
+    let raw = conf
+        .prev_result
+        .as_ref()
+        .expect("checked by require_prev_result");
     Ok(raw.get().to_string())
 }
 
@@ -61,7 +67,12 @@ fn register(conf: &NetConf, spec: &EndpointSpec) -> Result<Endpoint, CniError> {
         Ok(ep) => {
             diag!(
                 "{}/{}: registered host veth {} (ifindex {}) as endpoint {} ({})",
-                spec.container_id, spec.ifname, spec.host_ifname, spec.host_ifindex, ep.id, ep.attach_mode
+                spec.container_id,
+                spec.ifname,
+                spec.host_ifname,
+                spec.host_ifindex,
+                ep.id,
+                ep.attach_mode
             );
             Ok(ep)
         }

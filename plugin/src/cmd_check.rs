@@ -5,8 +5,8 @@ use crate::agent;
 use crate::args::CniArgs;
 use crate::config::NetConf;
 use crate::env::CniEnv;
-use crate::error::{Code, CniError};
-use crate::{veth, version};
+use crate::error::{CniError, Code};
+use crate::{version, veth};
 use catena_api::{Endpoint, EndpointCheck};
 use std::path::Path;
 
@@ -25,7 +25,11 @@ pub fn run(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     let endpoint = match client.get::<Endpoint>(&path) {
         Ok(ep) => ep,
         Err(e) if e.status() == Some(404) => {
-            return Err(problems(container_id, ifname, vec!["the endpoint is not registered with the catena agent".into()]))
+            return Err(problems(
+                container_id,
+                ifname,
+                vec!["the endpoint is not registered with the catena agent".into()],
+            ))
         }
         Err(e) => return Err(agent::failure(conf, "report the endpoint", &e)),
     };
@@ -48,7 +52,9 @@ pub fn run(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     want_ips.sort();
     have_ips.sort();
     if want_ips != have_ips {
-        found.push(format!("addresses differ: prevResult has {want_ips:?}, the agent has {have_ips:?}"));
+        found.push(format!(
+            "addresses differ: prevResult has {want_ips:?}, the agent has {have_ips:?}"
+        ));
     }
     if found.is_empty() {
         Ok(())
@@ -60,7 +66,10 @@ pub fn run(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
 fn problems(container_id: &str, ifname: &str, found: Vec<String>) -> CniError {
     CniError::new(
         Code::CheckFailed,
-        format!("catena endpoint {container_id}/{ifname} failed CHECK: {}", found.join("; ")),
+        format!(
+            "catena endpoint {container_id}/{ifname} failed CHECK: {}",
+            found.join("; ")
+        ),
     )
     .with_details(found.join("\n"))
 }

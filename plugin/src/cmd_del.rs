@@ -7,7 +7,7 @@
 use crate::agent;
 use crate::config::NetConf;
 use crate::env::CniEnv;
-use crate::{diag, queue, veth, version};
+use crate::{diag, queue, version, veth};
 use catena_api::QueuedDelete;
 use std::path::Path;
 
@@ -17,7 +17,10 @@ pub fn run(env: &CniEnv, conf: Result<NetConf, crate::error::CniError>) {
         NetConf::fallback()
     });
     if !version::is_supported(&conf.cni_version) {
-        diag!("DEL: cniVersion {:?} is not supported; deleting anyway", conf.cni_version);
+        diag!(
+            "DEL: cniVersion {:?} is not supported; deleting anyway",
+            conf.cni_version
+        );
     }
     let (container_id, ifname) = match (env.container_id(), env.ifname()) {
         (Ok(c), Ok(i)) => (c, i),

@@ -2,7 +2,7 @@
 //! drops every endpoint not in that list.
 
 use crate::config::NetConf;
-use crate::error::{Code, CniError};
+use crate::error::{CniError, Code};
 use crate::{agent, diag, version};
 use catena_api::{GcRequest, GcResult};
 
@@ -11,9 +11,14 @@ pub fn run(conf: &NetConf) -> Result<(), CniError> {
     // Without the list we cannot tell stale from live; treating a missing
     // key as "nothing is valid" would tear down every pod.
     let valid = conf.valid_attachments.clone().ok_or_else(|| {
-        CniError::new(Code::InvalidConfig, "GC needs \"cni.dev/valid-attachments\" in the configuration")
+        CniError::new(
+            Code::InvalidConfig,
+            "GC needs \"cni.dev/valid-attachments\" in the configuration",
+        )
     })?;
-    let request = GcRequest { valid_attachments: valid };
+    let request = GcRequest {
+        valid_attachments: valid,
+    };
     let result: GcResult = agent::client(conf, conf.agent_timeout)
         .post("/v1/endpoints/gc", &request)
         .map_err(|e| agent::failure(conf, "garbage-collect endpoints", &e))?;

@@ -2,7 +2,7 @@
 //! ready, since every ADD needs it.
 
 use crate::config::NetConf;
-use crate::error::{Code, CniError};
+use crate::error::{CniError, Code};
 use crate::{agent, version};
 use catena_api::Health;
 
@@ -13,7 +13,10 @@ pub fn run(conf: &NetConf) -> Result<(), CniError> {
         Ok(Health { ready: true, .. }) => Ok(()),
         Ok(Health { reason, .. }) => Err(CniError::new(
             Code::PluginNotAvailable,
-            format!("catena agent is not ready: {}", reason.as_deref().unwrap_or("no reason given")),
+            format!(
+                "catena agent is not ready: {}",
+                reason.as_deref().unwrap_or("no reason given")
+            ),
         )),
         Err(e) => Err(CniError::new(
             Code::PluginNotAvailable,

@@ -3,7 +3,7 @@
 //! GC's valid attachments). Only `type` is required in the conflist entry;
 //! unknown keys are ignored, as other plugins' capabilities may appear there.
 
-use crate::error::{Code, CniError};
+use crate::error::{CniError, Code};
 use crate::result::PrevResult;
 use catena_api::Attachment;
 use serde::Deserialize;
@@ -83,8 +83,11 @@ pub struct PortMapping {
 impl NetConf {
     pub fn parse(stdin: &[u8]) -> Result<Self, CniError> {
         let wire: Wire = serde_json::from_slice(stdin).map_err(|e| {
-            CniError::new(Code::Decode, "cannot decode the network configuration on stdin")
-                .with_details(e.to_string())
+            CniError::new(
+                Code::Decode,
+                "cannot decode the network configuration on stdin",
+            )
+            .with_details(e.to_string())
         })?;
         let invalid = |msg: String| CniError::new(Code::InvalidConfig, msg);
         match wire.plugin_type.as_deref() {
@@ -94,13 +97,21 @@ impl NetConf {
         // Runtimes always inject the list's cniVersion; a missing one means
         // 0.1.0 by the spec's rule, which cannot carry a prevResult.
         let cni_version = wire.cni_version.unwrap_or_else(|| "0.1.0".into());
-        let agent_socket = wire.agent_socket.unwrap_or_else(|| catena_api::DEFAULT_SOCKET.into());
+        let agent_socket = wire
+            .agent_socket
+            .unwrap_or_else(|| catena_api::DEFAULT_SOCKET.into());
         if !agent_socket.is_absolute() {
-            return Err(invalid(format!("agentSocket {agent_socket:?} must be an absolute path")));
+            return Err(invalid(format!(
+                "agentSocket {agent_socket:?} must be an absolute path"
+            )));
         }
-        let state_dir = wire.state_dir.unwrap_or_else(|| catena_api::DEFAULT_STATE_DIR.into());
+        let state_dir = wire
+            .state_dir
+            .unwrap_or_else(|| catena_api::DEFAULT_STATE_DIR.into());
         if !state_dir.is_absolute() {
-            return Err(invalid(format!("stateDir {state_dir:?} must be an absolute path")));
+            return Err(invalid(format!(
+                "stateDir {state_dir:?} must be an absolute path"
+            )));
         }
         let timeout_ms = wire.agent_timeout_ms.unwrap_or(DEFAULT_AGENT_TIMEOUT_MS);
         if timeout_ms == 0 {
@@ -145,7 +156,10 @@ impl NetConf {
 
     /// The decoded `prevResult`, or `None` when there is none.
     pub fn prev_result(&self) -> Result<Option<PrevResult>, CniError> {
-        self.prev_result.as_deref().map(PrevResult::parse).transpose()
+        self.prev_result
+            .as_deref()
+            .map(PrevResult::parse)
+            .transpose()
     }
 
     /// ADD and CHECK need a previous result: catena decorates what the
@@ -202,8 +216,12 @@ mod tests {
     fn prev_result_is_kept_byte_for_byte() {
         let c = NetConf::parse(SEED_004.as_bytes()).unwrap();
         let raw = c.prev_result.unwrap();
-        let start = SEED_004.find(r#"{"cniVersion":"0.3.1",
-        "interfaces""#).unwrap();
+        let start = SEED_004
+            .find(
+                r#"{"cniVersion":"0.3.1",
+        "interfaces""#,
+            )
+            .unwrap();
         assert!(SEED_004[start..].starts_with(raw.get()));
         assert!(raw.get().contains("\n        \"interfaces\""));
     }
@@ -223,7 +241,10 @@ mod tests {
             );
             let c = NetConf::parse(stdin.as_bytes()).unwrap_or_else(|e| panic!("{v}: {e}"));
             assert_eq!(c.cni_version, v);
-            assert_eq!(c.require_prev_result().unwrap().ips_for("eth0").unwrap(), vec!["10.1.0.7/16"]);
+            assert_eq!(
+                c.require_prev_result().unwrap().ips_for("eth0").unwrap(),
+                vec!["10.1.0.7/16"]
+            );
         }
     }
 
@@ -240,7 +261,10 @@ mod tests {
         assert_eq!(c.agent_timeout, Duration::from_millis(250));
         assert_eq!(c.log_file, Some(PathBuf::from("/tmp/cni.log")));
         assert!(c.prev_result.is_none());
-        assert_eq!(c.require_prev_result().unwrap_err().code, Code::InvalidConfig);
+        assert_eq!(
+            c.require_prev_result().unwrap_err().code,
+            Code::InvalidConfig
+        );
     }
 
     #[test]
@@ -249,11 +273,25 @@ mod tests {
         assert_eq!(code("{not json"), Code::Decode);
         assert_eq!(code(""), Code::Decode);
         assert_eq!(code(r#"{"cniVersion":"1.0.0"}"#), Code::InvalidConfig);
-        assert_eq!(code(r#"{"type":"catena-cni","agentSocket":"rel.sock"}"#), Code::InvalidConfig);
-        assert_eq!(code(r#"{"type":"catena-cni","agentTimeoutMs":0}"#), Code::InvalidConfig);
-        assert_eq!(code(r#"{"type":"catena-cni","agentTimeoutMs":"fast"}"#), Code::Decode);
+        assert_eq!(
+            code(r#"{"type":"catena-cni","agentSocket":"rel.sock"}"#),
+            Code::InvalidConfig
+        );
+        assert_eq!(
+            code(r#"{"type":"catena-cni","agentTimeoutMs":0}"#),
+            Code::InvalidConfig
+        );
+        assert_eq!(
+            code(r#"{"type":"catena-cni","agentTimeoutMs":"fast"}"#),
+            Code::Decode
+        );
         // Missing cniVersion means 0.1.0 (the spec's default), which we then refuse.
-        assert_eq!(NetConf::parse(br#"{"type":"catena-cni"}"#).unwrap().cni_version, "0.1.0");
+        assert_eq!(
+            NetConf::parse(br#"{"type":"catena-cni"}"#)
+                .unwrap()
+                .cni_version,
+            "0.1.0"
+        );
         // `"prevResult": null` is no previous result.
         let c = NetConf::parse(br#"{"type":"catena-cni","prevResult":null}"#).unwrap();
         assert!(c.prev_result.is_none());
@@ -267,7 +305,9 @@ mod tests {
             "portMappings":[{"HostPort":8080,"ContainerPort":80,"Protocol":"tcp","HostIP":"127.0.0.1"}],
             "io.kubernetes.cri.pod-annotations":{"a":"b"},"bandwidth":{"ingressRate":1}}}"#;
         let a = NetConf::parse(libcni.as_bytes()).unwrap().runtime_config;
-        let b = NetConf::parse(containerd.as_bytes()).unwrap().runtime_config;
+        let b = NetConf::parse(containerd.as_bytes())
+            .unwrap()
+            .runtime_config;
         assert_eq!(a, b);
         assert_eq!(
             a.port_mappings,
@@ -279,8 +319,12 @@ mod tests {
             }]
         );
         // No mapping without a host port.
-        let bad = r#"{"type":"catena-cni","runtimeConfig":{"portMappings":[{"containerPort":80}]}}"#;
-        assert_eq!(NetConf::parse(bad.as_bytes()).unwrap_err().code, Code::Decode);
+        let bad =
+            r#"{"type":"catena-cni","runtimeConfig":{"portMappings":[{"containerPort":80}]}}"#;
+        assert_eq!(
+            NetConf::parse(bad.as_bytes()).unwrap_err().code,
+            Code::Decode
+        );
     }
 
     #[test]
@@ -291,16 +335,31 @@ mod tests {
         let c = NetConf::parse(both.as_bytes()).unwrap();
         let list = c.valid_attachments.unwrap();
         assert_eq!(list.len(), 2);
-        assert_eq!(list[1], Attachment { container_id: "c1".into(), ifname: "net1".into() });
+        assert_eq!(
+            list[1],
+            Attachment {
+                container_id: "c1".into(),
+                ifname: "net1".into()
+            }
+        );
         let old = r#"{"type":"catena-cni","cni.dev/attachments":[]}"#;
-        assert_eq!(NetConf::parse(old.as_bytes()).unwrap().valid_attachments, Some(vec![]));
+        assert_eq!(
+            NetConf::parse(old.as_bytes()).unwrap().valid_attachments,
+            Some(vec![])
+        );
         let none = r#"{"type":"catena-cni"}"#;
-        assert_eq!(NetConf::parse(none.as_bytes()).unwrap().valid_attachments, None);
+        assert_eq!(
+            NetConf::parse(none.as_bytes()).unwrap().valid_attachments,
+            None
+        );
     }
 
     #[test]
     fn peek_version_survives_other_errors() {
-        assert_eq!(peek_version(br#"{"cniVersion":"0.4.0"}"#).as_deref(), Some("0.4.0"));
+        assert_eq!(
+            peek_version(br#"{"cniVersion":"0.4.0"}"#).as_deref(),
+            Some("0.4.0")
+        );
         assert_eq!(peek_version(b"{oops"), None);
     }
 }

@@ -1,7 +1,7 @@
 //! The `CNI_*` environment, typed. Empty values count as absent: containerd
 //! sends `CNI_NETNS=""` on its later DELs, podman's cleanup DEL sends little.
 
-use crate::error::{Code, CniError};
+use crate::error::{CniError, Code};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Command {
@@ -44,12 +44,10 @@ impl CniEnv {
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, CniError> {
         let get = |k: &str| get(k).filter(|v| !v.is_empty());
         let command = match get("CNI_COMMAND") {
-            None => {
-                return Err(CniError::new(
-                    Code::InvalidEnvironment,
-                    "CNI_COMMAND is not set; catena-cni is a CNI plugin run by the container runtime",
-                ))
-            }
+            None => return Err(CniError::new(
+                Code::InvalidEnvironment,
+                "CNI_COMMAND is not set; catena-cni is a CNI plugin run by the container runtime",
+            )),
             Some(c) => Command::parse(&c).ok_or_else(|| {
                 CniError::new(
                     Code::InvalidEnvironment,
@@ -89,7 +87,9 @@ impl CniEnv {
         let ok = name.len() < 16
             && name != "."
             && name != ".."
-            && !name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace());
+            && !name
+                .chars()
+                .any(|c| c == '/' || c == ':' || c.is_whitespace());
         if ok {
             Ok(name)
         } else {
@@ -115,8 +115,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn env(pairs: &[(&str, &str)]) -> Result<CniEnv, CniError> {
-        let map: HashMap<String, String> =
-            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         CniEnv::from_lookup(|k| map.get(k).cloned())
     }
 
@@ -139,18 +141,30 @@ mod tests {
 
     #[test]
     fn empty_netns_counts_as_missing() {
-        let e = env(&[("CNI_COMMAND", "DEL"), ("CNI_NETNS", ""), ("CNI_IFNAME", "eth0")]).unwrap();
+        let e = env(&[
+            ("CNI_COMMAND", "DEL"),
+            ("CNI_NETNS", ""),
+            ("CNI_IFNAME", "eth0"),
+        ])
+        .unwrap();
         assert_eq!(e.netns, None);
         let err = e.netns().unwrap_err();
         assert_eq!(err.code, Code::InvalidEnvironment);
         assert!(err.msg.contains("CNI_NETNS"), "{err}");
-        assert!(e.container_id().unwrap_err().msg.contains("CNI_CONTAINERID"));
+        assert!(e
+            .container_id()
+            .unwrap_err()
+            .msg
+            .contains("CNI_CONTAINERID"));
     }
 
     #[test]
     fn bad_command_and_names_are_code_4() {
         assert_eq!(env(&[]).unwrap_err().code, Code::InvalidEnvironment);
-        assert_eq!(env(&[("CNI_COMMAND", "add")]).unwrap_err().code, Code::InvalidEnvironment);
+        assert_eq!(
+            env(&[("CNI_COMMAND", "add")]).unwrap_err().code,
+            Code::InvalidEnvironment
+        );
         let e = env(&[
             ("CNI_COMMAND", "ADD"),
             ("CNI_CONTAINERID", "../etc"),

@@ -19,12 +19,12 @@ pub mod log;
 pub mod netlink;
 pub mod queue;
 pub mod result;
-pub mod veth;
 pub mod version;
+pub mod veth;
 
 use config::NetConf;
 use env::{CniEnv, Command};
-use error::{Code, CniError};
+use error::{CniError, Code};
 use std::io::{Read, Write};
 
 /// Runs one CNI invocation; returns the process exit status.
@@ -52,7 +52,9 @@ pub fn run(env: Result<CniEnv, CniError>, stdin: &mut impl Read, stdout: &mut im
         log::use_file(c.log_file.as_deref());
     }
     let outcome: Result<Option<String>, CniError> = match env.command {
-        Command::Version => Ok(Some(version::version_info(config::peek_version(&input).as_deref()))),
+        Command::Version => Ok(Some(version::version_info(
+            config::peek_version(&input).as_deref(),
+        ))),
         Command::Del => {
             cmd_del::run(&env, conf);
             Ok(None)
@@ -65,7 +67,10 @@ pub fn run(env: Result<CniEnv, CniError>, stdin: &mut impl Read, stdout: &mut im
     match outcome {
         Ok(out) => {
             if let Some(out) = out {
-                if let Err(e) = stdout.write_all(out.as_bytes()).and_then(|()| stdout.flush()) {
+                if let Err(e) = stdout
+                    .write_all(out.as_bytes())
+                    .and_then(|()| stdout.flush())
+                {
                     diag!("cannot write the result to stdout: {e}");
                     return 1;
                 }
@@ -73,7 +78,12 @@ pub fn run(env: Result<CniEnv, CniError>, stdin: &mut impl Read, stdout: &mut im
             0
         }
         Err(e) => {
-            diag!("{:?} {}/{}: {e}", env.command, env.container_id.as_deref().unwrap_or("-"), env.ifname.as_deref().unwrap_or("-"));
+            diag!(
+                "{:?} {}/{}: {e}",
+                env.command,
+                env.container_id.as_deref().unwrap_or("-"),
+                env.ifname.as_deref().unwrap_or("-")
+            );
             fail(stdout, &e, &reply_version)
         }
     }

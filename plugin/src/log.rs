@@ -23,8 +23,16 @@ pub fn write(args: std::fmt::Arguments<'_>) {
     let mut sink = LOG_FILE.lock().unwrap_or_else(|e| e.into_inner());
     match sink.as_mut() {
         Some(f) => {
-            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-            let _ = writeln!(f, "{}.{:03} catena-cni[{}]: {args}", now.as_secs(), now.subsec_millis(), std::process::id());
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
+            let _ = writeln!(
+                f,
+                "{}.{:03} catena-cni[{}]: {args}",
+                now.as_secs(),
+                now.subsec_millis(),
+                std::process::id()
+            );
         }
         None => eprintln!("catena-cni: {args}"),
     }

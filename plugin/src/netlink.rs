@@ -45,14 +45,16 @@ impl RouteSocket {
     pub fn link_by_name(&mut self, name: &str) -> io::Result<Option<LinkFacts>> {
         let mut msg = LinkMessage::default();
         msg.attributes.push(LinkAttribute::IfName(name.to_string()));
-        msg.attributes.push(LinkAttribute::ExtMask(vec![LinkExtentMask::SkipStats]));
+        msg.attributes
+            .push(LinkAttribute::ExtMask(vec![LinkExtentMask::SkipStats]));
         self.get_link(msg)
     }
 
     pub fn link_by_index(&mut self, index: u32) -> io::Result<Option<LinkFacts>> {
         let mut msg = LinkMessage::default();
         msg.header.index = index;
-        msg.attributes.push(LinkAttribute::ExtMask(vec![LinkExtentMask::SkipStats]));
+        msg.attributes
+            .push(LinkAttribute::ExtMask(vec![LinkExtentMask::SkipStats]));
         self.get_link(msg)
     }
 
@@ -70,12 +72,15 @@ impl RouteSocket {
     /// peer lives there).
     pub fn nsid_of(&mut self, ns: BorrowedFd<'_>) -> io::Result<Option<i32>> {
         let mut msg = NsidMessage::default();
-        msg.attributes.push(NsidAttribute::Fd(ns.as_raw_fd() as u32));
+        msg.attributes
+            .push(NsidAttribute::Fd(ns.as_raw_fd() as u32));
         match self.request(RouteNetlinkMessage::GetNsId(msg))? {
-            RouteNetlinkMessage::NewNsId(answer) => Ok(answer.attributes.iter().find_map(|a| match a {
-                NsidAttribute::Id(id) if *id >= 0 => Some(*id),
-                _ => None,
-            })),
+            RouteNetlinkMessage::NewNsId(answer) => {
+                Ok(answer.attributes.iter().find_map(|a| match a {
+                    NsidAttribute::Id(id) if *id >= 0 => Some(*id),
+                    _ => None,
+                }))
+            }
             other => Err(unexpected(&other)),
         }
     }
@@ -111,7 +116,10 @@ impl RouteSocket {
                     NetlinkPayload::InnerMessage(m) => return Ok(m),
                     NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io()),
                     NetlinkPayload::Error(_) | NetlinkPayload::Done(_) => {
-                        return Err(io::Error::new(io::ErrorKind::InvalidData, "netlink: empty answer"))
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "netlink: empty answer",
+                        ))
                     }
                     _ => {}
                 }
@@ -155,7 +163,10 @@ fn kind_name(k: &InfoKind) -> String {
 }
 
 fn unexpected(m: &RouteNetlinkMessage) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, format!("netlink: unexpected answer {m:?}"))
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("netlink: unexpected answer {m:?}"),
+    )
 }
 
 fn set_recv_timeout(socket: &Socket, t: Duration) -> io::Result<()> {

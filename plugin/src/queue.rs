@@ -19,7 +19,10 @@ pub fn entry_name(container_id: &str, ifname: &str) -> String {
 }
 
 pub fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Queues `entry`, bounded by [`DEL_QUEUE_MAX`]. Returns the entry's path.
@@ -29,14 +32,20 @@ pub fn enqueue(state_dir: &Path, entry: &QueuedDelete) -> io::Result<PathBuf> {
 
 pub fn enqueue_bounded(state_dir: &Path, entry: &QueuedDelete, max: usize) -> io::Result<PathBuf> {
     let dir = queue_dir(state_dir);
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)?;
     let name = entry_name(&entry.container_id, &entry.ifname);
     let path = dir.join(&name);
 
     // containerd repeats DEL without CNI_NETNS: keep the ifindex an earlier
     // attempt learned, and the earlier time (the entry's age orders pruning).
     let mut entry = entry.clone();
-    if let Some(old) = fs::read(&path).ok().and_then(|b| serde_json::from_slice::<QueuedDelete>(&b).ok()) {
+    if let Some(old) = fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<QueuedDelete>(&b).ok())
+    {
         if entry.host_ifindex.is_none() && old.host_ifindex.is_some() {
             entry.host_ifindex = old.host_ifindex;
         } else if entry.host_ifindex == old.host_ifindex {
@@ -48,7 +57,12 @@ pub fn enqueue_bounded(state_dir: &Path, entry: &QueuedDelete, max: usize) -> io
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let body = serde_json::to_vec(&entry).map_err(io::Error::other)?;
     let write = || -> io::Result<()> {
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(&body)?;
         f.sync_all()?;
         fs::rename(&tmp, &path)?;
@@ -112,7 +126,10 @@ mod tests {
         let p = enqueue(state.path(), &entry("abc", Some(7), 100)).unwrap();
         assert_eq!(p, state.path().join("del-queue/abc_eth0.json"));
         assert_eq!(read(&p), entry("abc", Some(7), 100));
-        let names: Vec<_> = fs::read_dir(p.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = fs::read_dir(p.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("abc_eth0.json")]);
     }
 
@@ -136,10 +153,17 @@ mod tests {
             let p = enqueue_bounded(state.path(), &entry(&format!("c{i}"), None, i), 3).unwrap();
             // Distinct, increasing mtimes regardless of filesystem granularity.
             let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000 + i);
-            File::options().write(true).open(&p).unwrap().set_modified(t).unwrap();
+            File::options()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
         }
-        let mut left: Vec<String> =
-            fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let mut left: Vec<String> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
         left.sort();
         // c0 and c1 were pruned when c3 and c4 arrived.
         assert_eq!(left, vec!["c2_eth0.json", "c3_eth0.json", "c4_eth0.json"]);

@@ -2,7 +2,7 @@
 //! 0.3.x/0.4.0 (`ips[].version` present) and 1.x (absent); `interface` is an
 //! index into `interfaces` and may be missing.
 
-use crate::error::{Code, CniError};
+use crate::error::{CniError, Code};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::net::IpAddr;
@@ -44,7 +44,10 @@ impl PrevResult {
             if !is_cidr(&ip.address) {
                 return Err(CniError::new(
                     Code::Decode,
-                    format!("prevResult: {:?} is not an address in CIDR notation", ip.address),
+                    format!(
+                        "prevResult: {:?} is not an address in CIDR notation",
+                        ip.address
+                    ),
                 ));
             }
         }
@@ -56,7 +59,8 @@ impl PrevResult {
     /// entry with `sandbox` set wins.
     pub fn sandbox_interface(&self, ifname: &str) -> Option<usize> {
         let named = |i: &&Interface| i.name == ifname;
-        let in_sandbox = |(_, i): &(usize, &Interface)| i.sandbox.as_deref().is_some_and(|s| !s.is_empty());
+        let in_sandbox =
+            |(_, i): &(usize, &Interface)| i.sandbox.as_deref().is_some_and(|s| !s.is_empty());
         let mut candidates = self.interfaces.iter().enumerate().filter(|(_, i)| named(i));
         let first = candidates.clone().next().map(|(n, _)| n);
         candidates.find(in_sandbox).map(|(n, _)| n).or(first)
@@ -88,8 +92,12 @@ impl PrevResult {
 }
 
 fn is_cidr(s: &str) -> bool {
-    let Some((addr, len)) = s.split_once('/') else { return false };
-    let (Ok(addr), Ok(len)) = (addr.parse::<IpAddr>(), len.parse::<u8>()) else { return false };
+    let Some((addr, len)) = s.split_once('/') else {
+        return false;
+    };
+    let (Ok(addr), Ok(len)) = (addr.parse::<IpAddr>(), len.parse::<u8>()) else {
+        return false;
+    };
     len <= if addr.is_ipv4() { 32 } else { 128 }
 }
 
@@ -112,7 +120,10 @@ mod tests {
                        {"version":"6","address":"fd00::5/64","interface":2}]}"#,
         );
         assert_eq!(r.sandbox_interface("eth0"), Some(2));
-        assert_eq!(r.ips_for("eth0").unwrap(), vec!["10.1.0.5/16", "fd00::5/64"]);
+        assert_eq!(
+            r.ips_for("eth0").unwrap(),
+            vec!["10.1.0.5/16", "fd00::5/64"]
+        );
     }
 
     #[test]
@@ -150,7 +161,8 @@ mod tests {
 
     #[test]
     fn no_interface_index_means_all_ips() {
-        let r = parse(r#"{"cniVersion":"0.3.1","ips":[{"version":"4","address":"10.244.1.7/32"}]}"#);
+        let r =
+            parse(r#"{"cniVersion":"0.3.1","ips":[{"version":"4","address":"10.244.1.7/32"}]}"#);
         assert_eq!(r.ips_for("eth0").unwrap(), vec!["10.244.1.7/32"]);
         let empty = parse(r#"{"cniVersion":"1.0.0","interfaces":[],"ips":[]}"#);
         assert!(empty.ips_for("eth0").is_err());
@@ -158,7 +170,11 @@ mod tests {
 
     #[test]
     fn rejects_malformed_results() {
-        let bad = |s: &str| PrevResult::parse(&RawValue::from_string(s.into()).unwrap()).unwrap_err().code;
+        let bad = |s: &str| {
+            PrevResult::parse(&RawValue::from_string(s.into()).unwrap())
+                .unwrap_err()
+                .code
+        };
         assert_eq!(bad(r#"{"ips":[{"address":"10.0.0.1"}]}"#), Code::Decode);
         assert_eq!(bad(r#"{"ips":[{"address":"10.0.0.1/33"}]}"#), Code::Decode);
         assert_eq!(bad(r#"{"ips":"nope"}"#), Code::Decode);

@@ -1,6 +1,6 @@
 //! Spec versions we speak and which commands each one has.
 
-use crate::error::{Code, CniError};
+use crate::error::{CniError, Code};
 use serde::Serialize;
 
 /// Every version whose results and config shape we understand. 0.1.0/0.2.0
@@ -89,20 +89,28 @@ mod tests {
     #[test]
     fn commands_are_gated_by_version() {
         assert_eq!(
-            require_command("0.3.1", "CHECK", CHECK_SINCE).unwrap_err().code,
+            require_command("0.3.1", "CHECK", CHECK_SINCE)
+                .unwrap_err()
+                .code,
             Code::IncompatibleVersion
         );
         assert!(require_command("0.4.0", "CHECK", CHECK_SINCE).is_ok());
         assert!(require_command("1.0.0", "STATUS", STATUS_GC_SINCE).is_err());
         assert!(require_command("1.1.0", "GC", STATUS_GC_SINCE).is_ok());
-        assert_eq!(require_supported("0.2.0").unwrap_err().code, Code::IncompatibleVersion);
+        assert_eq!(
+            require_supported("0.2.0").unwrap_err().code,
+            Code::IncompatibleVersion
+        );
     }
 
     #[test]
     fn version_answer_echoes_supported_request() {
         let v: serde_json::Value = serde_json::from_str(&version_info(Some("0.3.1"))).unwrap();
         assert_eq!(v["cniVersion"], "0.3.1");
-        assert_eq!(v["supportedVersions"].as_array().unwrap().len(), SUPPORTED.len());
+        assert_eq!(
+            v["supportedVersions"].as_array().unwrap().len(),
+            SUPPORTED.len()
+        );
         let v: serde_json::Value = serde_json::from_str(&version_info(Some("9.9.9"))).unwrap();
         assert_eq!(v["cniVersion"], LATEST);
         let v: serde_json::Value = serde_json::from_str(&version_info(None)).unwrap();

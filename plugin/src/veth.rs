@@ -8,7 +8,7 @@
 //! ends point at each other across the right namespaces — an index alone can
 //! collide with an unrelated link when the peer lives elsewhere.
 
-use crate::error::{Code, CniError};
+use crate::error::{CniError, Code};
 use crate::netlink::{LinkFacts, RouteSocket};
 use nix::sched::{setns, CloneFlags};
 use std::fs::File;
@@ -34,12 +34,17 @@ pub enum VethError {
     NoPodInterface { ifname: String, path: PathBuf },
     #[error("pod interface {ifname:?} is a {kind}, not a veth; catena needs a veth-based primary plugin")]
     NotVeth { ifname: String, kind: String },
-    #[error("the veth peer of pod interface {ifname:?} is in the pod namespace too, not on the node")]
+    #[error(
+        "the veth peer of pod interface {ifname:?} is in the pod namespace too, not on the node"
+    )]
     PeerInPod { ifname: String },
     #[error("the veth peer of pod interface {ifname:?} is not in this node's network namespace ({detail})")]
     PeerElsewhere { ifname: String, detail: String },
     #[error("netlink lookup failed ({context}): {source}")]
-    Netlink { context: &'static str, source: io::Error },
+    Netlink {
+        context: &'static str,
+        source: io::Error,
+    },
 }
 
 impl From<VethError> for CniError {
@@ -72,12 +77,20 @@ pub fn find_host_veth(netns: &Path, ifname: &str) -> Result<HostVeth, VethError>
             .expect("pod-side lookup thread panicked")
     })?;
 
-    let kind = pod_if.kind.clone().unwrap_or_else(|| "device without a kind".into());
+    let kind = pod_if
+        .kind
+        .clone()
+        .unwrap_or_else(|| "device without a kind".into());
     if kind != "veth" {
-        return Err(VethError::NotVeth { ifname: ifname.into(), kind });
+        return Err(VethError::NotVeth {
+            ifname: ifname.into(),
+            kind,
+        });
     }
     let (Some(peer_index), Some(peer_nsid)) = (pod_if.peer_index, pod_if.link_netnsid) else {
-        return Err(VethError::PeerInPod { ifname: ifname.into() });
+        return Err(VethError::PeerInPod {
+            ifname: ifname.into(),
+        });
     };
     if node_nsid_in_pod != Some(peer_nsid) {
         return Err(VethError::PeerElsewhere {
@@ -90,7 +103,10 @@ pub fn find_host_veth(netns: &Path, ifname: &str) -> Result<HostVeth, VethError>
 
     let netlink = |context| move |source| VethError::Netlink { context, source };
     let mut nl = RouteSocket::open().map_err(netlink("open node socket"))?;
-    let elsewhere = |detail: String| VethError::PeerElsewhere { ifname: ifname.into(), detail };
+    let elsewhere = |detail: String| VethError::PeerElsewhere {
+        ifname: ifname.into(),
+        detail,
+    };
     let host = nl
         .link_by_index(peer_index)
         .map_err(netlink("node link by index"))?
@@ -120,9 +136,14 @@ fn pod_side(
     let link = nl
         .link_by_name(ifname)
         .map_err(netlink("pod link by name"))?
-        .ok_or_else(|| VethError::NoPodInterface { ifname: ifname.into(), path: path.into() })?;
+        .ok_or_else(|| VethError::NoPodInterface {
+            ifname: ifname.into(),
+            path: path.into(),
+        })?;
     // Asked after the link dump, which makes the kernel assign the id.
-    let nsid = nl.nsid_of(node_ns.as_fd()).map_err(netlink("node nsid in pod"))?;
+    let nsid = nl
+        .nsid_of(node_ns.as_fd())
+        .map_err(netlink("node nsid in pod"))?;
     Ok((link, nsid))
 }
 
@@ -146,7 +167,9 @@ fn check_node_side(
             host.name, host.peer_index, pod_if.index
         ));
     }
-    let pod_nsid = nl.nsid_of(pod_ns.as_fd()).map_err(|e| format!("nsid lookup: {e}"))?;
+    let pod_nsid = nl
+        .nsid_of(pod_ns.as_fd())
+        .map_err(|e| format!("nsid lookup: {e}"))?;
     if host.link_netnsid.is_none() || host.link_netnsid != pod_nsid {
         return Err(format!(
             "veth {:?} here pairs with a link in namespace {:?}, the pod's namespace has id {:?}",

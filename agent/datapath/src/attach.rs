@@ -130,7 +130,8 @@ fn pinned_link_alive(
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(e).with_context(|| format!("opening link pin {}", pin.display())),
     };
-    let link = sys::link_info(fd.as_fd()).with_context(|| format!("link info of {}", pin.display()))?;
+    let link =
+        sys::link_info(fd.as_fd()).with_context(|| format!("link info of {}", pin.display()))?;
     if link.link_type == sys::BPF_LINK_TYPE_TCX
         && link.tcx_ifindex == ifindex
         && link.tcx_attach_type == dir.tcx_attach_type
@@ -140,11 +141,22 @@ fn pinned_link_alive(
             let prog_fd = prog.fd().context("program fd")?;
             sys::link_update(fd.as_fd(), prog_fd.as_fd())
                 .with_context(|| format!("updating link {} to program {ours}", pin.display()))?;
-            info!(ifindex, direction = dir.suffix, old = link.prog_id, new = ours, "upgraded TCX link program");
+            info!(
+                ifindex,
+                direction = dir.suffix,
+                old = link.prog_id,
+                new = ours,
+                "upgraded TCX link program"
+            );
         }
         return Ok(true);
     }
-    debug!(ifindex, direction = dir.suffix, ?link, "removing stale link pin");
+    debug!(
+        ifindex,
+        direction = dir.suffix,
+        ?link,
+        "removing stale link pin"
+    );
     remove_pin(&pin)?;
     Ok(false)
 }
@@ -163,7 +175,9 @@ fn tcx_unsupported(e: &ProgramError) -> Option<io::Error> {
             io_error.raw_os_error(),
             Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS)
         ) {
-            return Some(io::Error::from_raw_os_error(io_error.raw_os_error().unwrap_or(0)));
+            return Some(io::Error::from_raw_os_error(
+                io_error.raw_os_error().unwrap_or(0),
+            ));
         }
     }
     None
@@ -176,11 +190,17 @@ fn attach_tcx(ebpf: &mut Ebpf, layout: &Layout, ifindex: u32, ifname: &str) -> a
             continue;
         }
         let id = prog
-            .attach_with_options(ifname, dir.tc, TcAttachOptions::TcxOrder(LinkOrder::default()))
+            .attach_with_options(
+                ifname,
+                dir.tc,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
             .map_err(|e| match tcx_unsupported(&e) {
                 Some(io) => anyhow::Error::new(AttachError::TcxUnsupported(io)),
-                None => anyhow::Error::new(e)
-                    .context(format!("attaching {} to {ifname} {} (TCX)", dir.program, dir.suffix)),
+                None => anyhow::Error::new(e).context(format!(
+                    "attaching {} to {ifname} {} (TCX)",
+                    dir.program, dir.suffix
+                )),
             })?;
         let link: FdLink = prog
             .take_link(id)
@@ -204,7 +224,13 @@ fn attach_tcx(ebpf: &mut Ebpf, layout: &Layout, ifindex: u32, ifname: &str) -> a
             }
             .into());
         }
-        debug!(ifindex, ifname, direction = dir.suffix, link_id = info.id, "TCX link pinned");
+        debug!(
+            ifindex,
+            ifname,
+            direction = dir.suffix,
+            link_id = info.id,
+            "TCX link pinned"
+        );
     }
     Ok(())
 }
@@ -213,7 +239,8 @@ fn attach_tcx(ebpf: &mut Ebpf, layout: &Layout, ifindex: u32, ifname: &str) -> a
 /// `ingress` qdisc is an error, never replaced.
 fn ensure_clsact(ifindex: u32, ifname: &str) -> anyhow::Result<()> {
     for attempt in 0..2 {
-        let qdiscs = netlink::qdiscs(ifindex).with_context(|| format!("listing qdiscs of {ifname}"))?;
+        let qdiscs =
+            netlink::qdiscs(ifindex).with_context(|| format!("listing qdiscs of {ifname}"))?;
         if let Some(q) = qdiscs.iter().find(|q| q.parent == netlink::TC_H_CLSACT) {
             if q.kind == "clsact" {
                 return Ok(());
@@ -253,13 +280,27 @@ fn attach_clsact(ebpf: &mut Ebpf, ifindex: u32, ifname: &str) -> anyhow::Result<
         }
         let prog = program(ebpf, dir.program)?;
         let id = prog
-            .attach_with_options(ifname, dir.tc, TcAttachOptions::Netlink(NlOptions::default()))
-            .with_context(|| format!("attaching {} to {ifname} {} (clsact)", dir.program, dir.suffix))?;
+            .attach_with_options(
+                ifname,
+                dir.tc,
+                TcAttachOptions::Netlink(NlOptions::default()),
+            )
+            .with_context(|| {
+                format!(
+                    "attaching {} to {ifname} {} (clsact)",
+                    dir.program, dir.suffix
+                )
+            })?;
         let link = prog.take_link(id).context("taking the clsact link")?;
         // Dropping a netlink link deletes the filter; the filter must outlive
         // this process, and detach() finds it again by program name.
         std::mem::forget(link);
-        debug!(ifindex, ifname, direction = dir.suffix, "clsact filter added");
+        debug!(
+            ifindex,
+            ifname,
+            direction = dir.suffix,
+            "clsact filter added"
+        );
     }
     Ok(())
 }
@@ -286,8 +327,13 @@ pub fn detach(layout: &Layout, ifindex: u32) -> anyhow::Result<()> {
         for filter in our_filters(ifindex, dir)? {
             match netlink::delete_filter(&filter) {
                 Ok(()) => debug!(ifindex, direction = dir.suffix, "clsact filter deleted"),
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) || e.raw_os_error() == Some(libc::ENODEV) => {}
-                Err(e) => return Err(e).with_context(|| format!("deleting tc filter on ifindex {ifindex}")),
+                Err(e)
+                    if e.raw_os_error() == Some(libc::ENOENT)
+                        || e.raw_os_error() == Some(libc::ENODEV) => {}
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("deleting tc filter on ifindex {ifindex}"))
+                }
             }
         }
     }
@@ -322,7 +368,10 @@ pub fn attachment(ifindex: u32) -> anyhow::Result<Option<AttachMode>> {
         return Ok(Some(AttachMode::Clsact));
     }
     if tcx + clsact > 0 {
-        warn!(ifindex, ifname, tcx, clsact, "catena is only partly attached");
+        warn!(
+            ifindex,
+            ifname, tcx, clsact, "catena is only partly attached"
+        );
     }
     Ok(None)
 }
@@ -344,7 +393,9 @@ pub fn gc_links(layout: &Layout, live: &BTreeSet<u32>) -> anyhow::Result<usize> 
         };
         let path = entry.path();
         let defunct = match sys::obj_get(&path) {
-            Ok(fd) => sys::link_info(fd.as_fd()).map(|l| l.tcx_ifindex == 0).unwrap_or(true),
+            Ok(fd) => sys::link_info(fd.as_fd())
+                .map(|l| l.tcx_ifindex == 0)
+                .unwrap_or(true),
             Err(_) => true,
         };
         if defunct || !live.contains(&ifindex) {

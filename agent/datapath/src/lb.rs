@@ -162,7 +162,9 @@ impl LbState {
             if k.backend_slot != 0 || k.scope != 0 {
                 continue;
             }
-            let Some(proto) = Proto::from_number(k.proto) else { continue };
+            let Some(proto) = Proto::from_number(k.proto) else {
+                continue;
+            };
             let fe = Frontend {
                 address: addr_from_map(k.address),
                 port: u16::from_be(k.dport),
@@ -173,12 +175,21 @@ impl LbState {
             let mut ids = Vec::new();
             let mut backends = Vec::new();
             for slot in 1..=v.count {
-                let sk = Service4Key { backend_slot: slot, ..*k };
+                let sk = Service4Key {
+                    backend_slot: slot,
+                    ..*k
+                };
                 used_keys.insert(sk);
-                match all.get(&sk).and_then(|s| st.backends.get(&s.backend_id).map(|b| (s.backend_id, b))) {
+                match all
+                    .get(&sk)
+                    .and_then(|s| st.backends.get(&s.backend_id).map(|b| (s.backend_id, b)))
+                {
                     Some((id, b)) if b.proto == proto => {
                         ids.push(id);
-                        backends.push(BackendAddr { address: b.address, port: b.port });
+                        backends.push(BackendAddr {
+                            address: b.address,
+                            port: b.port,
+                        });
                     }
                     _ => dirty = true,
                 }
@@ -204,8 +215,16 @@ impl LbState {
                 },
             );
         }
-        st.stray_service_keys = all.keys().filter(|k| !used_keys.contains(k)).copied().collect();
-        st.stray_revnat = revnat.keys().filter(|k| !used_revnat.contains(k)).copied().collect();
+        st.stray_service_keys = all
+            .keys()
+            .filter(|k| !used_keys.contains(k))
+            .copied()
+            .collect();
+        st.stray_revnat = revnat
+            .keys()
+            .filter(|k| !used_revnat.contains(k))
+            .copied()
+            .collect();
         debug!(
             services = st.services.len(),
             backends = st.backends.len(),
@@ -260,7 +279,8 @@ impl LbState {
         value: &V,
     ) -> anyhow::Result<()> {
         *writes += 1;
-        map.insert(key, value, 0).with_context(|| format!("writing {name}"))
+        map.insert(key, value, 0)
+            .with_context(|| format!("writing {name}"))
     }
 
     fn del<K: aya::Pod, V: aya::Pod>(
@@ -293,7 +313,12 @@ impl LbState {
         let mut referenced = BTreeSet::new();
         for (fe, svc) in &desired.services {
             if svc.backends.len() > u16::MAX as usize {
-                bail!("service {} has {} backends (max {})", svc.name, svc.backends.len(), u16::MAX);
+                bail!(
+                    "service {} has {} backends (max {})",
+                    svc.name,
+                    svc.backends.len(),
+                    u16::MAX
+                );
             }
             let rev = match self.services.get(fe).map(|p| p.rev_nat_index) {
                 Some(i) if i != 0 => i,
@@ -330,7 +355,13 @@ impl LbState {
 
         // 2. New backends first: slots may only name existing backends.
         for (n, (id, key)) in new_backends.iter().enumerate() {
-            if let Err(e) = Self::put(&mut self.writes, &mut maps.backends, "LB4_BACKENDS", id, &key.value()) {
+            if let Err(e) = Self::put(
+                &mut self.writes,
+                &mut maps.backends,
+                "LB4_BACKENDS",
+                id,
+                &key.value(),
+            ) {
                 // Forget the ids not written so the next apply writes them.
                 for (id, key) in &new_backends[n..] {
                     self.backends.remove(id);
@@ -348,13 +379,25 @@ impl LbState {
             let fresh = old.is_none_or(|o| o.dirty);
             let mut changed = false;
             if fresh || old.is_some_and(|o| o.rev_nat_index != rev) {
-                Self::put(&mut self.writes, &mut maps.revnat, "LB4_REVNAT", &rev, &revnat_value(&fe))?;
+                Self::put(
+                    &mut self.writes,
+                    &mut maps.revnat,
+                    "LB4_REVNAT",
+                    &rev,
+                    &revnat_value(&fe),
+                )?;
                 changed = true;
             }
             for (i, id) in ids.iter().enumerate() {
                 if fresh || old.and_then(|o| o.ids.get(i)) != Some(id) {
                     let key = master_key(&fe, i as u16 + 1);
-                    Self::put(&mut self.writes, &mut maps.services, "LB4_SERVICES", &key, &slot_value(*id))?;
+                    Self::put(
+                        &mut self.writes,
+                        &mut maps.services,
+                        "LB4_SERVICES",
+                        &key,
+                        &slot_value(*id),
+                    )?;
                     changed = true;
                 }
             }
@@ -371,7 +414,12 @@ impl LbState {
                 changed = true;
             }
             for slot in count + 1..=old_count {
-                Self::del(&mut self.writes, &mut maps.services, "LB4_SERVICES", &master_key(&fe, slot))?;
+                Self::del(
+                    &mut self.writes,
+                    &mut maps.services,
+                    "LB4_SERVICES",
+                    &master_key(&fe, slot),
+                )?;
                 changed = true;
             }
             match old {
@@ -401,12 +449,27 @@ impl LbState {
             .collect();
         for fe in removed {
             let p = self.services.remove(&fe).expect("listed above");
-            Self::del(&mut self.writes, &mut maps.services, "LB4_SERVICES", &master_key(&fe, 0))?;
+            Self::del(
+                &mut self.writes,
+                &mut maps.services,
+                "LB4_SERVICES",
+                &master_key(&fe, 0),
+            )?;
             for slot in 1..=p.ids.len() as u16 {
-                Self::del(&mut self.writes, &mut maps.services, "LB4_SERVICES", &master_key(&fe, slot))?;
+                Self::del(
+                    &mut self.writes,
+                    &mut maps.services,
+                    "LB4_SERVICES",
+                    &master_key(&fe, slot),
+                )?;
             }
             if p.rev_nat_index != 0 {
-                Self::del(&mut self.writes, &mut maps.revnat, "LB4_REVNAT", &p.rev_nat_index)?;
+                Self::del(
+                    &mut self.writes,
+                    &mut maps.revnat,
+                    "LB4_REVNAT",
+                    &p.rev_nat_index,
+                )?;
             }
             stats.services_removed += 1;
         }
@@ -427,7 +490,12 @@ impl LbState {
         }
 
         // 6. Backends no service names any more.
-        let unused: Vec<u32> = self.backends.keys().filter(|id| !referenced.contains(id)).copied().collect();
+        let unused: Vec<u32> = self
+            .backends
+            .keys()
+            .filter(|id| !referenced.contains(id))
+            .copied()
+            .collect();
         for id in unused {
             Self::del(&mut self.writes, &mut maps.backends, "LB4_BACKENDS", &id)?;
             if let Some(key) = self.backends.remove(&id) {
@@ -446,6 +514,9 @@ impl LbState {
 pub(crate) fn warn_dirty(state: &LbState) {
     let dirty = state.services.values().filter(|p| p.dirty).count();
     if dirty > 0 {
-        warn!(dirty, "pinned service entries were inconsistent; they will be rewritten on the next apply");
+        warn!(
+            dirty,
+            "pinned service entries were inconsistent; they will be rewritten on the next apply"
+        );
     }
 }

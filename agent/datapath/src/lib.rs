@@ -78,8 +78,12 @@ fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<Map> {
         .with_context(|| format!("the eBPF object has no map {name}"))
 }
 
-fn hash_map<K: aya::Pod, V: aya::Pod>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<HashMap<MapData, K, V>> {
-    HashMap::try_from(take_map(ebpf, name)?).with_context(|| format!("map {name} has an unexpected type"))
+fn hash_map<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &str,
+) -> anyhow::Result<HashMap<MapData, K, V>> {
+    HashMap::try_from(take_map(ebpf, name)?)
+        .with_context(|| format!("map {name} has an unexpected type"))
 }
 
 impl Datapath {
@@ -151,7 +155,12 @@ impl Datapath {
 
     /// Like `attach`, but only in `mode` (no fallback). For tests and for
     /// operators who want to pin the mechanism.
-    pub fn attach_with_mode(&mut self, ifindex: u32, ifname: &str, mode: AttachMode) -> anyhow::Result<AttachMode> {
+    pub fn attach_with_mode(
+        &mut self,
+        ifindex: u32,
+        ifname: &str,
+        mode: AttachMode,
+    ) -> anyhow::Result<AttachMode> {
         attach::attach(&mut self.ebpf, &self.layout, ifindex, ifname, Some(mode))
     }
 

@@ -59,7 +59,9 @@ pub fn prepare(dir: &Path) -> anyhow::Result<Layout> {
             probe.display()
         );
     }
-    let layout = Layout { root: dir.to_path_buf() };
+    let layout = Layout {
+        root: dir.to_path_buf(),
+    };
     for d in [layout.maps(), layout.programs(), layout.links()] {
         fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
     }
@@ -69,12 +71,42 @@ pub fn prepare(dir: &Path) -> anyhow::Result<Layout> {
 /// (name, type, key size, value size) the programs expect of every map.
 fn expected_maps() -> [(&'static str, MapType, usize, usize); 6] {
     [
-        (map_names::LB4_SERVICES, MapType::Hash, size_of::<lb::Service4Key>(), size_of::<lb::Service4Value>()),
-        (map_names::LB4_BACKENDS, MapType::Hash, size_of::<u32>(), size_of::<lb::Backend4>()),
-        (map_names::LB4_REVNAT, MapType::Hash, size_of::<u16>(), size_of::<lb::RevNat4>()),
-        (map_names::CT4, MapType::LruHash, size_of::<ct::Ct4Key>(), size_of::<ct::Ct4Value>()),
-        (map_names::ENDPOINTS, MapType::Hash, size_of::<u32>(), size_of::<endpoint::EndpointInfo>()),
-        (map_names::METRICS, MapType::PerCpuArray, size_of::<u32>(), size_of::<u64>()),
+        (
+            map_names::LB4_SERVICES,
+            MapType::Hash,
+            size_of::<lb::Service4Key>(),
+            size_of::<lb::Service4Value>(),
+        ),
+        (
+            map_names::LB4_BACKENDS,
+            MapType::Hash,
+            size_of::<u32>(),
+            size_of::<lb::Backend4>(),
+        ),
+        (
+            map_names::LB4_REVNAT,
+            MapType::Hash,
+            size_of::<u16>(),
+            size_of::<lb::RevNat4>(),
+        ),
+        (
+            map_names::CT4,
+            MapType::LruHash,
+            size_of::<ct::Ct4Key>(),
+            size_of::<ct::Ct4Value>(),
+        ),
+        (
+            map_names::ENDPOINTS,
+            MapType::Hash,
+            size_of::<u32>(),
+            size_of::<endpoint::EndpointInfo>(),
+        ),
+        (
+            map_names::METRICS,
+            MapType::PerCpuArray,
+            size_of::<u32>(),
+            size_of::<u64>(),
+        ),
     ]
 }
 
@@ -88,12 +120,16 @@ fn drop_incompatible_pins(layout: &Layout) -> anyhow::Result<()> {
         if !path.exists() {
             continue;
         }
-        let info = MapInfo::from_pin(&path).with_context(|| format!("reading pinned map {}", path.display()))?;
+        let info = MapInfo::from_pin(&path)
+            .with_context(|| format!("reading pinned map {}", path.display()))?;
         let compatible = info.map_type().ok() == Some(ty)
             && info.key_size() as usize == key
             && info.value_size() as usize == value;
         if !compatible {
-            warn!(map = name, "pinned map has an incompatible layout; replacing it");
+            warn!(
+                map = name,
+                "pinned map has an incompatible layout; replacing it"
+            );
             fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         }
     }
@@ -119,7 +155,8 @@ pub fn load(layout: &Layout) -> anyhow::Result<Ebpf> {
             .with_context(|| format!("the eBPF object has no program {name}"))?
             .try_into()
             .with_context(|| format!("program {name} is not a tc classifier"))?;
-        prog.load().with_context(|| format!("loading program {name} (verifier)"))?;
+        prog.load()
+            .with_context(|| format!("loading program {name} (verifier)"))?;
         let pin = layout.program(name);
         // Replace the pin of a previous agent run: links keep their own
         // reference to the old program, and attach() upgrades them.
@@ -128,7 +165,8 @@ pub fn load(layout: &Layout) -> anyhow::Result<Ebpf> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).with_context(|| format!("removing {}", pin.display())),
         }
-        prog.pin(&pin).with_context(|| format!("pinning {name} at {}", pin.display()))?;
+        prog.pin(&pin)
+            .with_context(|| format!("pinning {name} at {}", pin.display()))?;
     }
     info!(dir = %layout.root.display(), "catena eBPF programs loaded");
     Ok(ebpf)

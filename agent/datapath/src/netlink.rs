@@ -82,9 +82,8 @@ impl Socket {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             // SAFETY: receiving into our own buffer of buf.len() bytes.
-            let n = unsafe {
-                libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
-            };
+            let n =
+                unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
             if n < 0 {
                 let err = io::Error::last_os_error();
                 if err.kind() == io::ErrorKind::Interrupted {
@@ -97,7 +96,10 @@ impl Socket {
                 let len = u32::from_ne_bytes(data[0..4].try_into().unwrap()) as usize;
                 let msg_type = u16::from_ne_bytes(data[4..6].try_into().unwrap());
                 if len < NLMSG_HDRLEN || len > data.len() {
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, "truncated netlink message"));
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "truncated netlink message",
+                    ));
                 }
                 let payload = &data[NLMSG_HDRLEN..len];
                 match msg_type as i32 {
@@ -156,7 +158,8 @@ fn parse_tc(payload: &[u8]) -> Option<TcObject> {
                     match ty {
                         TCA_BPF_NAME => obj.bpf_name = Some(c_string(value)),
                         TCA_BPF_ID if value.len() >= 4 => {
-                            obj.bpf_prog_id = Some(u32::from_ne_bytes(value[..4].try_into().unwrap()))
+                            obj.bpf_prog_id =
+                                Some(u32::from_ne_bytes(value[..4].try_into().unwrap()))
                         }
                         _ => {}
                     }
@@ -193,7 +196,12 @@ fn c_string(b: &[u8]) -> String {
 /// Qdiscs of one device.
 pub fn qdiscs(ifindex: u32) -> io::Result<Vec<TcObject>> {
     let sock = Socket::open()?;
-    let tcm = TcMsg { ifindex: ifindex as i32, handle: 0, parent: 0, info: 0 };
+    let tcm = TcMsg {
+        ifindex: ifindex as i32,
+        handle: 0,
+        parent: 0,
+        info: 0,
+    };
     sock.send(RTM_GETQDISC, libc::NLM_F_DUMP as u16, &tcm)?;
     // Without strict checking the kernel dumps every device: filter here.
     Ok(sock
@@ -206,9 +214,14 @@ pub fn qdiscs(ifindex: u32) -> io::Result<Vec<TcObject>> {
 /// Filters attached under `parent` (TC_PARENT_INGRESS / TC_PARENT_EGRESS).
 pub fn filters(ifindex: u32, parent: u32) -> io::Result<Vec<TcObject>> {
     let sock = Socket::open()?;
-    let tcm = TcMsg { ifindex: ifindex as i32, handle: 0, parent, info: 0 };
+    let tcm = TcMsg {
+        ifindex: ifindex as i32,
+        handle: 0,
+        parent,
+        info: 0,
+    };
     sock.send(RTM_GETTFILTER, libc::NLM_F_DUMP as u16, &tcm)?;
-    Ok(sock.receive(true)?)
+    sock.receive(true)
 }
 
 pub fn delete_filter(filter: &TcObject) -> io::Result<()> {

@@ -46,32 +46,52 @@ fn tcx_attach_idempotent_detach_and_gc() {
         assert_eq!(dp.attachment(idx).unwrap(), Some(AttachMode::Tcx));
         assert_eq!(
             link_pins(&path),
-            [format!("{idx}-egress"), format!("{idx}-ingress")].into_iter().collect()
+            [format!("{idx}-egress"), format!("{idx}-ingress")]
+                .into_iter()
+                .collect()
         );
 
         // Idempotent: same links (no second program in the TCX chain).
         let t = std::time::Instant::now();
         assert_eq!(dp.attach(idx, "veth-h").unwrap(), AttachMode::Tcx);
         eprintln!("idempotent re-attach took {:?}", t.elapsed());
-        let (_, progs) = aya::programs::SchedClassifier::query_tcx("veth-h", aya::programs::TcAttachType::Ingress).unwrap();
+        let (_, progs) = aya::programs::SchedClassifier::query_tcx(
+            "veth-h",
+            aya::programs::TcAttachType::Ingress,
+        )
+        .unwrap();
         assert_eq!(progs.len(), 1, "re-attach added a second program");
 
         // A restarted agent (new program ids) upgrades the links in place.
         drop(dp);
         let mut dp = Datapath::open(&path).unwrap();
         assert_eq!(dp.attach(idx, "veth-h").unwrap(), AttachMode::Tcx);
-        let (_, progs) = aya::programs::SchedClassifier::query_tcx("veth-h", aya::programs::TcAttachType::Ingress).unwrap();
+        let (_, progs) = aya::programs::SchedClassifier::query_tcx(
+            "veth-h",
+            aya::programs::TcAttachType::Ingress,
+        )
+        .unwrap();
         assert_eq!(progs.len(), 1);
         assert_eq!(progs[0].id(), dp.program_ids()["from_container"]);
 
         // Wrong ifindex for the name: refused.
         let err = dp.attach(idx + 1000, "veth-h").unwrap_err();
-        assert!(matches!(err.downcast_ref::<AttachError>(), Some(AttachError::IfindexMismatch { .. })), "{err:#}");
+        assert!(
+            matches!(
+                err.downcast_ref::<AttachError>(),
+                Some(AttachError::IfindexMismatch { .. })
+            ),
+            "{err:#}"
+        );
 
         dp.detach(idx).unwrap();
         assert_eq!(dp.attachment(idx).unwrap(), None);
         assert!(link_pins(&path).is_empty());
-        let (_, progs) = aya::programs::SchedClassifier::query_tcx("veth-h", aya::programs::TcAttachType::Egress).unwrap();
+        let (_, progs) = aya::programs::SchedClassifier::query_tcx(
+            "veth-h",
+            aya::programs::TcAttachType::Egress,
+        )
+        .unwrap();
         assert!(progs.is_empty());
         // Detach again, and of an unknown interface: fine.
         dp.detach(idx).unwrap();
@@ -117,25 +137,39 @@ fn clsact_fallback_path() {
     veth(&ns, "veth-q", "veth-r");
     // veth-q already has someone's clsact with a filter: kept as is.
     ns.tc(&["qdisc", "add", "dev", "veth-q", "clsact"]);
-    ns.tc(&["filter", "add", "dev", "veth-q", "ingress", "prio", "1", "matchall", "action", "pass"]);
+    ns.tc(&[
+        "filter", "add", "dev", "veth-q", "ingress", "prio", "1", "u32", "match", "u32", "0", "0",
+    ]);
     let dir = BpffsDir::new();
     let path = dir.path().to_path_buf();
     ns.run(move || {
         let mut dp = Datapath::open(&path).unwrap();
         let idx = ifindex("veth-h");
         let t = std::time::Instant::now();
-        assert_eq!(dp.attach_with_mode(idx, "veth-h", AttachMode::Clsact).unwrap(), AttachMode::Clsact);
+        assert_eq!(
+            dp.attach_with_mode(idx, "veth-h", AttachMode::Clsact)
+                .unwrap(),
+            AttachMode::Clsact
+        );
         eprintln!("clsact attach took {:?}", t.elapsed());
         assert_eq!(dp.attachment(idx).unwrap(), Some(AttachMode::Clsact));
         assert!(link_pins(&path).is_empty(), "clsact leaves no link pins");
         // Idempotent, and the automatic mode sees the existing clsact filters?
         // It prefers TCX but must not double-attach via clsact.
-        assert_eq!(dp.attach_with_mode(idx, "veth-h", AttachMode::Clsact).unwrap(), AttachMode::Clsact);
+        assert_eq!(
+            dp.attach_with_mode(idx, "veth-h", AttachMode::Clsact)
+                .unwrap(),
+            AttachMode::Clsact
+        );
         dp.detach(idx).unwrap();
         assert_eq!(dp.attachment(idx).unwrap(), None);
 
         let q = ifindex("veth-q");
-        assert_eq!(dp.attach_with_mode(q, "veth-q", AttachMode::Clsact).unwrap(), AttachMode::Clsact);
+        assert_eq!(
+            dp.attach_with_mode(q, "veth-q", AttachMode::Clsact)
+                .unwrap(),
+            AttachMode::Clsact
+        );
         assert_eq!(dp.attachment(q).unwrap(), Some(AttachMode::Clsact));
         dp.detach(q).unwrap();
         assert_eq!(dp.attachment(q).unwrap(), None);
@@ -146,8 +180,11 @@ fn clsact_fallback_path() {
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&out.stdout);
-    assert!(out.contains("matchall"), "foreign filter removed: {out}");
-    assert!(!out.contains("from_container"), "our filter left behind: {out}");
+    assert!(out.contains("u32"), "foreign filter removed: {out}");
+    assert!(
+        !out.contains("from_container"),
+        "our filter left behind: {out}"
+    );
 }
 
 #[test]
@@ -160,9 +197,14 @@ fn foreign_ingress_qdisc_is_never_replaced() {
     ns.run(move || {
         let mut dp = Datapath::open(&path).unwrap();
         let idx = ifindex("veth-h");
-        let err = dp.attach_with_mode(idx, "veth-h", AttachMode::Clsact).unwrap_err();
+        let err = dp
+            .attach_with_mode(idx, "veth-h", AttachMode::Clsact)
+            .unwrap_err();
         assert!(
-            matches!(err.downcast_ref::<AttachError>(), Some(AttachError::ForeignIngressQdisc { .. })),
+            matches!(
+                err.downcast_ref::<AttachError>(),
+                Some(AttachError::ForeignIngressQdisc { .. })
+            ),
             "{err:#}"
         );
         // TCX attaches fine next to the ingress qdisc.

@@ -31,16 +31,37 @@ fn backends(n: u8, port: u16) -> Vec<BackendAddr> {
 fn desired() -> LbDesired {
     let mut d = LbDesired::default();
     d.services.insert(
-        Frontend { address: VIP_TCP, port: 80, proto: Proto::Tcp },
-        LbService { name: "default/web".into(), backends: backends(2, 8080) },
+        Frontend {
+            address: VIP_TCP,
+            port: 80,
+            proto: Proto::Tcp,
+        },
+        LbService {
+            name: "default/web".into(),
+            backends: backends(2, 8080),
+        },
     );
     d.services.insert(
-        Frontend { address: VIP_UDP, port: 53, proto: Proto::Udp },
-        LbService { name: "kube-system/dns".into(), backends: backends(1, 5353) },
+        Frontend {
+            address: VIP_UDP,
+            port: 53,
+            proto: Proto::Udp,
+        },
+        LbService {
+            name: "kube-system/dns".into(),
+            backends: backends(1, 5353),
+        },
     );
     d.services.insert(
-        Frontend { address: VIP_EMPTY, port: 80, proto: Proto::Tcp },
-        LbService { name: "default/empty".into(), backends: vec![] },
+        Frontend {
+            address: VIP_EMPTY,
+            port: 80,
+            proto: Proto::Tcp,
+        },
+        LbService {
+            name: "default/empty".into(),
+            backends: vec![],
+        },
     );
     d
 }
@@ -86,7 +107,11 @@ fn tcp_dnat_ct_and_reverse_nat() {
     assert_eq!(rc, PASS);
     let got = parse_and_verify(&out, false);
     let allowed: BTreeSet<Ipv4Addr> = backends(2, 8080).iter().map(|b| b.address).collect();
-    assert!(allowed.contains(&got.dst), "dst {} is not a backend", got.dst);
+    assert!(
+        allowed.contains(&got.dst),
+        "dst {} is not a backend",
+        got.dst
+    );
     assert_eq!(got.dport, 8080);
     assert_eq!((got.src, got.sport), (CLIENT, 40000));
     assert_eq!(out.len(), syn.len());
@@ -104,7 +129,12 @@ fn tcp_dnat_ct_and_reverse_nat() {
         .find(|(k, _)| k.kind == CT_EGRESS && k.daddr == u32::from_ne_bytes(got.dst.octets()))
         .expect("CT_EGRESS entry");
     assert_eq!(egress.0.dport, 8080u16.to_be());
-    let rev = dp.services().iter().find(|s| s.frontend.address == VIP_TCP).unwrap().rev_nat_index;
+    let rev = dp
+        .services()
+        .iter()
+        .find(|s| s.frontend.address == VIP_TCP)
+        .unwrap()
+        .rev_nat_index;
     assert_eq!(egress.1.rev_nat_index, rev);
     assert_eq!(egress.1.packets, 1);
 
@@ -125,7 +155,10 @@ fn tcp_dnat_ct_and_reverse_nat() {
     let (rc, out) = run(&p.to, &reply);
     assert_eq!(rc, PASS);
     let r = parse_and_verify(&out, false);
-    assert_eq!((r.src, r.sport, r.dst, r.dport), (VIP_TCP, 80, CLIENT, 40000));
+    assert_eq!(
+        (r.src, r.sport, r.dst, r.dport),
+        (VIP_TCP, 80, CLIENT, 40000)
+    );
 
     let ct = dp.ct_dump().unwrap();
     let egress = ct
@@ -148,7 +181,10 @@ fn different_flows_spread_over_backends() {
     let (_dir, _dp, p) = setup();
     let mut seen = BTreeSet::new();
     for sport in 41000..41040 {
-        let (_, out) = run(&p.from, &Ipv4Packet::tcp(CLIENT, sport, VIP_TCP, 80).build());
+        let (_, out) = run(
+            &p.from,
+            &Ipv4Packet::tcp(CLIENT, sport, VIP_TCP, 80).build(),
+        );
         seen.insert(parse_and_verify(&out, false).dst);
     }
     // 40 random picks over 2 backends all landing on one: p = 2^-39.
@@ -198,9 +234,18 @@ fn untouched_traffic_is_byte_identical() {
     frag.frag_off = 0x0010; // non-first fragment
     let cases = [
         ("arp", arp_request()),
-        ("non-service tcp", Ipv4Packet::tcp(CLIENT, 40000, Ipv4Addr::new(10, 0, 2, 2), 80).build()),
-        ("service ip, other port", Ipv4Packet::tcp(CLIENT, 40000, VIP_TCP, 81).build()),
-        ("service port, other proto", Ipv4Packet::udp(CLIENT, 40000, VIP_TCP, 80).build()),
+        (
+            "non-service tcp",
+            Ipv4Packet::tcp(CLIENT, 40000, Ipv4Addr::new(10, 0, 2, 2), 80).build(),
+        ),
+        (
+            "service ip, other port",
+            Ipv4Packet::tcp(CLIENT, 40000, VIP_TCP, 81).build(),
+        ),
+        (
+            "service port, other proto",
+            Ipv4Packet::udp(CLIENT, 40000, VIP_TCP, 80).build(),
+        ),
         ("non-first fragment", frag.build()),
     ];
     for (what, pkt) in &cases {
@@ -217,7 +262,10 @@ fn untouched_traffic_is_byte_identical() {
 #[test]
 fn service_without_backends_drops() {
     let (_dir, dp, p) = setup();
-    let (rc, _) = run(&p.from, &Ipv4Packet::tcp(CLIENT, 40000, VIP_EMPTY, 80).build());
+    let (rc, _) = run(
+        &p.from,
+        &Ipv4Packet::tcp(CLIENT, 40000, VIP_EMPTY, 80).build(),
+    );
     assert_eq!(rc, SHOT);
     assert_eq!(dp.counters().unwrap()["drop_no_backend"], 1);
     assert_eq!(dp.ct_entries().unwrap(), 0);
@@ -226,14 +274,28 @@ fn service_without_backends_drops() {
 #[test]
 fn flow_moves_when_its_backend_is_removed() {
     let (_dir, mut dp, p) = setup();
-    let (_, out) = run(&p.from, &Ipv4Packet::tcp(CLIENT, 43000, VIP_TCP, 80).build());
+    let (_, out) = run(
+        &p.from,
+        &Ipv4Packet::tcp(CLIENT, 43000, VIP_TCP, 80).build(),
+    );
     let first = parse_and_verify(&out, false).dst;
     // Keep only the other backend.
     let mut d = desired();
-    let fe = Frontend { address: VIP_TCP, port: 80, proto: Proto::Tcp };
-    d.services.get_mut(&fe).unwrap().backends.retain(|b| b.address != first);
+    let fe = Frontend {
+        address: VIP_TCP,
+        port: 80,
+        proto: Proto::Tcp,
+    };
+    d.services
+        .get_mut(&fe)
+        .unwrap()
+        .backends
+        .retain(|b| b.address != first);
     dp.apply_services(&d).unwrap();
-    let (_, out) = run(&p.from, &Ipv4Packet::tcp(CLIENT, 43000, VIP_TCP, 80).build());
+    let (_, out) = run(
+        &p.from,
+        &Ipv4Packet::tcp(CLIENT, 43000, VIP_TCP, 80).build(),
+    );
     let second = parse_and_verify(&out, false).dst;
     assert_ne!(first, second);
 }

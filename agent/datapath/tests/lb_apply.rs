@@ -12,15 +12,25 @@ use catena_datapath::{ApplyStats, BackendAddr, Datapath, Frontend, LbDesired, Lb
 use common::BpffsDir;
 
 fn fe(last: u8, port: u16, proto: Proto) -> Frontend {
-    Frontend { address: Ipv4Addr::new(10, 96, 0, last), port, proto }
+    Frontend {
+        address: Ipv4Addr::new(10, 96, 0, last),
+        port,
+        proto,
+    }
 }
 
 fn be(last: u8, port: u16) -> BackendAddr {
-    BackendAddr { address: Ipv4Addr::new(10, 0, 1, last), port }
+    BackendAddr {
+        address: Ipv4Addr::new(10, 0, 1, last),
+        port,
+    }
 }
 
 fn svc(name: &str, backends: Vec<BackendAddr>) -> LbService {
-    LbService { name: name.into(), backends }
+    LbService {
+        name: name.into(),
+        backends,
+    }
 }
 
 struct Dump {
@@ -59,15 +69,22 @@ fn assert_maps_match(dir: &Path, dp: &Datapath, desired: &LbDesired) {
     let mut expected_keys = BTreeSet::new();
     let mut used_backends = BTreeSet::new();
     let mut used_revnat = BTreeSet::new();
-    let programmed: BTreeMap<Frontend, _> = dp.services().into_iter().map(|p| (p.frontend, p)).collect();
+    let programmed: BTreeMap<Frontend, _> =
+        dp.services().into_iter().map(|p| (p.frontend, p)).collect();
     assert_eq!(programmed.len(), desired.services.len());
     for (f, s) in &desired.services {
         let addr = u32::from_ne_bytes(f.address.octets());
         let port = f.port.to_be();
         let proto = f.proto.number();
-        let master = d.services.get(&(addr, port, 0, proto)).expect("master entry");
+        let master = d
+            .services
+            .get(&(addr, port, 0, proto))
+            .expect("master entry");
         assert_eq!(master.count as usize, s.backends.len());
-        assert_eq!(master.flags & SVC_FLAG_NO_BACKENDS != 0, s.backends.is_empty());
+        assert_eq!(
+            master.flags & SVC_FLAG_NO_BACKENDS != 0,
+            s.backends.is_empty()
+        );
         assert_ne!(master.rev_nat_index, 0);
         assert_eq!(programmed[f].rev_nat_index, master.rev_nat_index);
         assert_eq!(programmed[f].backends, s.backends);
@@ -77,8 +94,14 @@ fn assert_maps_match(dir: &Path, dp: &Datapath, desired: &LbDesired) {
         used_revnat.insert(master.rev_nat_index);
         expected_keys.insert((addr, port, 0, proto));
         for (i, b) in s.backends.iter().enumerate() {
-            let slot = d.services.get(&(addr, port, i as u16 + 1, proto)).expect("slot");
-            let backend = d.backends.get(&slot.backend_id).expect("slot names a live backend");
+            let slot = d
+                .services
+                .get(&(addr, port, i as u16 + 1, proto))
+                .expect("slot");
+            let backend = d
+                .backends
+                .get(&slot.backend_id)
+                .expect("slot names a live backend");
             assert_eq!(backend.address, u32::from_ne_bytes(b.address.octets()));
             assert_eq!(backend.port, b.port.to_be());
             assert_eq!(backend.proto, proto);
@@ -86,13 +109,29 @@ fn assert_maps_match(dir: &Path, dp: &Datapath, desired: &LbDesired) {
             expected_keys.insert((addr, port, i as u16 + 1, proto));
         }
     }
-    assert_eq!(d.services.keys().copied().collect::<BTreeSet<_>>(), expected_keys, "LB4_SERVICES");
-    assert_eq!(d.backends.keys().copied().collect::<BTreeSet<_>>(), used_backends, "LB4_BACKENDS");
-    assert_eq!(d.revnat.keys().copied().collect::<BTreeSet<_>>(), used_revnat, "LB4_REVNAT");
+    assert_eq!(
+        d.services.keys().copied().collect::<BTreeSet<_>>(),
+        expected_keys,
+        "LB4_SERVICES"
+    );
+    assert_eq!(
+        d.backends.keys().copied().collect::<BTreeSet<_>>(),
+        used_backends,
+        "LB4_BACKENDS"
+    );
+    assert_eq!(
+        d.revnat.keys().copied().collect::<BTreeSet<_>>(),
+        used_revnat,
+        "LB4_REVNAT"
+    );
 }
 
 fn backend_ids(dir: &Path) -> BTreeMap<(u32, u16), u32> {
-    dump(dir).backends.iter().map(|(id, b)| ((b.address, b.port), *id)).collect()
+    dump(dir)
+        .backends
+        .iter()
+        .map(|(id, b)| ((b.address, b.port), *id))
+        .collect()
 }
 
 #[test]
@@ -101,17 +140,30 @@ fn add_update_remove_keep_ids_and_reopen() {
     let mut dp = Datapath::open(dir.path()).unwrap();
 
     let mut d = LbDesired::default();
-    d.services.insert(fe(10, 80, Proto::Tcp), svc("a/web", vec![be(1, 8080), be(2, 8080), be(3, 8080)]));
-    d.services.insert(fe(11, 53, Proto::Udp), svc("a/dns", vec![be(4, 53)]));
-    d.services.insert(fe(12, 443, Proto::Tcp), svc("a/empty", vec![]));
+    d.services.insert(
+        fe(10, 80, Proto::Tcp),
+        svc("a/web", vec![be(1, 8080), be(2, 8080), be(3, 8080)]),
+    );
+    d.services
+        .insert(fe(11, 53, Proto::Udp), svc("a/dns", vec![be(4, 53)]));
+    d.services
+        .insert(fe(12, 443, Proto::Tcp), svc("a/empty", vec![]));
     let st = dp.apply_services(&d).unwrap();
     assert_eq!(
         st,
-        ApplyStats { services_added: 3, backends_added: 4, ..Default::default() }
+        ApplyStats {
+            services_added: 3,
+            backends_added: 4,
+            ..Default::default()
+        }
     );
     assert_maps_match(dir.path(), &dp, &d);
     let ids1 = backend_ids(dir.path());
-    let revs1: BTreeMap<_, _> = dp.services().iter().map(|s| (s.frontend, s.rev_nat_index)).collect();
+    let revs1: BTreeMap<_, _> = dp
+        .services()
+        .iter()
+        .map(|s| (s.frontend, s.rev_nat_index))
+        .collect();
 
     // Same state again: nothing written.
     let writes = dp.service_map_writes();
@@ -119,9 +171,13 @@ fn add_update_remove_keep_ids_and_reopen() {
     assert_eq!(dp.service_map_writes(), writes);
 
     // Update: web loses be1 and gains be5; dns removed; new svc shares be2.
-    d.services.insert(fe(10, 80, Proto::Tcp), svc("a/web", vec![be(2, 8080), be(3, 8080), be(5, 8080)]));
+    d.services.insert(
+        fe(10, 80, Proto::Tcp),
+        svc("a/web", vec![be(2, 8080), be(3, 8080), be(5, 8080)]),
+    );
     d.services.remove(&fe(11, 53, Proto::Udp));
-    d.services.insert(fe(13, 8080, Proto::Tcp), svc("a/other", vec![be(2, 8080)]));
+    d.services
+        .insert(fe(13, 8080, Proto::Tcp), svc("a/other", vec![be(2, 8080)]));
     let st = dp.apply_services(&d).unwrap();
     assert_eq!(
         st,
@@ -140,27 +196,50 @@ fn add_update_remove_keep_ids_and_reopen() {
             assert_eq!(old, id, "backend id changed for a kept backend");
         }
     }
-    let revs2: BTreeMap<_, _> = dp.services().iter().map(|s| (s.frontend, s.rev_nat_index)).collect();
-    assert_eq!(revs1[&fe(10, 80, Proto::Tcp)], revs2[&fe(10, 80, Proto::Tcp)]);
-    assert_eq!(revs1[&fe(12, 443, Proto::Tcp)], revs2[&fe(12, 443, Proto::Tcp)]);
+    let revs2: BTreeMap<_, _> = dp
+        .services()
+        .iter()
+        .map(|s| (s.frontend, s.rev_nat_index))
+        .collect();
+    assert_eq!(
+        revs1[&fe(10, 80, Proto::Tcp)],
+        revs2[&fe(10, 80, Proto::Tcp)]
+    );
+    assert_eq!(
+        revs1[&fe(12, 443, Proto::Tcp)],
+        revs2[&fe(12, 443, Proto::Tcp)]
+    );
     // The new backend did not reuse a freed id.
     let new_id = ids2[&(u32::from_ne_bytes([10, 0, 1, 5]), 8080u16.to_be())];
     assert!(!ids1.values().any(|id| *id == new_id));
 
     // Shrink to zero backends.
-    d.services.insert(fe(10, 80, Proto::Tcp), svc("a/web", vec![]));
+    d.services
+        .insert(fe(10, 80, Proto::Tcp), svc("a/web", vec![]));
     dp.apply_services(&d).unwrap();
     assert_maps_match(dir.path(), &dp, &d);
 
     // Restart: a new Datapath on the same dir rebuilds its tables from the maps.
-    let before: BTreeMap<_, _> = dp.services().into_iter().map(|s| (s.frontend, (s.backends, s.rev_nat_index))).collect();
+    let before: BTreeMap<_, _> = dp
+        .services()
+        .into_iter()
+        .map(|s| (s.frontend, (s.backends, s.rev_nat_index)))
+        .collect();
     drop(dp);
     let mut dp = Datapath::open(dir.path()).unwrap();
-    let after: BTreeMap<_, _> = dp.services().into_iter().map(|s| (s.frontend, (s.backends, s.rev_nat_index))).collect();
+    let after: BTreeMap<_, _> = dp
+        .services()
+        .into_iter()
+        .map(|s| (s.frontend, (s.backends, s.rev_nat_index)))
+        .collect();
     assert_eq!(before, after);
     let writes = dp.service_map_writes();
     assert_eq!(dp.apply_services(&d).unwrap(), ApplyStats::default());
-    assert_eq!(dp.service_map_writes(), writes, "a restarted agent rewrote unchanged state");
+    assert_eq!(
+        dp.service_map_writes(),
+        writes,
+        "a restarted agent rewrote unchanged state"
+    );
     assert_maps_match(dir.path(), &dp, &d);
 
     // Everything removed: maps empty.
@@ -175,7 +254,10 @@ fn reopen_cleans_stray_entries() {
     let dir = BpffsDir::new();
     let mut dp = Datapath::open(dir.path()).unwrap();
     let mut d = LbDesired::default();
-    d.services.insert(fe(20, 80, Proto::Tcp), svc("b/web", vec![be(1, 80), be(2, 80)]));
+    d.services.insert(
+        fe(20, 80, Proto::Tcp),
+        svc("b/web", vec![be(1, 80), be(2, 80)]),
+    );
     dp.apply_services(&d).unwrap();
     drop(dp);
 
@@ -189,11 +271,38 @@ fn reopen_cleans_stray_entries() {
         proto: 6,
         ..Default::default()
     };
-    s.insert(key, Service4Value { backend_id: 999, ..Default::default() }, 0).unwrap();
+    s.insert(
+        key,
+        Service4Value {
+            backend_id: 999,
+            ..Default::default()
+        },
+        0,
+    )
+    .unwrap();
     let mut b: HashMap<_, u32, Backend4> = open_map(dir.path(), "LB4_BACKENDS");
-    b.insert(999, Backend4 { address: 1, port: 1, proto: 6, flags: 0 }, 0).unwrap();
+    b.insert(
+        999,
+        Backend4 {
+            address: 1,
+            port: 1,
+            proto: 6,
+            flags: 0,
+        },
+        0,
+    )
+    .unwrap();
     let mut r: HashMap<_, u16, RevNat4> = open_map(dir.path(), "LB4_REVNAT");
-    r.insert(4242, RevNat4 { address: 1, port: 1, pad: 0 }, 0).unwrap();
+    r.insert(
+        4242,
+        RevNat4 {
+            address: 1,
+            port: 1,
+            pad: 0,
+        },
+        0,
+    )
+    .unwrap();
 
     let mut dp = Datapath::open(dir.path()).unwrap();
     dp.apply_services(&d).unwrap();

@@ -88,7 +88,12 @@ pub fn plugin_types(conf: &Map<String, Value>) -> Vec<String> {
     match conf.get("plugins").and_then(Value::as_array) {
         Some(plugins) => plugins
             .iter()
-            .map(|p| p.get("type").and_then(Value::as_str).unwrap_or("").to_owned())
+            .map(|p| {
+                p.get("type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned()
+            })
             .collect(),
         None => conf
             .get("type")
@@ -278,17 +283,6 @@ fn member(members: &[(String, Range<usize>)], key: &str) -> Option<Range<usize>>
         .map(|(_, r)| r.clone())
 }
 
-/// Whitespace that precedes a line's content at `pos` (its indentation).
-fn indent_at(text: &str, pos: usize) -> &str {
-    let line_start = text[..pos].rfind('\n').map_or(0, |n| n + 1);
-    let line = &text[line_start..pos];
-    if line.trim().is_empty() {
-        line
-    } else {
-        ""
-    }
-}
-
 /// Build catena's chained conflist from the primary's conf or conflist text.
 ///
 /// * conflist: the `plugins` array is rebuilt from the primary's entries,
@@ -340,11 +334,21 @@ pub fn chain(primary: &str, entry: &CatenaEntry) -> Result<String> {
             array.push_str(&entry_json);
             array.push_str(trail);
             array.push(']');
-            format!("{}{}{}", &primary[..span.start], array, &primary[span.end..])
+            format!(
+                "{}{}{}",
+                &primary[..span.start],
+                array,
+                &primary[span.end..]
+            )
         }
         Some(other) => bail!("\"plugins\" must be an array, found {}", kind(other)),
         None => {
-            if conf.get("type").and_then(Value::as_str).unwrap_or("").is_empty() {
+            if conf
+                .get("type")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .is_empty()
+            {
                 bail!("neither a conflist (\"plugins\") nor a plugin conf (\"type\")");
             }
             if has_catena(&conf) {
@@ -421,17 +425,17 @@ mod tests {
     fn chain_appends_catena_and_keeps_plugins_as_text() {
         let out = chain(KUBE_OVN, &CatenaEntry::default()).unwrap();
         let parsed = parse(&out).unwrap();
-        assert_eq!(
-            plugin_types(&parsed),
-            ["kube-ovn", "portmap", "catena-cni"]
-        );
+        assert_eq!(plugin_types(&parsed), ["kube-ovn", "portmap", "catena-cni"]);
         // Each primary entry appears verbatim, including `1400.0` and the
         // original key order, which a serde round trip would rewrite.
         let conf = parse(KUBE_OVN).unwrap();
         let tops = members(KUBE_OVN).unwrap();
         let span = member(&tops, "plugins").unwrap();
         for e in elements(KUBE_OVN, span) {
-            assert!(out.contains(&KUBE_OVN[e]), "entry not kept verbatim:\n{out}");
+            assert!(
+                out.contains(&KUBE_OVN[e]),
+                "entry not kept verbatim:\n{out}"
+            );
         }
         assert!(out.contains("\"mtu\": 1400.0"));
         assert_eq!(parsed.get("name"), conf.get("name"));
@@ -470,7 +474,8 @@ mod tests {
 
     #[test]
     fn chain_handles_compact_and_tricky_strings() {
-        let conf = r#"{"name":"n","cniVersion":"1.0.0","plugins":[{"type":"ptp","x":"a]}\"[{"}],"z":1}"#;
+        let conf =
+            r#"{"name":"n","cniVersion":"1.0.0","plugins":[{"type":"ptp","x":"a]}\"[{"}],"z":1}"#;
         let out = chain(conf, &CatenaEntry::default()).unwrap();
         assert_eq!(
             out,
@@ -493,9 +498,12 @@ mod tests {
 
     #[test]
     fn chain_rejects_broken_or_unusable_primaries() {
-        let err = chain("{\"name\": \"x\",\n \"plugins\": [", &CatenaEntry::default())
-            .unwrap_err()
-            .to_string();
+        let err = chain(
+            "{\"name\": \"x\",\n \"plugins\": [",
+            &CatenaEntry::default(),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("line 2"), "{err}");
         let err = chain(
             r#"{"name":"x","cniVersion":"0.2.0","plugins":[{"type":"ptp"}]}"#,
@@ -525,10 +533,22 @@ mod tests {
         let ok = r#"{"name":"generic-veth","cniVersion":"0.3.1","plugins":[{"type":"kube-ovn"},{"type":"portmap"},{"type":"catena-cni"}]}"#;
         assert!(validate_custom(ok).unwrap().is_empty());
         let cases = [
-            (r#"{"name":"n","cniVersion":"0.3.1","plugins":[{"type":"ptp"}]}"#, "no plugin of type \"catena-cni\""),
-            (r#"{"name":"n","cniVersion":"0.3.1","plugins":[{"type":"catena-cni"},{"type":"ptp"}]}"#, "is the first plugin"),
-            (r#"{"name":"n","cniVersion":"0.3.1","type":"ptp"}"#, "must be a conflist"),
-            (r#"{"name":"n","cniVersion":"0.3.1","plugins":[{"x":1},{"type":"catena-cni"}]}"#, "plugins[0] has no \"type\""),
+            (
+                r#"{"name":"n","cniVersion":"0.3.1","plugins":[{"type":"ptp"}]}"#,
+                "no plugin of type \"catena-cni\"",
+            ),
+            (
+                r#"{"name":"n","cniVersion":"0.3.1","plugins":[{"type":"catena-cni"},{"type":"ptp"}]}"#,
+                "is the first plugin",
+            ),
+            (
+                r#"{"name":"n","cniVersion":"0.3.1","type":"ptp"}"#,
+                "must be a conflist",
+            ),
+            (
+                r#"{"name":"n","cniVersion":"0.3.1","plugins":[{"x":1},{"type":"catena-cni"}]}"#,
+                "plugins[0] has no \"type\"",
+            ),
             ("[1,2]", "expected a JSON object"),
             ("{\"name\": }", "not valid JSON at line 1"),
         ];

@@ -96,5 +96,5 @@ pub fn create(
         packets: 1,
         bytes: len as u64,
     };
-    CT4.insert(key, &value, 0).map_err(|_| ())
+    CT4.insert(key, value, 0).map_err(|_| ())
 }

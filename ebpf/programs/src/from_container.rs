@@ -67,7 +67,16 @@ fn try_from_container(ctx: &TcContext) -> Result<i32, ()> {
                 count(Counter::DropNoBackend);
                 return Ok(VERDICT_DROP);
             };
-            if ct::create(&svc_ct_key, id, master.rev_nat_index, now, len, flow.closing).is_err() {
+            if ct::create(
+                &svc_ct_key,
+                id,
+                master.rev_nat_index,
+                now,
+                len,
+                flow.closing,
+            )
+            .is_err()
+            {
                 count(Counter::DropCtFull);
                 return Ok(VERDICT_DROP);
             }

@@ -32,7 +32,7 @@ pub fn lookup_master(key: &Service4Key) -> Option<Service4Value> {
 #[inline(always)]
 pub fn backend(id: u32) -> Option<Backend4> {
     // SAFETY: as above, copied out immediately.
-    unsafe { LB4_BACKENDS.get(&id) }.copied()
+    unsafe { LB4_BACKENDS.get(id) }.copied()
 }
 
 /// Picks a random slot of the service (`count` must be > 0) and returns the
@@ -47,6 +47,6 @@ pub fn select_backend(master: &Service4Key, count: u16) -> Option<(u32, Backend4
         ..*master
     };
     // SAFETY: copied out immediately.
-    let id = unsafe { LB4_SERVICES.get(&slot_key) }?.backend_id;
+    let id = unsafe { LB4_SERVICES.get(slot_key) }?.backend_id;
     Some((id, backend(id)?))
 }

@@ -23,7 +23,7 @@ mod to_container;
 /// passed exactly as with `TC_ACT_OK`. Returning `TC_ACT_OK` would end the
 /// chain and silently bypass them.
 pub const VERDICT_PASS: i32 = aya_ebpf::bindings::TC_ACT_UNSPEC;
-pub const VERDICT_DROP: i32 = aya_ebpf::bindings::TC_ACT_SHOT as i32;
+pub const VERDICT_DROP: i32 = aya_ebpf::bindings::TC_ACT_SHOT;
 
 #[cfg(not(test))]
 #[panic_handler]

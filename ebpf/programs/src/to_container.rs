@@ -41,7 +41,7 @@ fn try_to_container(ctx: &TcContext) -> Result<i32, ()> {
         return Ok(VERDICT_PASS);
     }
     // SAFETY: copied out at once.
-    let Some(frontend) = (unsafe { LB4_REVNAT.get(&rev_nat_index) }).copied() else {
+    let Some(frontend) = (unsafe { LB4_REVNAT.get(rev_nat_index) }).copied() else {
         return Ok(VERDICT_PASS);
     };
     // SAFETY: pointer from a CT4 lookup in this run.

@@ -29,7 +29,11 @@ impl NetNs {
         static N: AtomicUsize = AtomicUsize::new(0);
         // SAFETY: geteuid has no preconditions.
         assert_eq!(unsafe { libc::geteuid() }, 0, "netns tests need root");
-        let name = format!("catena-cni-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
+        let name = format!(
+            "catena-cni-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        );
         sh(&["ip", "netns", "add", &name]);
         let ns = NetNs { name };
         ns.ip(&["link", "set", "lo", "up"]);
@@ -69,7 +73,9 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -107,10 +113,18 @@ pub struct Reply {
 
 impl Reply {
     pub fn json(status: u16, body: serde_json::Value) -> Self {
-        Reply { status, body: body.to_string(), delay: Duration::ZERO }
+        Reply {
+            status,
+            body: body.to_string(),
+            delay: Duration::ZERO,
+        }
     }
     pub fn empty(status: u16) -> Self {
-        Reply { status, body: String::new(), delay: Duration::ZERO }
+        Reply {
+            status,
+            body: String::new(),
+            delay: Duration::ZERO,
+        }
     }
 }
 
@@ -146,7 +160,12 @@ impl FakeAgent {
                 }
             })
         };
-        FakeAgent { dir, requests, stop, thread: Some(thread) }
+        FakeAgent {
+            dir,
+            requests,
+            stop,
+            thread: Some(thread),
+        }
     }
 
     /// An agent that registers every endpoint and is healthy.
@@ -172,7 +191,9 @@ pub fn standard_reply(r: &Request) -> Reply {
         ),
         "DELETE" => Reply::empty(204),
         "GET" if r.path == "/v1/healthz" => Reply::json(200, serde_json::json!({"ready": true})),
-        "POST" if r.path == "/v1/endpoints/gc" => Reply::json(200, serde_json::json!({"removed": []})),
+        "POST" if r.path == "/v1/endpoints/gc" => {
+            Reply::json(200, serde_json::json!({"removed": []}))
+        }
         _ => Reply::json(404, serde_json::json!({"message": "no such route"})),
     }
 }
@@ -194,7 +215,10 @@ fn serve(conn: UnixStream, requests: &Mutex<Vec<Request>>, handler: &Handler) {
         return;
     }
     let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
+    let (method, path) = (
+        parts.next().unwrap_or("").to_string(),
+        parts.next().unwrap_or("").to_string(),
+    );
     let mut len = 0usize;
     loop {
         let mut h = String::new();
@@ -209,7 +233,11 @@ fn serve(conn: UnixStream, requests: &Mutex<Vec<Request>>, handler: &Handler) {
     }
     let mut body = vec![0; len];
     reader.read_exact(&mut body).unwrap();
-    let req = Request { method, path, body: String::from_utf8(body).unwrap() };
+    let req = Request {
+        method,
+        path,
+        body: String::from_utf8(body).unwrap(),
+    };
     requests.lock().unwrap().push(req.clone());
     let reply = handler(&req);
     std::thread::sleep(reply.delay);
@@ -238,7 +266,10 @@ impl Run {
         assert_ne!(self.code, 0, "expected a failure; stdout: {}", self.stdout);
         let v: serde_json::Value = serde_json::from_str(&self.stdout)
             .unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}): {:?}", self.stdout));
-        assert!(v["code"].is_u64() && v["msg"].is_string() && v["cniVersion"].is_string(), "{v}");
+        assert!(
+            v["code"].is_u64() && v["msg"].is_string() && v["cniVersion"].is_string(),
+            "{v}"
+        );
         v
     }
 
@@ -253,7 +284,9 @@ pub fn run_plugin(env: &[(&str, &str)], stdin: &str, netns: Option<&NetNs>) -> R
     let mut cmd = Command::new(BIN);
     cmd.env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
     cmd.envs(env.iter().copied());
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     if let Some(ns) = netns {
         let fd = File::open(ns.path()).unwrap();
         // SAFETY: setns is a plain syscall, fine between fork and exec.
@@ -266,8 +299,17 @@ pub fn run_plugin(env: &[(&str, &str)], stdin: &str, netns: Option<&NetNs>) -> R
     }
     let start = Instant::now();
     let mut child = cmd.spawn().unwrap();
-    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
-    let Output { status, stdout, stderr } = child.wait_with_output().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = child.wait_with_output().unwrap();
     Run {
         code: status.code().unwrap_or(-1),
         stdout: String::from_utf8(stdout).unwrap(),

@@ -102,6 +102,8 @@ impl Agent<'_> {
             .arg("--state-dir")
             .arg(self.node.state_dir())
             .args(&self.extra_args)
+            // Plain log lines: they end up in test failure messages.
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

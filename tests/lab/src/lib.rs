@@ -31,6 +31,7 @@
 //! this for the agent and runner).
 
 mod agent;
+pub mod apiserver;
 mod bins;
 pub mod cni;
 mod netns;

@@ -11,7 +11,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// `/sys/fs/bpf/catena-test-<pid>-<n>`, removed recursively on drop (unlinking
@@ -91,7 +95,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -250,7 +256,11 @@ pub fn parse_and_verify(pkt: &[u8], udp_zero_ok: bool) -> Parsed {
         pseudo.push(0);
         pseudo.push(proto);
         pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
-        assert_eq!(fold(sum16(l4, sum16(&pseudo, 0))), 0, "bad L4 checksum (proto {proto})");
+        assert_eq!(
+            fold(sum16(l4, sum16(&pseudo, 0))),
+            0,
+            "bad L4 checksum (proto {proto})"
+        );
     }
     Parsed {
         src,
