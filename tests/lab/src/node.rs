@@ -105,6 +105,16 @@ impl Node {
         })
     }
 
+    /// catena's conflist entry for this node: only `type` is required; the
+    /// socket and state dir point at this node's agent instead of the defaults.
+    pub fn catena_plugin(&self) -> Value {
+        json!({
+            "type": "catena-cni",
+            "agentSocket": self.agent_socket(),
+            "stateDir": self.state_dir(),
+        })
+    }
+
     /// ptp + host-local (per-node `dataDir`, default route), then `extra`.
     pub fn ptp_conflist(
         &self,
