@@ -22,6 +22,15 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# Real Helm (v4, as a shared library) for rendering and linting the chart in
+# tests/e2e/tests/chart.rs and for manifests/render.py: no helm binary needed.
+if ! python3 -c 'import helm_python' >/dev/null 2>&1; then
+  log "installing helm-python-sdk 0.2.2 (pip)"
+  pip_args=(install --quiet --disable-pip-version-check --root-user-action=ignore helm-python-sdk==0.2.2)
+  # Debian's own python3 refuses system-wide pip installs (PEP 668) unless told.
+  python3 -m pip "${pip_args[@]}" 2>/dev/null || python3 -m pip "${pip_args[@]}" --break-system-packages
+fi
+
 # rust-src is what `-Z build-std=core` compiles for the bpfel target.
 if ! rustup component list --installed 2>/dev/null | grep -q '^rust-src'; then
   log "adding rustup component rust-src"

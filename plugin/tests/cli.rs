@@ -372,3 +372,21 @@ fn gc_posts_the_valid_attachments() {
     assert_eq!(r.error_code(), 7);
     assert_eq!(agent.requests().len(), 1);
 }
+
+#[test]
+fn log_file_takes_diagnostics_off_stderr() {
+    let state = tempfile::tempdir().unwrap();
+    let log = state.path().join("cni.log");
+    let conf = format!(
+        r#"{{"type":"catena-cni","logFile":"{}","cniVersion":"1.0.0","name":"catena"}}"#,
+        log.display()
+    );
+    let r = run_plugin(&env("ADD", &[("CNI_NETNS", "/run/netns/x")]), &conf, None);
+    assert_eq!(r.error_code(), 7);
+    assert_eq!(r.stderr, "");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains(&format!("Add {CID}/eth0: [code 7]")),
+        "{logged}"
+    );
+}
