@@ -1,11 +1,20 @@
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
 /// Every path is a flag with the production default, so tests can run several
 /// isolated "nodes" side by side.
 #[derive(Clone, Debug, Parser)]
-#[command(name = "catena-agent", version, about = "catena node agent")]
+#[command(
+    name = "catena-agent",
+    version,
+    about = "catena node agent",
+    args_conflicts_with_subcommands = true
+)]
 pub struct AgentConfig {
+    /// One-shot jobs of the DaemonSet; without one, run the agent.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Standalone mode: watch this directory of Kubernetes YAML/JSON manifests
     /// (Services, EndpointSlices, Pods, Namespaces, NetworkPolicies,
     /// CiliumNetworkPolicies) instead of a cluster.
@@ -37,4 +46,14 @@ pub struct AgentConfig {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+#[derive(Clone, Debug, Subcommand)]
+pub enum Command {
+    /// Install catena-cni into the CNI bin dir and catena's conflist into the
+    /// CNI conf dir (the DaemonSet's init container). Idempotent.
+    InstallCni(crate::install::InstallArgs),
+    /// Take catena out of the CNI configuration so new pods start with the
+    /// primary alone (the DaemonSet's preStop when `cni.uninstall` is set).
+    UninstallCni(crate::install::InstallArgs),
 }

@@ -280,13 +280,15 @@ impl AgentCore {
         })
     }
 
-    /// CNI GC: removes every endpoint not listed.
-    pub fn gc(&self, valid: &[Attachment]) -> Result<GcResult, AgentError> {
+    /// CNI GC: removes every endpoint of `network` (every network when empty)
+    /// that is not listed.
+    pub fn gc(&self, network: &str, valid: &[Attachment]) -> Result<GcResult, AgentError> {
         let mut guard = self.lock()?;
         let inner = guard.as_mut().expect("checked by lock");
         let doomed: Vec<EndpointKey> = inner
             .registry
             .all()
+            .filter(|e| network.is_empty() || e.spec.network == network)
             .map(key_of)
             .filter(|k| !valid.contains(k))
             .collect();

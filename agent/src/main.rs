@@ -3,12 +3,23 @@
 //! cluster state from its source (a manifest directory or Kubernetes).
 
 use anyhow::Result;
-use catena_agent::config::{AgentConfig, LogFormat};
+use catena_agent::config::{AgentConfig, Command, LogFormat};
 use clap::Parser;
 
 fn main() -> Result<()> {
     let config = AgentConfig::parse();
     init_tracing(config.log_format);
+    match &config.command {
+        Some(Command::InstallCni(args)) => {
+            println!("{}", catena_agent::install::install(args)?);
+            return Ok(());
+        }
+        Some(Command::UninstallCni(args)) => {
+            println!("{}", catena_agent::install::uninstall(args)?);
+            return Ok(());
+        }
+        None => {}
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

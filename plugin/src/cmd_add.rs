@@ -34,6 +34,7 @@ pub fn run(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
 
     let host = veth::find_host_veth(Path::new(netns), ifname)?;
     let spec = EndpointSpec {
+        network: conf.name.clone().unwrap_or_default(),
         container_id: container_id.into(),
         ifname: ifname.into(),
         netns: netns.into(),

@@ -17,6 +17,7 @@ pub fn run(conf: &NetConf) -> Result<(), CniError> {
         )
     })?;
     let request = GcRequest {
+        network: conf.name.clone().unwrap_or_default(),
         valid_attachments: valid,
     };
     let result: GcResult = agent::client(conf, conf.agent_timeout)

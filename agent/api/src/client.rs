@@ -7,7 +7,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -57,7 +57,7 @@ impl Client {
         }
     }
 
-    /// Bound on each read and write of a request (connect is immediate on a unix socket).
+    /// Bound on a whole request: connect, send and the complete answer.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -107,12 +107,23 @@ impl Client {
             path: self.socket.clone(),
             source,
         };
+        // One deadline for the whole exchange: an agent trickling bytes
+        // cannot stretch a request past `timeout` (the plugin's ADD budget).
+        let deadline = Instant::now() + self.timeout;
+        let remaining = || {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the agent did not answer in time",
+                ))
+            } else {
+                Ok(left)
+            }
+        };
         let mut stream = UnixStream::connect(&self.socket).map_err(unreachable)?;
         stream
-            .set_read_timeout(Some(self.timeout))
-            .map_err(unreachable)?;
-        stream
-            .set_write_timeout(Some(self.timeout))
+            .set_write_timeout(Some(remaining().map_err(unreachable)?))
             .map_err(unreachable)?;
         let body = body.unwrap_or_default();
         let mut req = format!(
@@ -126,7 +137,18 @@ impl Client {
         stream.write_all(req.as_bytes()).map_err(unreachable)?;
         stream.write_all(body).map_err(unreachable)?;
         let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).map_err(unreachable)?;
+        let mut chunk = [0u8; 8192];
+        loop {
+            stream
+                .set_read_timeout(Some(remaining().map_err(unreachable)?))
+                .map_err(unreachable)?;
+            match stream.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => raw.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(unreachable(e)),
+            }
+        }
         let (status, body) = parse_response(&raw)?;
         if (200..300).contains(&status) {
             Ok(body)
@@ -209,6 +231,34 @@ mod tests {
         .unwrap();
         assert_eq!((s, b.as_slice()), (503, &b"abcde"[..]));
         assert!(parse_response(b"garbage").is_err());
+    }
+
+    #[test]
+    fn a_trickling_server_cannot_exceed_the_deadline() {
+        let dir = std::env::temp_dir().join(format!("catena-api-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("slow.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            // One byte every 100 ms: each read succeeds, the whole never ends in time.
+            for b in b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}" {
+                if conn.write_all(&[*b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let started = Instant::now();
+        let err = Client::new(&path)
+            .with_timeout(Duration::from_millis(400))
+            .get::<serde_json::Value>("/v1/healthz")
+            .unwrap_err();
+        assert!(started.elapsed() < Duration::from_millis(900), "{:?}", started.elapsed());
+        assert!(err.is_retryable(), "{err}");
+        server.join().unwrap();
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

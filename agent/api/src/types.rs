@@ -5,6 +5,11 @@ use std::collections::BTreeMap;
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct EndpointSpec {
+    /// The conflist `name` the plugin ran in: CNI GC is scoped to one network,
+    /// so a pod's second catena network (Multus `net1`) is never collected by
+    /// the first one's GC.
+    #[serde(default)]
+    pub network: String,
     pub container_id: String,
     /// Interface name inside the pod (`CNI_IFNAME`).
     pub ifname: String,
@@ -135,6 +140,9 @@ pub struct Attachment {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct GcRequest {
+    /// Only endpoints registered from this network are candidates (empty: all).
+    #[serde(default)]
+    pub network: String,
     pub valid_attachments: Vec<Attachment>,
 }
 

@@ -10,7 +10,11 @@ use std::path::PathBuf;
 use table::Table;
 
 #[derive(Parser)]
-#[command(name = "catena", version, about = "Inspect and operate the catena agent on this node")]
+#[command(
+    name = "catena",
+    version,
+    about = "Inspect and operate the catena agent on this node"
+)]
 struct Cli {
     /// Agent API socket.
     #[arg(long, global = true, env = "CATENA_SOCKET", default_value = catena_api::DEFAULT_SOCKET)]
@@ -44,7 +48,9 @@ enum Command {
 enum EndpointCmd {
     List,
     /// One endpoint, by id or container id (prefix).
-    Get { id: String },
+    Get {
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -85,8 +91,13 @@ fn run(cli: &Cli) -> Result<()> {
                 .collect();
             let ep = match matches.as_slice() {
                 [one] => *one,
-                [] => anyhow::bail!("no endpoint with id or container id {id:?} (see `catena endpoint list`)"),
-                _ => anyhow::bail!("{id:?} matches {} endpoints; give more of the container id", matches.len()),
+                [] => anyhow::bail!(
+                    "no endpoint with id or container id {id:?} (see `catena endpoint list`)"
+                ),
+                _ => anyhow::bail!(
+                    "{id:?} matches {} endpoints; give more of the container id",
+                    matches.len()
+                ),
             };
             match cli.output {
                 Output::Json => print_json(ep),
@@ -105,7 +116,10 @@ fn run(cli: &Cli) -> Result<()> {
 }
 
 fn print_json<T: serde::Serialize>(value: &T) {
-    println!("{}", serde_json::to_string_pretty(value).expect("API types serialize"));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("API types serialize")
+    );
 }
 
 fn print_status(s: &Status) {
@@ -131,7 +145,15 @@ fn print_status(s: &Status) {
 }
 
 fn print_endpoints(eps: &[Endpoint]) {
-    let mut t = Table::new(["ID", "POD", "IPS", "INTERFACE", "IDENTITY", "ATTACH", "CONTAINER"]);
+    let mut t = Table::new([
+        "ID",
+        "POD",
+        "IPS",
+        "INTERFACE",
+        "IDENTITY",
+        "ATTACH",
+        "CONTAINER",
+    ]);
     for e in eps {
         let pod = if e.spec.pod.name.is_empty() {
             "-".to_string()
@@ -142,7 +164,10 @@ fn print_endpoints(eps: &[Endpoint]) {
             e.id.to_string(),
             pod,
             e.spec.ips.join(","),
-            format!("{}({}) <- {}", e.spec.host_ifname, e.spec.host_ifindex, e.spec.ifname),
+            format!(
+                "{}({}) <- {}",
+                e.spec.host_ifname, e.spec.host_ifindex, e.spec.ifname
+            ),
             e.identity.to_string(),
             e.attach_mode.clone(),
             e.spec.container_id.chars().take(12).collect(),
@@ -159,7 +184,12 @@ fn print_services(svcs: &[ServiceStatus]) {
         } else {
             s.backends.join(",")
         };
-        t.row([s.name.clone(), s.frontend.clone(), backends, s.rev_nat_index.to_string()]);
+        t.row([
+            s.name.clone(),
+            s.frontend.clone(),
+            backends,
+            s.rev_nat_index.to_string(),
+        ]);
     }
     t.print();
 }

@@ -128,7 +128,7 @@ async fn gc(
     Json(req): Json<GcRequest>,
 ) -> Result<impl IntoResponse, AgentError> {
     Ok(Json(
-        run(core, move |c| c.gc(&req.valid_attachments)).await?,
+        run(core, move |c| c.gc(&req.network, &req.valid_attachments)).await?,
     ))
 }
 

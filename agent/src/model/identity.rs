@@ -64,7 +64,7 @@ mod tests {
         assert_eq!(id, FIRST_LOCAL_IDENTITY);
         assert_eq!(a.allocate(web.clone()), id);
         assert_eq!(a.allocate(db.clone()), id + 1);
-        a.retain_only(&[db.clone()]);
+        a.retain_only(std::slice::from_ref(&db));
         assert_eq!(a.allocate(web), id, "freed ids are reused");
         assert_eq!(a.len(), 2);
     }

@@ -66,7 +66,11 @@ struct Stores {
 pub async fn watch_kubernetes(client: Client) -> Result<watch::Receiver<SourceUpdate>> {
     let (changed_tx, mut changed_rx) = mpsc::unbounded_channel::<()>();
     let problems: Problems = Default::default();
-    let cnp = ApiResource::from_gvk(&GroupVersionKind::gvk("cilium.io", "v2", "CiliumNetworkPolicy"));
+    let cnp = ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "cilium.io",
+        "v2",
+        "CiliumNetworkPolicy",
+    ));
     let ccnp = ApiResource::from_gvk(&GroupVersionKind::gvk(
         "cilium.io",
         "v2",
@@ -79,7 +83,12 @@ pub async fn watch_kubernetes(client: Client) -> Result<watch::Receiver<SourceUp
         pods: reflect("Pod", Api::all(client.clone()), (), ctx),
         namespaces: reflect("Namespace", Api::all(client.clone()), (), ctx),
         network_policies: reflect("NetworkPolicy", Api::all(client.clone()), (), ctx),
-        cnps: reflect("CiliumNetworkPolicy", Api::all_with(client.clone(), &cnp), cnp.clone(), ctx),
+        cnps: reflect(
+            "CiliumNetworkPolicy",
+            Api::all_with(client.clone(), &cnp),
+            cnp.clone(),
+            ctx,
+        ),
         ccnps: reflect(
             "CiliumClusterwideNetworkPolicy",
             Api::all_with(client.clone(), &ccnp),
@@ -94,7 +103,8 @@ pub async fn watch_kubernetes(client: Client) -> Result<watch::Receiver<SourceUp
         stores.namespaces.wait_until_ready().await?;
         stores.network_policies.wait_until_ready().await
     };
-    wait.await.context("a Kubernetes watcher stopped before its first list")?;
+    wait.await
+        .context("a Kubernetes watcher stopped before its first list")?;
     while changed_rx.try_recv().is_ok() {}
 
     let (tx, rx) = watch::channel(snapshot(&stores, &problems, 1));
@@ -147,7 +157,10 @@ where
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(kind, error = %e, "watch failed; backing off and resuming with the last state");
-                    problems.lock().unwrap().insert(kind, format!("{kind} watch: {e}"));
+                    problems
+                        .lock()
+                        .unwrap()
+                        .insert(kind, format!("{kind} watch: {e}"));
                 }
             }
             if changed.send(()).is_err() {

@@ -39,8 +39,16 @@ pub fn wait_for<T>(
 }
 
 /// A ClusterIP Service manifest.
-pub fn service_yaml(name: &str, cluster_ip: &str, port: u16, target: u16, selector: Option<&str>) -> String {
-    let selector = selector.map(|s| format!("  selector: {{app: {s}}}\n")).unwrap_or_default();
+pub fn service_yaml(
+    name: &str,
+    cluster_ip: &str,
+    port: u16,
+    target: u16,
+    selector: Option<&str>,
+) -> String {
+    let selector = selector
+        .map(|s| format!("  selector: {{app: {s}}}\n"))
+        .unwrap_or_default();
     format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: {cluster_ip}\n{selector}  ports:\n  - {{name: http, port: {port}, targetPort: {target}, protocol: TCP}}\n"
     )

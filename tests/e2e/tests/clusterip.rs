@@ -15,15 +15,30 @@ fn vip() -> SocketAddr {
 }
 
 fn backends_of(services: &[ServiceStatus], frontend: &str) -> Option<Vec<String>> {
-    services.iter().find(|s| s.frontend == frontend).map(|s| s.backends.clone())
+    services
+        .iter()
+        .find(|s| s.frontend == frontend)
+        .map(|s| s.backends.clone())
 }
 
 #[test]
 fn clusterip_through_ptp_and_catena_with_selected_pods() -> anyhow::Result<()> {
     let node = Node::new("e2e-svc")?;
     let manifests = node.dir().join("manifests");
-    write_manifest(&manifests, "web.yaml", &service_yaml("web", VIP, 80, 8080, Some("web")))?;
-    write_manifest(&manifests, "pods.yaml", &format!("{}---\n{}", pod_yaml("web-1", "web"), pod_yaml("web-2", "web")))?;
+    write_manifest(
+        &manifests,
+        "web.yaml",
+        &service_yaml("web", VIP, 80, 8080, Some("web")),
+    )?;
+    write_manifest(
+        &manifests,
+        "pods.yaml",
+        &format!(
+            "{}---\n{}",
+            pod_yaml("web-1", "web"),
+            pod_yaml("web-2", "web")
+        ),
+    )?;
     let agent = node.start_agent(&manifests, &[])?;
     let api = agent.client();
 
@@ -43,15 +58,24 @@ fn clusterip_through_ptp_and_catena_with_selected_pods() -> anyhow::Result<()> {
     // ADD returned only after the endpoint was programmed: the Service already
     // has both selected pods as backends.
     let services: Vec<ServiceStatus> = api.get("/v1/services")?;
-    let mut expected = vec![format!("{}:8080", web1.ipv4()?), format!("{}:8080", web2.ipv4()?)];
+    let mut expected = vec![
+        format!("{}:8080", web1.ipv4()?),
+        format!("{}:8080", web2.ipv4()?),
+    ];
     expected.sort();
-    assert_eq!(backends_of(&services, &format!("{VIP}:80/TCP")), Some(expected));
+    assert_eq!(
+        backends_of(&services, &format!("{VIP}:80/TCP")),
+        Some(expected)
+    );
 
     // The endpoints sit on the real host-side peers of each pod's eth0.
     let endpoints: Vec<Endpoint> = api.get("/v1/endpoints")?;
     assert_eq!(endpoints.len(), 3);
     for pod in [&client, &web1, &web2] {
-        let ep = endpoints.iter().find(|e| e.spec.container_id == pod.container_id).expect("registered");
+        let ep = endpoints
+            .iter()
+            .find(|e| e.spec.container_id == pod.container_id)
+            .expect("registered");
         assert_eq!(ep.spec.host_ifname, pod.host_veth(&node, "eth0")?);
         assert_eq!(ep.spec.pod.name, pod.name);
         assert_eq!(ep.attach_mode, "tcx");
@@ -60,25 +84,49 @@ fn clusterip_through_ptp_and_catena_with_selected_pods() -> anyhow::Result<()> {
 
     // DNAT to a backend, reply translated back: the client sees the VIP.
     let reply = client.tcp_request(vip(), Duration::from_secs(3))?;
-    assert_eq!(reply.peer, vip(), "the reply must come from the VIP, not the backend");
+    assert_eq!(
+        reply.peer,
+        vip(),
+        "the reply must come from the VIP, not the backend"
+    );
     assert!(reply.text == "web-1" || reply.text == "web-2", "{reply:?}");
     let counts = count_backends(&client, vip(), 60)?;
     assert_eq!(counts.values().sum::<usize>(), 60, "{counts:?}");
-    assert!(counts.get("web-1").copied().unwrap_or(0) > 5 && counts.get("web-2").copied().unwrap_or(0) > 5, "both backends serve: {counts:?}");
+    assert!(
+        counts.get("web-1").copied().unwrap_or(0) > 5
+            && counts.get("web-2").copied().unwrap_or(0) > 5,
+        "both backends serve: {counts:?}"
+    );
 
     cni.check(&client, "eth0", &CallArgs::default())?;
     let status: Status = api.get("/v1/status")?;
-    assert!(status.ready && status.datapath.counters["service_dnat"] >= 61, "{status:?}");
+    assert!(
+        status.ready && status.datapath.counters["service_dnat"] >= 61,
+        "{status:?}"
+    );
 
     // DEL of a backend takes it out of the Service at once and detaches.
-    let web2_ifindex = endpoints.iter().find(|e| e.spec.container_id == web2.container_id).unwrap().spec.host_ifindex;
+    let web2_ifindex = endpoints
+        .iter()
+        .find(|e| e.spec.container_id == web2.container_id)
+        .unwrap()
+        .spec
+        .host_ifindex;
     cni.del(&web2, "eth0", &CallArgs::default())?;
     let services: Vec<ServiceStatus> = api.get("/v1/services")?;
-    assert_eq!(backends_of(&services, &format!("{VIP}:80/TCP")), Some(vec![format!("{}:8080", web1.ipv4()?)]));
+    assert_eq!(
+        backends_of(&services, &format!("{VIP}:80/TCP")),
+        Some(vec![format!("{}:8080", web1.ipv4()?)])
+    );
     let counts = count_backends(&client, vip(), 10)?;
     assert_eq!(counts.get("web-1"), Some(&10), "{counts:?}");
     let pins = link_pins(&node)?;
-    assert!(!pins.iter().any(|p| p.starts_with(&format!("{web2_ifindex}-"))), "link pins of the deleted pod remain: {pins:?}");
+    assert!(
+        !pins
+            .iter()
+            .any(|p| p.starts_with(&format!("{web2_ifindex}-"))),
+        "link pins of the deleted pod remain: {pins:?}"
+    );
     // containerd calls DEL again, without netns or prevResult: still fine.
     cni.del(&web2, "eth0", &CallArgs::containerd_repeat_del())?;
 
@@ -96,7 +144,11 @@ fn clusterip_from_endpoint_slices_picked_up_live() -> anyhow::Result<()> {
     let node = Node::new("e2e-slice")?;
     let manifests = node.dir().join("manifests");
     // No selector: backends come only from EndpointSlices.
-    write_manifest(&manifests, "svc.yaml", &service_yaml("api", VIP, 80, 9000, None))?;
+    write_manifest(
+        &manifests,
+        "svc.yaml",
+        &service_yaml("api", VIP, 80, 9000, None),
+    )?;
     let agent = node.start_agent(&manifests, &[])?;
     let api = agent.client();
     let conf = node.ptp_conflist("e2e", "10.244.2.0/24", "0.3.1", vec![node.catena_plugin()])?;
@@ -112,16 +164,31 @@ fn clusterip_from_endpoint_slices_picked_up_live() -> anyhow::Result<()> {
     let frontend = format!("{VIP}:80/TCP");
 
     let addrs = vec![b1.ipv4()?.to_string(), b2.ipv4()?.to_string()];
-    write_manifest(&manifests, "slice.yaml", &endpoint_slice_yaml("api-1", "api", 9000, &addrs))?;
-    wait_for("both slice endpoints programmed", Duration::from_secs(10), || {
-        let s: Vec<ServiceStatus> = api.get("/v1/services")?;
-        Ok(backends_of(&s, &frontend).filter(|b| b.len() == 2))
-    })?;
+    write_manifest(
+        &manifests,
+        "slice.yaml",
+        &endpoint_slice_yaml("api-1", "api", 9000, &addrs),
+    )?;
+    wait_for(
+        "both slice endpoints programmed",
+        Duration::from_secs(10),
+        || {
+            let s: Vec<ServiceStatus> = api.get("/v1/services")?;
+            Ok(backends_of(&s, &frontend).filter(|b| b.len() == 2))
+        },
+    )?;
     let counts = count_backends(&client, vip(), 40)?;
-    assert!(counts.get("b1").is_some() && counts.get("b2").is_some(), "{counts:?}");
+    assert!(
+        counts.contains_key("b1") && counts.contains_key("b2"),
+        "{counts:?}"
+    );
 
     // An edit removing b2 is picked up live.
-    write_manifest(&manifests, "slice.yaml", &endpoint_slice_yaml("api-1", "api", 9000, &addrs[..1]))?;
+    write_manifest(
+        &manifests,
+        "slice.yaml",
+        &endpoint_slice_yaml("api-1", "api", 9000, &addrs[..1]),
+    )?;
     wait_for("b2 removed", Duration::from_secs(10), || {
         let s: Vec<ServiceStatus> = api.get("/v1/services")?;
         Ok(backends_of(&s, &frontend).filter(|b| b.len() == 1))
@@ -134,7 +201,11 @@ fn clusterip_from_endpoint_slices_picked_up_live() -> anyhow::Result<()> {
         let s: Status = api.get("/v1/status")?;
         Ok((!s.source.errors.is_empty()).then_some(s))
     })?;
-    assert!(status.source.errors[0].contains("slice.yaml:1:"), "{:?}", status.source.errors);
+    assert!(
+        status.source.errors[0].contains("slice.yaml:1:"),
+        "{:?}",
+        status.source.errors
+    );
     assert_eq!(count_backends(&client, vip(), 5)?.get("b1"), Some(&5));
 
     // Removing the slice leaves the Service without backends.
@@ -151,6 +222,11 @@ fn clusterip_from_endpoint_slices_picked_up_live() -> anyhow::Result<()> {
 
 fn link_pins(node: &Node) -> anyhow::Result<Vec<String>> {
     let dir = node.bpffs_dir().join("links");
-    let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(vec![]) };
-    Ok(entries.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(vec![]);
+    };
+    Ok(entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect())
 }

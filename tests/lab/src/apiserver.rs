@@ -33,9 +33,24 @@ const RESOURCES: &[(&str, &str, &str, bool)] = &[
     ("/api/v1/pods", "v1", "Pod", true),
     ("/api/v1/namespaces", "v1", "Namespace", false),
     ("/api/v1/nodes", "v1", "Node", false),
-    ("/apis/discovery.k8s.io/v1/endpointslices", "discovery.k8s.io/v1", "EndpointSlice", true),
-    ("/apis/networking.k8s.io/v1/networkpolicies", "networking.k8s.io/v1", "NetworkPolicy", true),
-    ("/apis/cilium.io/v2/ciliumnetworkpolicies", "cilium.io/v2", "CiliumNetworkPolicy", true),
+    (
+        "/apis/discovery.k8s.io/v1/endpointslices",
+        "discovery.k8s.io/v1",
+        "EndpointSlice",
+        true,
+    ),
+    (
+        "/apis/networking.k8s.io/v1/networkpolicies",
+        "networking.k8s.io/v1",
+        "NetworkPolicy",
+        true,
+    ),
+    (
+        "/apis/cilium.io/v2/ciliumnetworkpolicies",
+        "cilium.io/v2",
+        "CiliumNetworkPolicy",
+        true,
+    ),
     (
         "/apis/cilium.io/v2/ciliumclusterwidenetworkpolicies",
         "cilium.io/v2",
@@ -153,11 +168,20 @@ impl ApiServer {
 
     /// Creates or replaces an object (ADDED or MODIFIED for watchers).
     pub fn apply(&self, mut object: Value) -> Result<u64> {
-        let kind = object["kind"].as_str().context("object without kind")?.to_string();
+        let kind = object["kind"]
+            .as_str()
+            .context("object without kind")?
+            .to_string();
         let (_, _, _, namespaced) = resource_by_kind(&kind)?;
-        let name = object["metadata"]["name"].as_str().context("object without metadata.name")?.to_string();
+        let name = object["metadata"]["name"]
+            .as_str()
+            .context("object without metadata.name")?
+            .to_string();
         let namespace = if namespaced {
-            let ns = object["metadata"]["namespace"].as_str().unwrap_or("default").to_string();
+            let ns = object["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default")
+                .to_string();
             object["metadata"]["namespace"] = json!(ns);
             ns
         } else {
@@ -178,7 +202,11 @@ impl ApiServer {
         let event = WatchEvent {
             rv,
             kind,
-            kind_type: if previous.is_some() { "MODIFIED" } else { "ADDED" },
+            kind_type: if previous.is_some() {
+                "MODIFIED"
+            } else {
+                "ADDED"
+            },
             object,
         };
         store.history.push(event.clone());
@@ -189,7 +217,11 @@ impl ApiServer {
     /// Deletes an object (DELETED for watchers). Missing objects are fine.
     pub fn delete(&self, kind: &str, namespace: &str, name: &str) -> Result<()> {
         let (_, _, _, namespaced) = resource_by_kind(kind)?;
-        let ns = if namespaced { namespace.to_string() } else { String::new() };
+        let ns = if namespaced {
+            namespace.to_string()
+        } else {
+            String::new()
+        };
         let mut store = self.shared.store.lock().unwrap();
         let Some(mut object) = store
             .objects
@@ -282,7 +314,12 @@ fn status(code: u16, reason: &str, message: &str) -> Value {
 }
 
 fn answer(code: StatusCode, body: Value) -> Response {
-    (code, [("content-type", "application/json")], body.to_string()).into_response()
+    (
+        code,
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 async fn handle(
@@ -295,14 +332,34 @@ async fn handle(
         let mut store = shared.store.lock().unwrap();
         store.requests.push(format!("GET {uri}"));
         if store.unavailable {
-            return answer(StatusCode::SERVICE_UNAVAILABLE, status(503, "ServiceUnavailable", "test server unavailable"));
+            return answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                status(503, "ServiceUnavailable", "test server unavailable"),
+            );
         }
     }
     let Some(&(_, api_version, kind, _)) = RESOURCES.iter().find(|r| r.0 == path) else {
-        return answer(StatusCode::NOT_FOUND, status(404, "NotFound", &format!("no resource at {path}")));
+        return answer(
+            StatusCode::NOT_FOUND,
+            status(404, "NotFound", &format!("no resource at {path}")),
+        );
     };
-    if shared.store.lock().unwrap().missing_kinds.iter().any(|k| k == kind) {
-        return answer(StatusCode::NOT_FOUND, status(404, "NotFound", "the server could not find the requested resource"));
+    if shared
+        .store
+        .lock()
+        .unwrap()
+        .missing_kinds
+        .iter()
+        .any(|k| k == kind)
+    {
+        return answer(
+            StatusCode::NOT_FOUND,
+            status(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ),
+        );
     }
     let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
     if watch {
@@ -312,11 +369,27 @@ async fn handle(
     }
 }
 
-fn list_response(shared: &Shared, api_version: &str, kind: &str, query: &HashMap<String, String>) -> Response {
+fn list_response(
+    shared: &Shared,
+    api_version: &str,
+    kind: &str,
+    query: &HashMap<String, String>,
+) -> Response {
     let store = shared.store.lock().unwrap();
-    let all: Vec<&Value> = store.objects.get(kind).map(|m| m.values().collect()).unwrap_or_default();
-    let offset: usize = query.get("continue").and_then(|c| c.parse().ok()).unwrap_or(0);
-    let limit: usize = query.get("limit").and_then(|l| l.parse().ok()).filter(|l| *l > 0).unwrap_or(usize::MAX);
+    let all: Vec<&Value> = store
+        .objects
+        .get(kind)
+        .map(|m| m.values().collect())
+        .unwrap_or_default();
+    let offset: usize = query
+        .get("continue")
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let limit: usize = query
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .filter(|l| *l > 0)
+        .unwrap_or(usize::MAX);
     let end = offset.saturating_add(limit).min(all.len());
     let items: Vec<Value> = all[offset.min(all.len())..end]
         .iter()
@@ -333,14 +406,24 @@ fn list_response(shared: &Shared, api_version: &str, kind: &str, query: &HashMap
     )
 }
 
-fn watch_response(shared: Arc<Shared>, _api_version: &str, kind: &str, query: &HashMap<String, String>) -> Response {
-    let from: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+fn watch_response(
+    shared: Arc<Shared>,
+    _api_version: &str,
+    kind: &str,
+    query: &HashMap<String, String>,
+) -> Response {
+    let from: u64 = query
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let timeout = query
         .get("timeoutSeconds")
         .and_then(|t| t.parse().ok())
         .map(Duration::from_secs)
         .unwrap_or(Duration::from_secs(290));
-    let bookmarks = query.get("allowWatchBookmarks").is_some_and(|v| v == "true");
+    let bookmarks = query
+        .get("allowWatchBookmarks")
+        .is_some_and(|v| v == "true");
     let kind = kind.to_string();
     // Subscribe before reading history so no event falls between the two.
     let mut live = shared.events.subscribe();

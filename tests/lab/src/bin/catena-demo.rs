@@ -69,7 +69,10 @@ fn run() -> Result<()> {
     say("Creating pods through the chain (CNI ADD: ptp, then catena-cni)");
     let cni = CniRunner::new(&node, conf);
     let client = node.pod("client")?;
-    let backends: Vec<Pod> = BACKENDS.iter().map(|n| node.pod(n)).collect::<Result<_>>()?;
+    let backends: Vec<Pod> = BACKENDS
+        .iter()
+        .map(|n| node.pod(n))
+        .collect::<Result<_>>()?;
     for pod in std::iter::once(&client).chain(&backends) {
         let t = Instant::now();
         cni.add(pod, "eth0", &CallArgs::default())?;
@@ -118,7 +121,9 @@ fn run() -> Result<()> {
     }
     let mut after: BTreeMap<String, usize> = BTreeMap::new();
     for _ in 0..6 {
-        *after.entry(client.tcp_request(vip, Duration::from_secs(3))?.text).or_default() += 1;
+        *after
+            .entry(client.tcp_request(vip, Duration::from_secs(3))?.text)
+            .or_default() += 1;
     }
     println!("    six more requests: {after:?}");
 
@@ -135,7 +140,10 @@ fn run() -> Result<()> {
     drop(node);
     let gone = !catena_lab::list_netns()?.contains(&name);
     println!("    endpoints left in the agent: {}", left.len());
-    println!("    node namespace, pins, agent and pods removed: {}", if gone { "yes" } else { "NO" });
+    println!(
+        "    node namespace, pins, agent and pods removed: {}",
+        if gone { "yes" } else { "NO" }
+    );
 
     say(&format!(
         "Done in {:.1} s. What happened: ptp gave each pod an address and a veth; catena-cni found \
@@ -155,7 +163,11 @@ fn print_cli(node: &Node, args: &[&str]) -> Result<()> {
         .args(args)
         .output()
         .with_context(|| format!("running {}", cli.display()))?;
-    anyhow::ensure!(out.status.success(), "catena {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        out.status.success(),
+        "catena {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     print!("{}", indent(&String::from_utf8_lossy(&out.stdout)));
     Ok(())
 }
