@@ -255,7 +255,11 @@ mod tests {
             .with_timeout(Duration::from_millis(400))
             .get::<serde_json::Value>("/v1/healthz")
             .unwrap_err();
-        assert!(started.elapsed() < Duration::from_millis(900), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_millis(900),
+            "{:?}",
+            started.elapsed()
+        );
         assert!(err.is_retryable(), "{err}");
         server.join().unwrap();
         std::fs::remove_dir_all(&dir).ok();
