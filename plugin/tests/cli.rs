@@ -360,7 +360,7 @@ fn gc_posts_the_valid_attachments() {
     assert_eq!(reqs[0].path, "/v1/endpoints/gc");
     assert_eq!(
         reqs[0].json(),
-        json!({"validAttachments":[{"containerId":"c1","ifname":"eth0"},{"containerId":"c1","ifname":"net1"}]})
+        json!({"network":"catena","validAttachments":[{"containerId":"c1","ifname":"eth0"},{"containerId":"c1","ifname":"net1"}]})
     );
 
     // Without the list GC must not run (it would remove every endpoint).

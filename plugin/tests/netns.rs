@@ -157,6 +157,7 @@ fn add_registers_the_endpoint_and_echoes_prev_result() {
     assert_eq!(
         reqs[0].json(),
         json!({
+            "network": "catena",
             "containerId": CID, "ifname": "eth0", "netns": ns.to_str().unwrap(),
             "hostIfname": "hveth0", "hostIfindex": t.node.ifindex("hveth0"),
             "ips": ["10.22.0.9/16"],
