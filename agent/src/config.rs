@@ -38,6 +38,16 @@ pub struct AgentConfig {
     #[arg(long, default_value = catena_api::DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
 
+    /// The runtime's CNI result cache (libcni `cniCacheV1`), read at start to
+    /// adopt pods that were running before catena was installed.
+    #[arg(long, default_value = "/var/lib/cni")]
+    pub cni_cache_dir: PathBuf,
+
+    /// The node's CNI configuration dir: networks whose conflist chains
+    /// catena-cni are the ones whose running pods get adopted.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
+
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }

@@ -141,12 +141,51 @@ impl AgentCore {
     /// the programs, persists the record and reprograms services it backs.
     /// Only returns once all of that is in place.
     pub fn add_endpoint(&self, spec: EndpointSpec) -> Result<Endpoint, AgentError> {
-        validate_spec(&spec)?;
         if !self.is_ready() {
             return Err(AgentError::NotReady(
                 "still restoring state and syncing the source".into(),
             ));
         }
+        self.register(spec)
+    }
+
+    /// Registers pods that were running before catena was installed (found
+    /// in the runtime's CNI cache), skipping those already known. Called once
+    /// at start, before the agent reports ready.
+    pub fn adopt_running_pods(&self) -> Result<usize> {
+        let chained = crate::adopt::chained_networks(&self.config.cni_conf_dir);
+        let findings = crate::adopt::scan(&self.config.cni_cache_dir, &chained)?;
+        let mut adopted = 0;
+        for finding in findings {
+            let spec = match finding {
+                crate::adopt::Finding::Adopt(spec) => spec,
+                crate::adopt::Finding::Skip { file, reason } => {
+                    tracing::debug!(%file, %reason, "CNI cache entry not adopted");
+                    continue;
+                }
+            };
+            let key = EndpointKey {
+                container_id: spec.container_id.clone(),
+                ifname: spec.ifname.clone(),
+            };
+            if self.endpoint(&key).is_ok() {
+                continue;
+            }
+            match self.register(spec) {
+                Ok(ep) => {
+                    tracing::info!(endpoint = ep.id, container = %ep.spec.container_id, veth = %ep.spec.host_ifname, "adopted a pod that was running before catena");
+                    adopted += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(container = %key.container_id, error = %e, "cannot adopt running pod")
+                }
+            }
+        }
+        Ok(adopted)
+    }
+
+    fn register(&self, spec: EndpointSpec) -> Result<Endpoint, AgentError> {
+        validate_spec(&spec)?;
         let mut guard = self.lock()?;
         let inner = guard.as_mut().expect("checked by lock");
         let key = EndpointKey {

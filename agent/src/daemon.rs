@@ -36,6 +36,10 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     if drained > 0 {
         tracing::info!(drained, "processed deletes queued while the agent was down");
     }
+    let adopted = blocking(&core, |c| c.adopt_running_pods()).await?;
+    if adopted > 0 {
+        tracing::info!(adopted, "adopted pods that were running before catena");
+    }
     core.set_ready();
     tracing::info!("agent ready");
 

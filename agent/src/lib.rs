@@ -2,6 +2,7 @@
 //! without a kernel. Data flows sources -> model -> compile -> datapath; the API
 //! feeds endpoints into the model.
 
+pub mod adopt;
 pub mod api;
 pub mod compile;
 pub mod config;

@@ -59,6 +59,11 @@ pub struct LbService {
     pub name: String,
     /// Ordered, de-duplicated. Empty: the frontend rejects new connections.
     pub backends: Vec<BackendAddr>,
+    /// `sessionAffinity: ClientIP`: new connections from a client go to the
+    /// backend its previous one used if that was at most this many seconds
+    /// ago (`sessionAffinityConfig.clientIP.timeoutSeconds`). `None`: no
+    /// affinity. `Some(0)` is treated as no affinity.
+    pub affinity_timeout: Option<u32>,
 }
 
 /// Everything the service maps should hold.

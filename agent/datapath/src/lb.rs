@@ -12,7 +12,9 @@ use std::net::Ipv4Addr;
 
 use anyhow::{bail, Context};
 use aya::maps::{HashMap, MapData, MapError};
-use catena_common::lb::{Backend4, RevNat4, Service4Key, Service4Value, SVC_FLAG_NO_BACKENDS};
+use catena_common::lb::{
+    Backend4, RevNat4, Service4Key, Service4Value, SVC_FLAG_AFFINITY, SVC_FLAG_NO_BACKENDS,
+};
 use tracing::{debug, warn};
 
 use crate::{ApplyStats, BackendAddr, Frontend, LbDesired, ProgrammedService, Proto};
@@ -57,6 +59,8 @@ struct Programmed {
     /// Backend id of slot i+1.
     ids: Vec<u32>,
     rev_nat_index: u16,
+    /// ClientIP affinity timeout (seconds), `None` without affinity.
+    affinity: Option<u32>,
     /// The maps did not hold a consistent service at open: rewrite it whole.
     dirty: bool,
 }
@@ -72,12 +76,22 @@ fn master_key(fe: &Frontend, slot: u16) -> Service4Key {
     }
 }
 
-fn master_value(count: u16, rev_nat_index: u16) -> Service4Value {
+/// `Some(0)` means no affinity (a zero timeout could never match).
+fn normalize_affinity(timeout: Option<u32>) -> Option<u32> {
+    timeout.filter(|t| *t != 0)
+}
+
+fn master_value(count: u16, rev_nat_index: u16, affinity: Option<u32>) -> Service4Value {
+    let mut flags = if count == 0 { SVC_FLAG_NO_BACKENDS } else { 0 };
+    if affinity.is_some() {
+        flags |= SVC_FLAG_AFFINITY;
+    }
     Service4Value {
-        backend_id: 0,
+        // The master's backend_id carries the affinity timeout.
+        backend_id: affinity.unwrap_or(0),
         count,
         rev_nat_index,
-        flags: if count == 0 { SVC_FLAG_NO_BACKENDS } else { 0 },
+        flags,
         pad: 0,
     }
 }
@@ -197,7 +211,9 @@ impl LbState {
             if v.rev_nat_index == 0 || revnat.get(&v.rev_nat_index) != Some(&revnat_value(&fe)) {
                 dirty = true;
             }
-            if *v != master_value(v.count, v.rev_nat_index) {
+            let affinity = (v.flags & SVC_FLAG_AFFINITY != 0).then_some(v.backend_id);
+            let affinity = normalize_affinity(affinity);
+            if *v != master_value(v.count, v.rev_nat_index, affinity) {
                 dirty = true;
             }
             if v.rev_nat_index != 0 {
@@ -211,6 +227,7 @@ impl LbState {
                     backends,
                     ids,
                     rev_nat_index: v.rev_nat_index,
+                    affinity,
                     dirty,
                 },
             );
@@ -242,6 +259,7 @@ impl LbState {
                 name: p.name.clone(),
                 backends: p.backends.clone(),
                 rev_nat_index: p.rev_nat_index,
+                affinity_timeout: p.affinity,
             })
             .collect()
     }
@@ -403,13 +421,17 @@ impl LbState {
             }
             let count = ids.len() as u16;
             let old_count = old.map_or(0, |o| o.ids.len() as u16);
-            if fresh || old_count != count || old.is_some_and(|o| o.rev_nat_index != rev) {
+            let affinity = normalize_affinity(svc.affinity_timeout);
+            if fresh
+                || old_count != count
+                || old.is_some_and(|o| o.rev_nat_index != rev || o.affinity != affinity)
+            {
                 Self::put(
                     &mut self.writes,
                     &mut maps.services,
                     "LB4_SERVICES",
                     &master_key(&fe, 0),
-                    &master_value(count, rev),
+                    &master_value(count, rev, affinity),
                 )?;
                 changed = true;
             }
@@ -434,6 +456,7 @@ impl LbState {
                     backends: svc.backends.clone(),
                     ids,
                     rev_nat_index: rev,
+                    affinity,
                     dirty: false,
                 },
             );

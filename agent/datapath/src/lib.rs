@@ -4,6 +4,7 @@
 //! veths (TCX links, pinned; clsact where TCX is missing), and writes the maps.
 
 mod attach;
+mod cgroup;
 mod ct;
 mod desired;
 mod endpoints;
@@ -14,6 +15,7 @@ mod netlink;
 mod sys;
 
 pub use attach::AttachError;
+pub use cgroup::cgroup2_root;
 pub use desired::{BackendAddr, Frontend, LbDesired, LbService, Proto};
 
 use anyhow::Context;
@@ -60,6 +62,8 @@ pub struct ProgrammedService {
     pub name: String,
     pub backends: Vec<BackendAddr>,
     pub rev_nat_index: u16,
+    /// ClientIP affinity timeout in seconds, if the service has affinity.
+    pub affinity_timeout: Option<u32>,
 }
 
 pub struct Datapath {
@@ -179,6 +183,31 @@ impl Datapath {
     /// device is gone). Returns how many pins were removed.
     pub fn gc_links(&mut self, live_ifindexes: &BTreeSet<u32>) -> anyhow::Result<usize> {
         attach::gc_links(&self.layout, live_ifindexes)
+    }
+
+    /// Attaches the socket-level load balancer (cgroup `connect4`, `sendmsg4`,
+    /// `recvmsg4`, `getpeername4`) to the cgroup v2 directory `cgroup`, so
+    /// processes in it and below (for the node's cgroup2 root,
+    /// [`cgroup2_root`]: every process on the node, host-network pods
+    /// included) reach ClusterIPs, see the VIP in `getpeername()` and in UDP
+    /// reply sources, and get ECONNREFUSED at once from a Service without
+    /// endpoints. Links use `BPF_F_ALLOW_MULTI` (other programs on the cgroup
+    /// keep running) and are pinned at `<bpffs_dir>/links/cgroup-<id>-<hook>`,
+    /// so they outlive the agent. Idempotent: links already there are kept
+    /// (and moved to the currently loaded programs). All four hooks or none.
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> anyhow::Result<()> {
+        cgroup::attach(&mut self.ebpf, &self.layout, cgroup)
+    }
+
+    /// Detaches catena's socket programs from `cgroup` and unpins their links;
+    /// also collects pins whose cgroup no longer exists. Idempotent.
+    pub fn detach_cgroup(&mut self, cgroup: &Path) -> anyhow::Result<()> {
+        cgroup::detach(&self.layout, cgroup)
+    }
+
+    /// Whether the socket programs are attached to `cgroup` (asks the kernel).
+    pub fn cgroup_attached(&self, cgroup: &Path) -> anyhow::Result<bool> {
+        cgroup::attached(&self.layout, cgroup)
     }
 
     /// Writes the per-endpoint config read by the programs.

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use aya::maps::{MapInfo, MapType};
-use aya::programs::SchedClassifier;
+use aya::programs::{CgroupSockAddr, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use catena_common::{ct, endpoint, lb, map_names, program_names};
 use tracing::{debug, info, warn};
@@ -18,6 +18,14 @@ use crate::sys;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/catena-ebpf.o"));
 
 pub const PROGRAMS: [&str; 2] = [program_names::FROM_CONTAINER, program_names::TO_CONTAINER];
+
+/// The cgroup sock_addr programs (socket-level load balancing).
+pub const SOCK_PROGRAMS: [&str; 4] = [
+    program_names::SOCK_CONNECT4,
+    program_names::SOCK_SENDMSG4,
+    program_names::SOCK_RECVMSG4,
+    program_names::SOCK_GETPEERNAME4,
+];
 
 /// The bpffs layout under the datapath dir.
 #[derive(Clone, Debug)]
@@ -69,7 +77,7 @@ pub fn prepare(dir: &Path) -> anyhow::Result<Layout> {
 }
 
 /// (name, type, key size, value size) the programs expect of every map.
-fn expected_maps() -> [(&'static str, MapType, usize, usize); 6] {
+fn expected_maps() -> [(&'static str, MapType, usize, usize); 8] {
     [
         (
             map_names::LB4_SERVICES,
@@ -107,7 +115,30 @@ fn expected_maps() -> [(&'static str, MapType, usize, usize); 6] {
             size_of::<u32>(),
             size_of::<u64>(),
         ),
+        (
+            map_names::LB4_SOCK_REVNAT,
+            MapType::LruHash,
+            size_of::<lb::SockRevNat4Key>(),
+            size_of::<lb::SockRevNat4Value>(),
+        ),
+        (
+            map_names::LB4_AFFINITY,
+            MapType::LruHash,
+            size_of::<lb::Affinity4Key>(),
+            size_of::<lb::Affinity4Value>(),
+        ),
     ]
+}
+
+/// Array maps are indexed up to their size: a pinned `METRICS` smaller than
+/// the object's (an older version with fewer counters) would silently lose
+/// the new counters, so it counts as incompatible too.
+fn min_entries(name: &str) -> u32 {
+    if name == map_names::METRICS {
+        catena_common::metrics::COUNTER_MAX
+    } else {
+        0
+    }
 }
 
 /// aya reuses any pin with the map's name without comparing definitions. A pin
@@ -124,7 +155,8 @@ fn drop_incompatible_pins(layout: &Layout) -> anyhow::Result<()> {
             .with_context(|| format!("reading pinned map {}", path.display()))?;
         let compatible = info.map_type().ok() == Some(ty)
             && info.key_size() as usize == key
-            && info.value_size() as usize == value;
+            && info.value_size() as usize == value
+            && info.max_entries() >= min_entries(name);
         if !compatible {
             warn!(
                 map = name,
@@ -136,8 +168,19 @@ fn drop_incompatible_pins(layout: &Layout) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Loads the object (maps reused from or pinned to `<dir>/maps`), loads both
-/// programs into the kernel and pins them under `<dir>/programs`.
+/// Removes a previous run's pin at `pin` (links hold their own reference to
+/// the old program and are upgraded on attach), then pins anew.
+fn replace_pin(pin: &Path, do_pin: impl FnOnce(&Path) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    match fs::remove_file(pin) {
+        Ok(()) => debug!(path = %pin.display(), "replaced stale program pin"),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", pin.display())),
+    }
+    do_pin(pin)
+}
+
+/// Loads the object (maps reused from or pinned to `<dir>/maps`), loads every
+/// program into the kernel and pins them under `<dir>/programs`.
 pub fn load(layout: &Layout) -> anyhow::Result<Ebpf> {
     drop_incompatible_pins(layout)?;
     let mut ebpf = EbpfLoader::new()
@@ -167,6 +210,19 @@ pub fn load(layout: &Layout) -> anyhow::Result<Ebpf> {
         }
         prog.pin(&pin)
             .with_context(|| format!("pinning {name} at {}", pin.display()))?;
+    }
+    for name in SOCK_PROGRAMS {
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .with_context(|| format!("the eBPF object has no program {name}"))?
+            .try_into()
+            .with_context(|| format!("program {name} is not a cgroup sock_addr program"))?;
+        prog.load()
+            .with_context(|| format!("loading program {name} (verifier)"))?;
+        replace_pin(&layout.program(name), |pin| {
+            prog.pin(pin)
+                .with_context(|| format!("pinning {name} at {}", pin.display()))
+        })?;
     }
     info!(dir = %layout.root.display(), "catena eBPF programs loaded");
     Ok(ebpf)

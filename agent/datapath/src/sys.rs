@@ -13,12 +13,15 @@ const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
 
+pub const BPF_LINK_TYPE_CGROUP: u32 = 3;
 pub const BPF_LINK_TYPE_TCX: u32 = 11;
 pub const BPF_TCX_INGRESS: u32 = 46;
 pub const BPF_TCX_EGRESS: u32 = 47;
 
 /// Filesystem magic of bpffs (`BPF_FS_MAGIC` in linux/magic.h).
 pub const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// `CGROUP2_SUPER_MAGIC` in linux/magic.h.
+pub const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
 fn bpf(cmd: libc::c_long, attr: &mut [u64]) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a zero-initialised buffer at least as large as the
@@ -59,11 +62,15 @@ pub struct LinkInfo {
     /// TCX links: the attached device, 0 once the device is gone.
     pub tcx_ifindex: u32,
     pub tcx_attach_type: u32,
+    /// Cgroup links: the cgroup's id, 0 once the cgroup is gone.
+    pub cgroup_id: u64,
+    pub cgroup_attach_type: u32,
 }
 
 pub fn link_info(fd: BorrowedFd<'_>) -> io::Result<LinkInfo> {
     // struct bpf_link_info: type, id, prog_id (u32 each), then an 8-aligned
-    // union whose `tcx` member is { ifindex: u32, attach_type: u32 } at 16.
+    // union whose `tcx` member is { ifindex: u32, attach_type: u32 } at 16
+    // and whose `cgroup` member is { cgroup_id: u64, attach_type: u32 }.
     let mut info = [0u64; 16];
     let mut attr = [0u64; 2];
     // { __u32 bpf_fd; __u32 info_len; __aligned_u64 info; }
@@ -76,6 +83,8 @@ pub fn link_info(fd: BorrowedFd<'_>) -> io::Result<LinkInfo> {
         prog_id: info[1] as u32,
         tcx_ifindex: info[2] as u32,
         tcx_attach_type: (info[2] >> 32) as u32,
+        cgroup_id: info[2],
+        cgroup_attach_type: info[3] as u32,
     })
 }
 

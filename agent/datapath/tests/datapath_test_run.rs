@@ -39,6 +39,7 @@ fn desired() -> LbDesired {
         LbService {
             name: "default/web".into(),
             backends: backends(2, 8080),
+            affinity_timeout: None,
         },
     );
     d.services.insert(
@@ -50,6 +51,19 @@ fn desired() -> LbDesired {
         LbService {
             name: "kube-system/dns".into(),
             backends: backends(1, 5353),
+            affinity_timeout: None,
+        },
+    );
+    d.services.insert(
+        Frontend {
+            address: VIP_EMPTY,
+            port: 53,
+            proto: Proto::Udp,
+        },
+        LbService {
+            name: "default/empty".into(),
+            backends: vec![],
+            affinity_timeout: None,
         },
     );
     d.services.insert(
@@ -61,6 +75,7 @@ fn desired() -> LbDesired {
         LbService {
             name: "default/empty".into(),
             backends: vec![],
+            affinity_timeout: None,
         },
     );
     d
@@ -259,15 +274,73 @@ fn untouched_traffic_is_byte_identical() {
     assert_eq!(dp.ct_entries().unwrap(), 0);
 }
 
+const REDIRECT: u32 = 7; // TC_ACT_REDIRECT
+
 #[test]
-fn service_without_backends_drops() {
+fn syn_to_service_without_backends_is_answered_with_rst() {
     let (_dir, dp, p) = setup();
-    let (rc, _) = run(
-        &p.from,
-        &Ipv4Packet::tcp(CLIENT, 40000, VIP_EMPTY, 80).build(),
+    // A SYN as a real stack sends it: IP options and TCP data (Fast Open) make
+    // the RST's length and ack differ from a naive in-place flag flip.
+    let mut syn = Ipv4Packet::tcp(CLIENT, 40000, VIP_EMPTY, 80);
+    syn.options = vec![1, 1, 1, 0];
+    let syn = syn.build();
+    let (rc, out) = run(&p.from, &syn);
+    assert_eq!(rc, REDIRECT, "the RST goes back out of the host veth");
+    assert_eq!(out.len(), 14 + 20 + 20, "Ethernet + IPv4 + TCP, nothing else");
+    // MACs swapped: back to the pod that sent the SYN.
+    assert_eq!(&out[0..6], &syn[6..12]);
+    assert_eq!(&out[6..12], &syn[0..6]);
+    let ip = &out[14..34];
+    assert_eq!(ip[0], 0x45);
+    assert_eq!(u16::from_be_bytes([ip[2], ip[3]]), 40);
+    assert_eq!(ip[9], 6);
+    assert!(ip[8] > 0, "TTL");
+    // parse_and_verify checks the IPv4 and TCP checksums.
+    let got = parse_and_verify(&out, false);
+    assert_eq!(
+        (got.src, got.sport, got.dst, got.dport),
+        (VIP_EMPTY, 80, CLIENT, 40000)
     );
-    assert_eq!(rc, SHOT);
-    assert_eq!(dp.counters().unwrap()["drop_no_backend"], 1);
+    let tcp = &out[34..54];
+    assert_eq!(u32::from_be_bytes(tcp[4..8].try_into().unwrap()), 0, "seq");
+    // The builder's SYN: seq 1000 and 12 bytes of data; SYN counts one.
+    assert_eq!(
+        u32::from_be_bytes(tcp[8..12].try_into().unwrap()),
+        1000 + 12 + 1,
+        "ack = seq + data + 1"
+    );
+    assert_eq!(tcp[12] >> 4, 5, "data offset");
+    assert_eq!(tcp[13], 0x14, "RST|ACK");
+
+    let c = dp.counters().unwrap();
+    assert_eq!(c["reject_no_backend"], 1);
+    assert_eq!(c["drop_no_backend"], 0);
+    assert_eq!(c["service_dnat"], 0);
+    assert_eq!(dp.ct_entries().unwrap(), 0);
+}
+
+#[test]
+fn non_syn_and_udp_to_service_without_backends_are_dropped() {
+    let (_dir, dp, p) = setup();
+    let mut ack = Ipv4Packet::tcp(CLIENT, 40000, VIP_EMPTY, 80);
+    ack.tcp_flags = 0x10;
+    let mut rst = Ipv4Packet::tcp(CLIENT, 40000, VIP_EMPTY, 80);
+    rst.tcp_flags = 0x04;
+    let mut synack = Ipv4Packet::tcp(CLIENT, 40000, VIP_EMPTY, 80);
+    synack.tcp_flags = 0x12;
+    let udp = Ipv4Packet::udp(CLIENT, 40000, VIP_EMPTY, 53);
+    for (what, pkt) in [
+        ("ack", ack),
+        ("rst", rst),
+        ("syn-ack", synack),
+        ("udp", udp),
+    ] {
+        let (rc, _) = run(&p.from, &pkt.build());
+        assert_eq!(rc, SHOT, "{what}");
+    }
+    let c = dp.counters().unwrap();
+    assert_eq!(c["drop_no_backend"], 4);
+    assert_eq!(c["reject_no_backend"], 0);
     assert_eq!(dp.ct_entries().unwrap(), 0);
 }
 

@@ -30,6 +30,7 @@ fn svc(name: &str, backends: Vec<BackendAddr>) -> LbService {
     LbService {
         name: name.into(),
         backends,
+        affinity_timeout: None,
     }
 }
 

@@ -43,6 +43,7 @@ pub fn compile_services(state: &ClusterState, pods: &[PodEndpoint]) -> Compiled 
         }
         let slices = slices_by_service.get(key);
         let selector = spec.selector.clone().unwrap_or_default();
+        let affinity_timeout = session_affinity(key, spec, &mut out.warnings);
         for port in spec.ports.as_deref().unwrap_or_default() {
             let Some(proto) = parse_proto(port.protocol.as_deref()) else {
                 out.warnings.push(format!(
@@ -73,12 +74,46 @@ pub fn compile_services(state: &ClusterState, pods: &[PodEndpoint]) -> Compiled 
                     LbService {
                         name: key.to_string(),
                         backends: backends.clone(),
+                        affinity_timeout,
                     },
                 );
             }
         }
     }
     out
+}
+
+/// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 h).
+const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+/// The API server's upper bound for `timeoutSeconds` (one day).
+const MAX_AFFINITY_TIMEOUT: i32 = 86_400;
+
+/// `spec.sessionAffinity: ClientIP` -> the timeout in seconds; `None` for
+/// `None` (the default) and anything else. An out-of-range timeout (the API
+/// server allows 1..=86400) falls back to the default with a warning.
+fn session_affinity(
+    key: &ObjectKey,
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    warnings: &mut Vec<String>,
+) -> Option<u32> {
+    if spec.session_affinity.as_deref() != Some("ClientIP") {
+        return None;
+    }
+    let configured = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds);
+    match configured {
+        None => Some(DEFAULT_AFFINITY_TIMEOUT),
+        Some(t) if (1..=MAX_AFFINITY_TIMEOUT).contains(&t) => Some(t as u32),
+        Some(t) => {
+            warnings.push(format!(
+                "service {key}: sessionAffinityConfig.clientIP.timeoutSeconds {t} is out of                  range 1..={MAX_AFFINITY_TIMEOUT}; using {DEFAULT_AFFINITY_TIMEOUT}"
+            ));
+            Some(DEFAULT_AFFINITY_TIMEOUT)
+        }
+    }
 }
 
 fn parse_proto(p: Option<&str>) -> Option<Proto> {
@@ -476,5 +511,49 @@ spec: {clusterIP: 10.96.0.3, ports: [{port: 80, protocol: ICMP}]}
         let c = compile_services(&s, &[]);
         assert!(c.desired.services.is_empty());
         assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    }
+
+    #[test]
+    fn session_affinity_client_ip_with_and_without_timeout() {
+        let s = state(
+            r#"apiVersion: v1
+kind: Service
+metadata: {name: sticky, namespace: shop}
+spec:
+  clusterIP: 10.96.0.20
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 30}}
+  ports: [{port: 80}, {port: 53, protocol: UDP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: default-timeout, namespace: shop}
+spec: {clusterIP: 10.96.0.21, sessionAffinity: ClientIP, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: plain, namespace: shop}
+spec: {clusterIP: 10.96.0.22, sessionAffinity: None, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: bad, namespace: shop}
+spec:
+  clusterIP: 10.96.0.23
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}
+  ports: [{port: 80}]
+"#,
+        );
+        let c = compile_services(&s, &[]);
+        let timeout =
+            |ip: &str, port, proto| c.desired.services[&fe(ip, port, proto)].affinity_timeout;
+        assert_eq!(timeout("10.96.0.20", 80, Proto::Tcp), Some(30));
+        assert_eq!(timeout("10.96.0.20", 53, Proto::Udp), Some(30));
+        assert_eq!(timeout("10.96.0.21", 80, Proto::Tcp), Some(10_800));
+        assert_eq!(timeout("10.96.0.22", 80, Proto::Tcp), None);
+        assert_eq!(timeout("10.96.0.23", 80, Proto::Tcp), Some(10_800));
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert!(c.warnings[0].contains("shop/bad"), "{:?}", c.warnings);
     }
 }

@@ -25,7 +25,9 @@ pub struct Service4Key {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Service4Value {
-    /// In slot entries: the backend id (key of `LB4_BACKENDS`). 0 in the master.
+    /// In slot entries: the backend id (key of `LB4_BACKENDS`). In the master
+    /// entry: the ClientIP affinity timeout in seconds when
+    /// `SVC_FLAG_AFFINITY` is set, else 0 (Cilium shares the field the same way).
     pub backend_id: u32,
     /// In the master entry: how many slots follow. 0 means "no endpoints".
     pub count: u16,
@@ -38,6 +40,29 @@ pub struct Service4Value {
 
 /// The service has no ready backends: reject new connections at once.
 pub const SVC_FLAG_NO_BACKENDS: u16 = 1 << 0;
+/// `sessionAffinity: ClientIP`: new flows of a client reuse the backend its
+/// last flow used, if that was less than the timeout ago (`LB4_AFFINITY`).
+pub const SVC_FLAG_AFFINITY: u16 = 1 << 1;
+
+/// Key of `LB4_AFFINITY`: one client of one frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Affinity4Key {
+    /// Client address, network order.
+    pub client: u32,
+    pub rev_nat_index: u16,
+    pub pad: u16,
+}
+
+/// Value of `LB4_AFFINITY`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Affinity4Value {
+    /// bpf_ktime_get_ns() of the last new flow that used this entry.
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    pub pad: u32,
+}
 
 /// Value of `LB4_BACKENDS` (key: backend id, u32, never 0).
 #[repr(C)]
@@ -59,4 +84,30 @@ pub struct RevNat4 {
     pub address: u32,
     pub port: u16,
     pub pad: u16,
+}
+
+/// Key of `LB4_SOCK_REVNAT`: what a socket-level translated socket talks to
+/// (the backend), per socket. Written by `cgroup/connect4` and
+/// `cgroup/sendmsg4`, read by `cgroup/recvmsg4` and `cgroup/getpeername4` so
+/// the application sees the frontend it asked for. Socket cookies are never
+/// reused, so a stale entry can only waste a slot (the map is an LRU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevNat4Key {
+    /// `bpf_get_socket_cookie()` of the socket.
+    pub cookie: u64,
+    /// Backend address, network order.
+    pub address: u32,
+    /// Backend port, network order.
+    pub port: u16,
+    pub pad: u16,
+}
+
+/// Value of `LB4_SOCK_REVNAT`: the frontend to report instead of the backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRevNat4Value {
+    pub address: u32,
+    pub port: u16,
+    pub rev_nat_index: u16,
 }

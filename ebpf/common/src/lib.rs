@@ -19,6 +19,8 @@ pub mod map_names {
     pub const CT4: &str = "CT4";
     pub const ENDPOINTS: &str = "ENDPOINTS";
     pub const METRICS: &str = "METRICS";
+    pub const LB4_SOCK_REVNAT: &str = "LB4_SOCK_REVNAT";
+    pub const LB4_AFFINITY: &str = "LB4_AFFINITY";
 }
 
 /// Program names as they appear in the object file (one per attach point).
@@ -27,6 +29,13 @@ pub mod program_names {
     pub const FROM_CONTAINER: &str = "from_container";
     /// tc egress of the host-side veth: packets delivered to the pod.
     pub const TO_CONTAINER: &str = "to_container";
+    /// Socket-level load balancing for processes in a cgroup (the node's own
+    /// processes): `connect()` / `sendmsg()` to a frontend go to a backend
+    /// directly, `recvmsg()` / `getpeername()` report the frontend.
+    pub const SOCK_CONNECT4: &str = "sock_connect4";
+    pub const SOCK_SENDMSG4: &str = "sock_sendmsg4";
+    pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
+    pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
 }
 
 pub const IPPROTO_TCP: u8 = 6;
@@ -42,6 +51,10 @@ mod pod_impls {
     unsafe impl aya::Pod for lb::Service4Value {}
     unsafe impl aya::Pod for lb::Backend4 {}
     unsafe impl aya::Pod for lb::RevNat4 {}
+    unsafe impl aya::Pod for lb::SockRevNat4Key {}
+    unsafe impl aya::Pod for lb::SockRevNat4Value {}
+    unsafe impl aya::Pod for lb::Affinity4Key {}
+    unsafe impl aya::Pod for lb::Affinity4Value {}
     unsafe impl aya::Pod for ct::Ct4Key {}
     unsafe impl aya::Pod for ct::Ct4Value {}
     unsafe impl aya::Pod for endpoint::EndpointInfo {}

@@ -11,18 +11,28 @@ pub enum Counter {
     ServiceDnat = 2,
     /// Replies translated back to the service frontend.
     ReverseNat = 3,
-    /// New connections to a service with no backends (dropped).
+    /// Packets of new flows to a service with no backends that were dropped
+    /// (TCP SYNs are rejected instead: see `RejectNoBackend`).
     DropNoBackend = 4,
     /// Packets that could not be parsed or rewritten.
     DropInvalid = 5,
     /// CT entries that could not be created (map full).
     DropCtFull = 6,
+    /// TCP SYNs to a service with no backends answered with a RST.
+    RejectNoBackend = 7,
+    /// connect()/sendmsg() calls translated to a backend by the socket-level
+    /// (cgroup) programs.
+    SockTranslated = 8,
+    /// connect()/sendmsg() calls to a service with no backends refused with
+    /// ECONNREFUSED by the socket-level programs.
+    SockRejected = 9,
 }
 
-pub const COUNTER_MAX: u32 = 8;
+/// Slots of the `METRICS` array (room to grow without changing the pin).
+pub const COUNTER_MAX: u32 = 16;
 
 impl Counter {
-    pub const ALL: [Counter; 7] = [
+    pub const ALL: [Counter; 10] = [
         Counter::FromContainer,
         Counter::ToContainer,
         Counter::ServiceDnat,
@@ -30,6 +40,9 @@ impl Counter {
         Counter::DropNoBackend,
         Counter::DropInvalid,
         Counter::DropCtFull,
+        Counter::RejectNoBackend,
+        Counter::SockTranslated,
+        Counter::SockRejected,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -41,6 +54,9 @@ impl Counter {
             Counter::DropNoBackend => "drop_no_backend",
             Counter::DropInvalid => "drop_invalid",
             Counter::DropCtFull => "drop_ct_full",
+            Counter::RejectNoBackend => "reject_no_backend",
+            Counter::SockTranslated => "sock_translated",
+            Counter::SockRejected => "sock_rejected",
         }
     }
 }

@@ -1,6 +1,8 @@
 //! `from_container`: tc ingress of the host-side veth, i.e. every packet the pod
 //! sends. IPv4 TCP/UDP to a service frontend is DNATed to a backend chosen once
-//! per flow and remembered in conntrack; everything else passes untouched.
+//! per flow (sticky per client with ClientIP affinity) and remembered in
+//! conntrack; a TCP SYN to a frontend without backends is answered with a RST;
+//! everything else passes untouched.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use catena_common::metrics::Counter;
@@ -9,7 +11,8 @@ use crate::{
     ct, lb,
     metrics::count,
     nat,
-    parse::{self, Parsed},
+    parse::{self, Flow4, Parsed},
+    reject,
     VERDICT_DROP, VERDICT_PASS,
 };
 
@@ -34,7 +37,7 @@ fn try_from_container(ctx: &TcContext) -> Result<i32, ()> {
         // have not touched it (only service traffic is dropped by catena).
         Err(()) => return Ok(VERDICT_PASS),
     };
-    let master_key = lb::master_key(&flow);
+    let master_key = lb::master_key(flow.daddr, flow.dport, flow.proto);
     let Some(master) = lb::lookup_master(&master_key) else {
         return Ok(VERDICT_PASS);
     };
@@ -58,14 +61,14 @@ fn try_from_container(ctx: &TcContext) -> Result<i32, ()> {
         Some(backend) => backend,
         None => {
             if master.count == 0 {
-                count(Counter::DropNoBackend);
-                return Ok(VERDICT_DROP);
+                return no_backend(ctx, &flow);
             }
-            let Some((id, backend)) = lb::select_backend(&master_key, master.count) else {
+            let Some((id, backend)) =
+                lb::select_for_client(&master_key, &master, flow.saddr, now)
+            else {
                 // The agent writes slots before raising the count, so this is a
                 // backend removed under us: treat as no backend.
-                count(Counter::DropNoBackend);
-                return Ok(VERDICT_DROP);
+                return no_backend(ctx, &flow);
             };
             if ct::create(
                 &svc_ct_key,
@@ -107,4 +110,16 @@ fn try_from_container(ctx: &TcContext) -> Result<i32, ()> {
     nat::rewrite_dst(ctx, &flow, backend.address, backend.port)?;
     count(Counter::ServiceDnat);
     Ok(VERDICT_PASS)
+}
+
+/// A new flow to a frontend without backends: a TCP SYN gets a RST (the client
+/// fails at once with ECONNREFUSED), anything else is dropped.
+#[inline(always)]
+fn no_backend(ctx: &TcContext, flow: &Flow4) -> Result<i32, ()> {
+    if let Some(verdict) = reject::tcp_reset(ctx, flow)? {
+        count(Counter::RejectNoBackend);
+        return Ok(verdict);
+    }
+    count(Counter::DropNoBackend);
+    Ok(VERDICT_DROP)
 }

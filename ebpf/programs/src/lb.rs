@@ -3,20 +3,21 @@
 //! ids. Two hash lookups per new flow whatever the number of services.
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
-use catena_common::lb::{Backend4, Service4Key, Service4Value};
-
-use crate::{
-    maps::{LB4_BACKENDS, LB4_SERVICES},
-    parse::Flow4,
+use catena_common::lb::{
+    Affinity4Key, Affinity4Value, Backend4, Service4Key, Service4Value, SVC_FLAG_AFFINITY,
 };
 
+use crate::maps::{LB4_AFFINITY, LB4_BACKENDS, LB4_SERVICES};
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+
 #[inline(always)]
-pub fn master_key(flow: &Flow4) -> Service4Key {
+pub fn master_key(daddr: u32, dport: u16, proto: u8) -> Service4Key {
     Service4Key {
-        address: flow.daddr,
-        dport: flow.dport,
+        address: daddr,
+        dport,
         backend_slot: 0,
-        proto: flow.proto,
+        proto,
         scope: 0,
         pad: [0; 2],
     }
@@ -49,4 +50,46 @@ pub fn select_backend(master: &Service4Key, count: u16) -> Option<(u32, Backend4
     // SAFETY: copied out immediately.
     let id = unsafe { LB4_SERVICES.get(slot_key) }?.backend_id;
     Some((id, backend(id)?))
+}
+
+/// Backend for a new flow of `client`: with ClientIP affinity the client's
+/// previous backend while it is fresh (and still exists), otherwise a random
+/// one, which then becomes the client's affinity backend.
+#[inline(always)]
+pub fn select_for_client(
+    key: &Service4Key,
+    master: &Service4Value,
+    client: u32,
+    now: u64,
+) -> Option<(u32, Backend4)> {
+    if master.flags & SVC_FLAG_AFFINITY == 0 {
+        return select_backend(key, master.count);
+    }
+    let aff_key = Affinity4Key {
+        client,
+        rev_nat_index: master.rev_nat_index,
+        pad: 0,
+    };
+    // In the master entry `backend_id` holds the affinity timeout (seconds).
+    let timeout_ns = master.backend_id as u64 * NS_PER_SEC;
+    if let Some(entry) = LB4_AFFINITY.get_ptr_mut(&aff_key) {
+        // SAFETY: a live value pointer from this run's lookup.
+        let e = unsafe { &mut *entry };
+        if now.wrapping_sub(e.last_used_ns) <= timeout_ns {
+            if let Some(b) = backend(e.backend_id) {
+                e.last_used_ns = now;
+                return Some((e.backend_id, b));
+            }
+        }
+    }
+    let (id, b) = select_backend(key, master.count)?;
+    let value = Affinity4Value {
+        last_used_ns: now,
+        backend_id: id,
+        pad: 0,
+    };
+    // A failed insert only loses stickiness for this client; the flow itself
+    // is fine, so it is not an error.
+    let _ = LB4_AFFINITY.insert(&aff_key, &value, 0);
+    Some((id, b))
 }

@@ -3,6 +3,9 @@
 //! - `to_container` (host-veth egress: packets delivered to the pod): reverse NAT
 //!   of replies from service backends.
 //!
+//! Four cgroup sock_addr programs (`sock.rs`) do the same load balancing at
+//! the socket level for processes of a cgroup (the node's own processes).
+//!
 //! Layout follows Cilium's bpf/: one file per attach point, logic split by
 //! concern, every map declared once in `maps.rs`.
 #![no_std]
@@ -15,6 +18,8 @@ mod maps;
 mod metrics;
 mod nat;
 mod parse;
+mod reject;
+mod sock;
 mod to_container;
 
 /// Verdict for "not ours / done": `TC_ACT_UNSPEC`. With TCX it means

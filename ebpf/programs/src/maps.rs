@@ -10,7 +10,10 @@ use aya_ebpf::{
 use catena_common::{
     ct::{Ct4Key, Ct4Value},
     endpoint::EndpointInfo,
-    lb::{Backend4, RevNat4, Service4Key, Service4Value},
+    lb::{
+        Affinity4Key, Affinity4Value, Backend4, RevNat4, Service4Key, Service4Value,
+        SockRevNat4Key, SockRevNat4Value,
+    },
     metrics::COUNTER_MAX,
 };
 
@@ -38,3 +41,16 @@ pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(65_536, 0);
 /// Packet counters, indexed by `catena_common::metrics::Counter`.
 #[map]
 pub static METRICS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_MAX, 0);
+
+/// Socket-level reverse NAT: (socket cookie, backend) -> frontend, for
+/// recvmsg()/getpeername() of sockets `cgroup/connect4|sendmsg4` translated.
+/// LRU: entries of closed sockets age out without a cleanup pass.
+#[map]
+pub static LB4_SOCK_REVNAT: LruHashMap<SockRevNat4Key, SockRevNat4Value> =
+    LruHashMap::pinned(131_072, 0);
+
+/// ClientIP session affinity: (client, frontend) -> backend and last use.
+/// LRU: idle clients age out; an evicted client merely gets a fresh pick.
+#[map]
+pub static LB4_AFFINITY: LruHashMap<Affinity4Key, Affinity4Value> =
+    LruHashMap::pinned(65_536, 0);

@@ -71,3 +71,18 @@ pub fn endpoint_slice_yaml(name: &str, service: &str, port: u16, addresses: &[St
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: default\n  labels: {{kubernetes.io/service-name: {service}}}\naddressType: IPv4\nports: [{{name: http, port: {port}, protocol: TCP}}]\nendpoints:\n{endpoints}"
     )
 }
+
+/// Names of the entries directly in `dir`, sorted (none if it does not exist):
+/// link pins (`<bpffs>/links`), queued DELs (`<state>/del-queue`), endpoint
+/// records (`<state>/endpoints`).
+pub fn dir_entries(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return vec![];
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}

@@ -41,9 +41,10 @@ pub mod traffic;
 pub use agent::{Agent, DEFAULT_READY_TIMEOUT};
 pub use bins::{bin_dir, bin_path, BIN_DIR_ENV};
 pub use cni::{
-    AddResult, CallArgs, CallTiming, CniError, CniRunner, Conflist, GcAttachment, PluginError,
-    PluginOutput,
+    AddResult, CallArgs, CallTiming, CniError, CniRunner, Conflist, GcAttachment, PluginCall,
+    PluginError, PluginOutput,
 };
+pub use cni::{cni_1_1_shims, tcx_program_counts};
 pub use netns::{list_netns, sweep_stale, Netns};
 pub use node::{Node, Pod};
 pub use traffic::{count_backends, count_backends_udp, Reply, Server};

@@ -1,12 +1,16 @@
 //! Running CNI plugins the way libcni does (conflists, chaining, cache).
 
+mod compat;
 mod conflist;
 mod result;
 mod runner;
+mod tcx;
 
 pub use conflist::Conflist;
 pub use result::{AddResult, IpConfig, ResultInterface};
-pub use runner::{CallArgs, CallTiming, CniRunner, GcAttachment, PluginOutput};
+pub use compat::{cni_1_1_shims, SHIMMED_PLUGINS};
+pub use tcx::tcx_program_counts;
+pub use runner::{CallArgs, CallTiming, CniRunner, GcAttachment, PluginCall, PluginOutput};
 
 /// An error object a plugin printed on stdout with a non-zero exit
 /// (`{"cniVersion","code","msg","details"}`).

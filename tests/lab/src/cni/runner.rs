@@ -130,6 +130,56 @@ impl PluginOutput {
     }
 }
 
+/// One plugin execution's input and output, kept when the runner records I/O
+/// ([`CniRunner::with_io_recording`]): lets a test compare what a chained
+/// plugin printed with the `prevResult` it was given.
+#[derive(Clone, Debug)]
+pub struct PluginCall {
+    pub plugin: String,
+    pub command: String,
+    pub container_id: String,
+    /// `CNI_IFNAME` of the call (empty for VERSION/GC/STATUS).
+    pub ifname: String,
+    pub stdin: Vec<u8>,
+    pub stdout: Vec<u8>,
+    pub success: bool,
+}
+
+impl PluginCall {
+    /// For a chained plugin's successful ADD: checks that it printed exactly
+    /// the `prevResult` it was given (byte for byte against that object as
+    /// serialized on its stdin, and JSON-equal).
+    pub fn check_passes_prev_result(&self) -> anyhow::Result<()> {
+        let stdin: Value = serde_json::from_slice(&self.stdin)?;
+        let prev = &stdin["prevResult"];
+        anyhow::ensure!(
+            prev.is_object(),
+            "{} {} ran without a prevResult",
+            self.plugin,
+            self.command
+        );
+        let printed: Value = serde_json::from_slice(&self.stdout).with_context(|| {
+            format!(
+                "{} printed non-JSON: {:?}",
+                self.plugin,
+                String::from_utf8_lossy(&self.stdout)
+            )
+        })?;
+        anyhow::ensure!(
+            &printed == prev,
+            "{} printed something else than its prevResult:\n  out: {printed}\n prev: {prev}",
+            self.plugin
+        );
+        anyhow::ensure!(
+            self.stdout == serde_json::to_vec(prev)?,
+            "{}'s output is JSON-equal but not byte-equal to its prevResult:\n  out: {}\n prev: {prev}",
+            self.plugin,
+            String::from_utf8_lossy(&self.stdout)
+        );
+        Ok(())
+    }
+}
+
 /// What libcni keeps per attachment (also written to disk as `cniCacheV1`).
 #[derive(Clone, Debug)]
 struct CacheEntry {
@@ -150,6 +200,8 @@ pub struct CniRunner<'n> {
     versions_checked: Mutex<bool>,
     cache: Mutex<HashMap<(String, String), CacheEntry>>,
     timings: Mutex<Vec<CallTiming>>,
+    record_io: bool,
+    calls: Mutex<Vec<PluginCall>>,
 }
 
 /// One ADD/DEL/CHECK target.
@@ -175,7 +227,21 @@ impl<'n> CniRunner<'n> {
             versions_checked: Mutex::new(false),
             cache: Mutex::new(HashMap::new()),
             timings: Mutex::new(Vec::new()),
+            record_io: false,
+            calls: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Keep every plugin execution's stdin and stdout ([`CniRunner::calls`]).
+    pub fn with_io_recording(mut self) -> Self {
+        self.record_io = true;
+        self
+    }
+
+    /// Every plugin execution so far with its stdin/stdout (empty unless
+    /// recording was turned on with [`CniRunner::with_io_recording`]).
+    pub fn calls(&self) -> Vec<PluginCall> {
+        lock(&self.calls).clone()
     }
 
     pub fn with_cni_path(mut self, dirs: Vec<PathBuf>) -> Self {
@@ -571,6 +637,22 @@ impl<'n> CniRunner<'n> {
             container_id: container_id.to_string(),
             elapsed,
         });
+        if self.record_io {
+            let ifname = env
+                .iter()
+                .find(|(k, _)| *k == "CNI_IFNAME")
+                .map(|(_, v)| v.to_string())
+                .unwrap_or_default();
+            lock(&self.calls).push(PluginCall {
+                plugin: plugin_type.to_string(),
+                command: command.to_string(),
+                container_id: container_id.to_string(),
+                ifname,
+                stdin: stdin.to_vec(),
+                stdout: stdout.clone(),
+                success: status.is_some_and(|s| s.success()),
+            });
+        }
         let Some(status) = status else {
             return Err(CniError::Misbehaved {
                 plugin: plugin_type.into(),
