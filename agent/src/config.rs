@@ -23,7 +23,7 @@ pub struct AgentConfig {
 
     /// Kubernetes mode: use this kubeconfig. Without it (and without
     /// --manifests) the agent uses in-cluster config when it runs in a pod.
-    #[arg(long, env = "KUBECONFIG", conflicts_with = "manifests")]
+    #[arg(long, conflicts_with = "manifests")]
     pub kubeconfig: Option<PathBuf>,
 
     /// Agent API socket (HTTP/JSON, mode 0600).

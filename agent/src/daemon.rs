@@ -89,9 +89,11 @@ async fn start_source(
     }
 }
 
-/// Running in a pod with a service account (the chart's DaemonSet).
+/// Running in a pod with a service account (the chart's DaemonSet), or an
+/// operator's `KUBECONFIG` is set (kube's config inference reads it).
 fn in_cluster() -> bool {
     std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+        || std::env::var_os("KUBECONFIG").is_some()
 }
 
 async fn apply_update(core: &Arc<AgentCore>, update: SourceUpdate) -> Result<()> {

@@ -3,8 +3,8 @@
 //! process on the node (kubelet, host-network pods, node daemons) reaches
 //! ClusterIPs.
 //!
-//! One BPF link per program, attached with `BPF_F_ALLOW_MULTI` (other agents'
-//! programs on the same cgroup keep running) and pinned at
+//! One BPF link per program (cgroup BPF links always coexist with other
+//! programs on the cgroup, like `BPF_F_ALLOW_MULTI`), pinned at
 //! `<dir>/links/cgroup-<cgroup id>-<hook>` so it outlives the agent. The pins
 //! start with `cgroup-`, which the veth link GC (`<ifindex>-<dir>`) skips.
 
@@ -84,9 +84,9 @@ fn unescape_mount_path(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).filter(|d| {
-            bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c))
-        });
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
         match octal {
             Some(d) => {
                 out.push((d[0] - b'0') << 6 | (d[1] - b'0') << 3 | (d[2] - b'0'));
@@ -196,8 +196,11 @@ pub fn attach(ebpf: &mut Ebpf, layout: &Layout, cgroup: &Path) -> anyhow::Result
             if pinned_link_alive(prog, &pin, cgroup_id, attach_type)? {
                 continue;
             }
+            // With BPF links (aya uses them on kernels >= 5.7) the kernel
+            // requires flags 0, i.e. `Single`, and still runs the link next to
+            // any other program on the cgroup: link attachments are multi.
             let id = prog
-                .attach(file.as_fd(), CgroupAttachMode::AllowMultiple)
+                .attach(file.as_fd(), CgroupAttachMode::Single)
                 .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
             let link: FdLink = prog
                 .take_link(id)

@@ -191,9 +191,9 @@ impl Datapath {
     /// [`cgroup2_root`]: every process on the node, host-network pods
     /// included) reach ClusterIPs, see the VIP in `getpeername()` and in UDP
     /// reply sources, and get ECONNREFUSED at once from a Service without
-    /// endpoints. Links use `BPF_F_ALLOW_MULTI` (other programs on the cgroup
-    /// keep running) and are pinned at `<bpffs_dir>/links/cgroup-<id>-<hook>`,
-    /// so they outlive the agent. Idempotent: links already there are kept
+    /// endpoints. One BPF link per hook (other programs on the cgroup keep
+    /// running), pinned at `<bpffs_dir>/links/cgroup-<id>-<hook>` so they
+    /// outlive the agent. Idempotent: links already there are kept
     /// (and moved to the currently loaded programs). All four hooks or none.
     pub fn attach_cgroup(&mut self, cgroup: &Path) -> anyhow::Result<()> {
         cgroup::attach(&mut self.ebpf, &self.layout, cgroup)

@@ -149,9 +149,14 @@ fn client_ip_affinity_sticks_until_the_timeout() {
     entry.backend_id = other_id;
     aff.insert(key, entry, 0).unwrap();
     dp.apply_services(&desired(None)).unwrap();
-    let seen: BTreeSet<Ipv4Addr> = (32000..32040).map(|p| new_flow(&prog, CLIENT_A, p)).collect();
+    let seen: BTreeSet<Ipv4Addr> = (32000..32040)
+        .map(|p| new_flow(&prog, CLIENT_A, p))
+        .collect();
     assert!(!seen.contains(&OTHER_BACKEND), "{seen:?}");
-    assert!(seen.len() > 1, "flows still stick without affinity: {seen:?}");
+    assert!(
+        seen.len() > 1,
+        "flows still stick without affinity: {seen:?}"
+    );
 }
 
 #[test]

@@ -286,7 +286,11 @@ fn syn_to_service_without_backends_is_answered_with_rst() {
     let syn = syn.build();
     let (rc, out) = run(&p.from, &syn);
     assert_eq!(rc, REDIRECT, "the RST goes back out of the host veth");
-    assert_eq!(out.len(), 14 + 20 + 20, "Ethernet + IPv4 + TCP, nothing else");
+    assert_eq!(
+        out.len(),
+        14 + 20 + 20,
+        "Ethernet + IPv4 + TCP, nothing else"
+    );
     // MACs swapped: back to the pod that sent the SYN.
     assert_eq!(&out[0..6], &syn[6..12]);
     assert_eq!(&out[6..12], &syn[0..6]);

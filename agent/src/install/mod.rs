@@ -529,10 +529,13 @@ fn file_name(p: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// Write `data` to `path` via a dot-temp file and rename; skip when equal.
+/// Write `data` to `path` via a dot-temp file and rename; skip when the
+/// content and the mode are already right (a copy that lost its exec bit is
+/// rewritten, not reported unchanged).
 fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<FileAction> {
     use std::os::unix::fs::PermissionsExt;
-    if fs::read(path).is_ok_and(|cur| cur == data) {
+    let mode_ok = fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o7777 == mode);
+    if mode_ok && fs::read(path).is_ok_and(|cur| cur == data) {
         return Ok(FileAction::Unchanged);
     }
     let dir = path
@@ -723,6 +726,16 @@ mod tests {
         assert_eq!(snap, n.snapshot());
         // No temp files left behind.
         assert!(n.snapshot().keys().all(|k| !k.ends_with(".tmp")));
+
+        // Same bytes but no exec bit (a copy by hand, a restore from
+        // backup): not "unchanged", made executable again.
+        fs::set_permissions(&bin, fs::Permissions::from_mode(0o644)).unwrap();
+        let r3 = install(&n.args()).unwrap();
+        assert_eq!(r3.binary.unwrap().1, FileAction::Written);
+        assert_eq!(
+            fs::metadata(&bin).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
     }
 
     #[test]

@@ -12,8 +12,7 @@ use crate::{
     metrics::count,
     nat,
     parse::{self, Flow4, Parsed},
-    reject,
-    VERDICT_DROP, VERDICT_PASS,
+    reject, VERDICT_DROP, VERDICT_PASS,
 };
 
 #[classifier]
@@ -63,8 +62,7 @@ fn try_from_container(ctx: &TcContext) -> Result<i32, ()> {
             if master.count == 0 {
                 return no_backend(ctx, &flow);
             }
-            let Some((id, backend)) =
-                lb::select_for_client(&master_key, &master, flow.saddr, now)
+            let Some((id, backend)) = lb::select_for_client(&master_key, &master, flow.saddr, now)
             else {
                 // The agent writes slots before raising the count, so this is a
                 // backend removed under us: treat as no backend.

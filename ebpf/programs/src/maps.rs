@@ -52,5 +52,4 @@ pub static LB4_SOCK_REVNAT: LruHashMap<SockRevNat4Key, SockRevNat4Value> =
 /// ClientIP session affinity: (client, frontend) -> backend and last use.
 /// LRU: idle clients age out; an evicted client merely gets a fresh pick.
 #[map]
-pub static LB4_AFFINITY: LruHashMap<Affinity4Key, Affinity4Value> =
-    LruHashMap::pinned(65_536, 0);
+pub static LB4_AFFINITY: LruHashMap<Affinity4Key, Affinity4Value> = LruHashMap::pinned(65_536, 0);

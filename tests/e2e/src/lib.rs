@@ -1,5 +1,7 @@
 //! Shared pieces of the end-to-end scenarios (the scenarios are in `tests/`).
 
+pub mod source;
+
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 use std::time::{Duration, Instant};

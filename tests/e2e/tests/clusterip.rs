@@ -1,9 +1,12 @@
 //! One packet through every layer: the real ptp + host-local primary, the real
 //! `catena-cni` chained after it, the real `catena-agent` in standalone mode,
 //! and TCP through a ClusterIP translated by the eBPF programs on the host veths.
+//! Every scenario runs twice: with the manifest-directory source and with the
+//! Kubernetes source against the lab's list/watch API server.
 
 use catena_api::{Endpoint, ServiceStatus, Status};
-use catena_e2e::{endpoint_slice_yaml, pod_yaml, service_yaml, wait_for, write_manifest};
+use catena_e2e::source::{ClusterSource, SourceKind};
+use catena_e2e::{endpoint_slice_yaml, pod_yaml, service_yaml, wait_for};
 use catena_lab::{count_backends, CallArgs, CniRunner, Node};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -22,24 +25,36 @@ fn backends_of(services: &[ServiceStatus], frontend: &str) -> Option<Vec<String>
 }
 
 #[test]
-fn clusterip_through_ptp_and_catena_with_selected_pods() -> anyhow::Result<()> {
+fn clusterip_with_selected_pods_from_manifests() -> anyhow::Result<()> {
+    clusterip_with_selected_pods(SourceKind::Manifests)
+}
+
+#[test]
+fn clusterip_with_selected_pods_from_kubernetes() -> anyhow::Result<()> {
+    clusterip_with_selected_pods(SourceKind::Kubernetes)
+}
+
+#[test]
+fn clusterip_from_endpoint_slices_from_manifests() -> anyhow::Result<()> {
+    clusterip_from_endpoint_slices(SourceKind::Manifests)
+}
+
+#[test]
+fn clusterip_from_endpoint_slices_from_kubernetes() -> anyhow::Result<()> {
+    clusterip_from_endpoint_slices(SourceKind::Kubernetes)
+}
+
+fn clusterip_with_selected_pods(kind: SourceKind) -> anyhow::Result<()> {
     let node = Node::new("e2e-svc")?;
-    let manifests = node.dir().join("manifests");
-    write_manifest(
-        &manifests,
-        "web.yaml",
-        &service_yaml("web", VIP, 80, 8080, Some("web")),
-    )?;
-    write_manifest(
-        &manifests,
-        "pods.yaml",
-        &format!(
-            "{}---\n{}",
-            pod_yaml("web-1", "web"),
-            pod_yaml("web-2", "web")
-        ),
-    )?;
-    let agent = node.start_agent(&manifests, &[])?;
+    let source = ClusterSource::new(kind, &node)?;
+    source.apply("web.yaml", &service_yaml("web", VIP, 80, 8080, Some("web")))?;
+    let pods = format!(
+        "{}---\n{}",
+        pod_yaml("web-1", "web"),
+        pod_yaml("web-2", "web")
+    );
+    source.apply("pods.yaml", &pods)?;
+    let agent = source.start_agent(&node, &[])?;
     let api = agent.client();
 
     let conf = node.ptp_conflist("e2e", "10.244.1.0/24", "1.0.0", vec![node.catena_plugin()])?;
@@ -139,17 +154,12 @@ fn clusterip_through_ptp_and_catena_with_selected_pods() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[test]
-fn clusterip_from_endpoint_slices_picked_up_live() -> anyhow::Result<()> {
+fn clusterip_from_endpoint_slices(kind: SourceKind) -> anyhow::Result<()> {
     let node = Node::new("e2e-slice")?;
-    let manifests = node.dir().join("manifests");
+    let source = ClusterSource::new(kind, &node)?;
     // No selector: backends come only from EndpointSlices.
-    write_manifest(
-        &manifests,
-        "svc.yaml",
-        &service_yaml("api", VIP, 80, 9000, None),
-    )?;
-    let agent = node.start_agent(&manifests, &[])?;
+    source.apply("svc.yaml", &service_yaml("api", VIP, 80, 9000, None))?;
+    let agent = source.start_agent(&node, &[])?;
     let api = agent.client();
     let conf = node.ptp_conflist("e2e", "10.244.2.0/24", "0.3.1", vec![node.catena_plugin()])?;
     let cni = CniRunner::new(&node, conf);
@@ -164,8 +174,7 @@ fn clusterip_from_endpoint_slices_picked_up_live() -> anyhow::Result<()> {
     let frontend = format!("{VIP}:80/TCP");
 
     let addrs = vec![b1.ipv4()?.to_string(), b2.ipv4()?.to_string()];
-    write_manifest(
-        &manifests,
+    source.apply(
         "slice.yaml",
         &endpoint_slice_yaml("api-1", "api", 9000, &addrs),
     )?;
@@ -184,8 +193,7 @@ fn clusterip_from_endpoint_slices_picked_up_live() -> anyhow::Result<()> {
     );
 
     // An edit removing b2 is picked up live.
-    write_manifest(
-        &manifests,
+    source.apply(
         "slice.yaml",
         &endpoint_slice_yaml("api-1", "api", 9000, &addrs[..1]),
     )?;
@@ -195,21 +203,23 @@ fn clusterip_from_endpoint_slices_picked_up_live() -> anyhow::Result<()> {
     })?;
     assert_eq!(count_backends(&client, vip(), 10)?.get("b1"), Some(&10));
 
-    // A broken edit is reported with file and line; the last good state stays.
-    write_manifest(&manifests, "slice.yaml", "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: api-1}\naddressType: IPv4\nendpoints: [{addresses: 7}]\n")?;
-    let status: Status = wait_for("the error reported", Duration::from_secs(10), || {
-        let s: Status = api.get("/v1/status")?;
-        Ok((!s.source.errors.is_empty()).then_some(s))
-    })?;
-    assert!(
-        status.source.errors[0].contains("slice.yaml:1:"),
-        "{:?}",
-        status.source.errors
-    );
-    assert_eq!(count_backends(&client, vip(), 5)?.get("b1"), Some(&5));
+    if kind == SourceKind::Manifests {
+        // A broken edit is reported with file and line; the last good state stays.
+        catena_e2e::write_manifest(source.dir(), "slice.yaml", "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: api-1}\naddressType: IPv4\nendpoints: [{addresses: 7}]\n")?;
+        let status: Status = wait_for("the error reported", Duration::from_secs(10), || {
+            let s: Status = api.get("/v1/status")?;
+            Ok((!s.source.errors.is_empty()).then_some(s))
+        })?;
+        assert!(
+            status.source.errors[0].contains("slice.yaml:1:"),
+            "{:?}",
+            status.source.errors
+        );
+        assert_eq!(count_backends(&client, vip(), 5)?.get("b1"), Some(&5));
+    }
 
     // Removing the slice leaves the Service without backends.
-    std::fs::remove_file(manifests.join("slice.yaml"))?;
+    source.remove("slice.yaml")?;
     wait_for("backends gone", Duration::from_secs(10), || {
         let s: Vec<ServiceStatus> = api.get("/v1/services")?;
         Ok(backends_of(&s, &frontend).filter(|b| b.is_empty()))

@@ -259,8 +259,20 @@ fn run_combination(primary: Primary, layout: Layout) -> anyhow::Result<()> {
 
         // CHECK: 0.4.0+ through the whole chain; 0.3.x refused before any plugin runs.
         let checks_before = cni.calls().iter().filter(|c| c.command == "CHECK").count();
+        // portmap 1.1.1's CHECK looks for ip6tables chains it never made for
+        // an IPv4-only pod and fails (containernetworking/plugins#819, fixed
+        // upstream later); it skips its check when the runtime config has no
+        // port mappings, so CHECK sends only the bandwidth capability.
+        let check_args = match layout {
+            Layout::Alone => CallArgs::default(),
+            _ => {
+                let mut a = add_args(layout, 0);
+                a.capability_args.remove("portMappings");
+                a
+            }
+        };
         for pod in [&client, &web] {
-            match cni.check(pod, "eth0", &CallArgs::default()) {
+            match cni.check(pod, "eth0", &check_args) {
                 Ok(()) => assert!(version >= &"0.4.0", "{ctx}: CHECK accepted"),
                 Err(CniError::Invalid(msg)) if version < &"0.4.0" => {
                     assert!(msg.contains("CHECK"), "{ctx}: {msg}")
@@ -466,33 +478,21 @@ fn snapshots(node: &Node, pod: &Pod) -> anyhow::Result<Value> {
     Ok(json!({"node": net_snapshot(node.netns())?, "pod": net_snapshot(pod.netns())?}))
 }
 
-/// Snapshots once the kernel has finished what the primary started (IPv6
-/// link-local addresses and their routes appear asynchronously): two equal
-/// snapshots 300 ms apart, within 10 s.
+/// Snapshots once the kernel has finished what the primary started: IPv6
+/// link-local addresses leave DAD (and get their local route) on a timer of
+/// their own. Waits for no tentative address and two equal snapshots 200 ms
+/// apart, within 10 s.
 fn settled_snapshots(node: &Node, pod: &Pod) -> anyhow::Result<Value> {
     let mut last = snapshots(node, pod)?;
-    for _ in 0..33 {
-        std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(200));
         let now = snapshots(node, pod)?;
-        if now == last {
+        if now == last && !now.to_string().contains("tentative") {
             return Ok(now);
         }
         last = now;
     }
     anyhow::bail!("the network kept changing for 10 s: {last}")
-}
-
-/// Drops the `tentative` flag of IPv6 addresses still in DAD: it clears on
-/// its own timer, whatever catena does.
-fn strip_tentative(v: &mut Value) {
-    match v {
-        Value::Object(m) => {
-            m.remove("tentative");
-            m.values_mut().for_each(strip_tentative);
-        }
-        Value::Array(a) => a.iter_mut().for_each(strip_tentative),
-        _ => {}
-    }
 }
 
 /// `ip -j addr`, `ip -j route show table all`, `ip -j rule` of a namespace.
@@ -503,9 +503,7 @@ fn net_snapshot(ns: &Netns) -> anyhow::Result<Value> {
         ("route", &["-j", "route", "show", "table", "all"][..]),
         ("rule", &["-j", "rule", "show"][..]),
     ] {
-        let mut v: Value = serde_json::from_str(&ns.run("ip", args)?)?;
-        strip_tentative(&mut v);
-        out.insert(key.into(), v);
+        out.insert(key.into(), serde_json::from_str(&ns.run("ip", args)?)?);
     }
     Ok(Value::Object(out))
 }

@@ -278,8 +278,8 @@ fn bridge_example_runs_for_real() -> Result<()> {
 }
 
 /// Seed 004's conflist from the kube-ovn example's ConfigMap, with the
-/// kube-ovn entry (which needs OVS and the kube-ovn daemon) replaced by ptp
-/// + host-local; cniVersion 0.3.1, portmap (snat, portMappings) and
+/// kube-ovn entry (which needs OVS and the kube-ovn daemon) replaced by
+/// ptp with host-local; cniVersion 0.3.1, portmap (snat, portMappings) and
 /// catena-cni as shipped.
 fn seed_004_conflist(node: &Node) -> Result<Conflist> {
     let cm: Value = serde_yaml::from_str(&std::fs::read_to_string(example(
@@ -353,8 +353,11 @@ fn seed_004_chain_with_portmap_hostport_and_clusterip() -> Result<()> {
     // hostPort: portmap's DNAT in the node netns, from the node itself
     // (OUTPUT) and from a pod (PREROUTING), next to catena's eBPF.
     let host_port: SocketAddr = format!("192.0.2.1:{HOST_PORT}").parse()?;
+    // snat: true is what makes localhost work (portmap masquerades it).
+    let localhost: SocketAddr = format!("127.0.0.1:{HOST_PORT}").parse()?;
     for _ in 0..3 {
         assert_eq!(node_tcp_request(&node, host_port)??, "web-1");
+        assert_eq!(node_tcp_request(&node, localhost)??, "web-1");
         assert_eq!(pods.client.tcp_request(host_port, TIMEOUT)?.text, "web-1");
     }
     let web1_id = pods.web[0].container_id.clone();
@@ -547,6 +550,17 @@ fn installer_end_to_end_install_pods_uninstall() -> Result<()> {
     assert!(report.contains("unchanged"), "{report}");
     assert_eq!(snapshot(&conf_dir)?, before);
     assert_eq!(std::fs::metadata(&installed)?.ino(), meta.ino());
+    // ...unless the copy lost its exec bit: then it is replaced again.
+    std::fs::set_permissions(&installed, std::fs::Permissions::from_mode(0o644))?;
+    succeeded(
+        "install-cni",
+        installer("install-cni", &conf_dir, &bin_dir, &args)?,
+    )?;
+    assert_eq!(
+        std::fs::metadata(&installed)?.permissions().mode() & 0o777,
+        0o755
+    );
+    assert_eq!(snapshot(&conf_dir)?, before);
 
     // Pods created with the picked conflist, through the installed binary.
     let cni = CniRunner::new(&node, Conflist::from_file(&picked)?)

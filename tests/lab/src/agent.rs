@@ -13,11 +13,20 @@ pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `stop()` waits after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
+/// Where the agent learns the cluster.
+#[derive(Clone, Debug)]
+pub enum AgentSource {
+    /// Standalone: `--manifests DIR`.
+    Manifests(PathBuf),
+    /// Kubernetes: `--kubeconfig FILE` (e.g. pointing at the lab's test API server).
+    Kubeconfig(PathBuf),
+}
+
 /// A running `catena-agent` in a node's network namespace. Drop kills it.
 pub struct Agent<'n> {
     node: &'n Node,
     bin: PathBuf,
-    manifests: PathBuf,
+    source: AgentSource,
     extra_args: Vec<String>,
     child: Option<Child>,
     ready_timeout: Duration,
@@ -36,6 +45,16 @@ impl Node {
         )
     }
 
+    /// Starts the agent in Kubernetes mode against `kubeconfig`.
+    pub fn start_agent_kube(&self, kubeconfig: &Path, extra_args: &[&str]) -> Result<Agent<'_>> {
+        self.start_agent_from(
+            &bin_path("catena-agent")?,
+            AgentSource::Kubeconfig(kubeconfig.to_path_buf()),
+            extra_args,
+            DEFAULT_READY_TIMEOUT,
+        )
+    }
+
     /// [`Node::start_agent`] with an explicit binary and readiness timeout.
     pub fn start_agent_with(
         &self,
@@ -44,10 +63,22 @@ impl Node {
         extra_args: &[&str],
         ready_timeout: Duration,
     ) -> Result<Agent<'_>> {
+        let source = AgentSource::Manifests(manifests_dir.to_path_buf());
+        self.start_agent_from(bin, source, extra_args, ready_timeout)
+    }
+
+    /// Starts the agent with any source.
+    pub fn start_agent_from(
+        &self,
+        bin: &Path,
+        source: AgentSource,
+        extra_args: &[&str],
+        ready_timeout: Duration,
+    ) -> Result<Agent<'_>> {
         let mut agent = Agent {
             node: self,
             bin: bin.to_path_buf(),
-            manifests: manifests_dir.to_path_buf(),
+            source,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             child: None,
             ready_timeout,
@@ -93,9 +124,11 @@ impl Agent<'_> {
         // A stale socket from a killed run must not answer the readiness probe.
         let _ = std::fs::remove_file(self.node.agent_socket());
         let mut cmd = Command::new(&self.bin);
-        cmd.arg("--manifests")
-            .arg(&self.manifests)
-            .arg("--socket")
+        match &self.source {
+            AgentSource::Manifests(dir) => cmd.arg("--manifests").arg(dir),
+            AgentSource::Kubeconfig(file) => cmd.arg("--kubeconfig").arg(file),
+        };
+        cmd.arg("--socket")
             .arg(self.node.agent_socket())
             .arg("--bpffs-dir")
             .arg(self.node.bpffs_dir())
@@ -104,6 +137,9 @@ impl Agent<'_> {
             .args(&self.extra_args)
             // Plain log lines: they end up in test failure messages.
             .env("NO_COLOR", "1")
+            // The caller's cluster must never leak into a lab node.
+            .env_remove("KUBECONFIG")
+            .env_remove("KUBERNETES_SERVICE_HOST")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

@@ -99,7 +99,18 @@ pub struct ApiServer {
 }
 
 impl ApiServer {
+    /// Listens on 127.0.0.1 of the test process's own network namespace.
     pub fn start() -> Result<ApiServer> {
+        Self::start_inner(None)
+    }
+
+    /// Listens on 127.0.0.1 inside `netns` (e.g. a lab node, where the agent
+    /// runs: loopback is per namespace).
+    pub fn start_in(netns: &crate::Netns) -> Result<ApiServer> {
+        Self::start_inner(Some(netns.path().to_path_buf()))
+    }
+
+    fn start_inner(netns: Option<PathBuf>) -> Result<ApiServer> {
         let (events, _) = broadcast::channel(65536);
         let (cut, _) = tokio::sync::watch::channel(0);
         let shared = Arc::new(Shared {
@@ -116,6 +127,20 @@ impl ApiServer {
         let thread = std::thread::Builder::new()
             .name("test-apiserver".into())
             .spawn(move || {
+                // Enter the namespace before the runtime exists: its worker
+                // threads inherit it, and the listener is created in it.
+                if let Some(path) = netns {
+                    let entered = std::fs::File::open(&path)
+                        .map_err(std::io::Error::from)
+                        .and_then(|f| {
+                            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+                                .map_err(std::io::Error::from)
+                        });
+                    if let Err(e) = entered {
+                        let _ = addr_tx.send(Err(e));
+                        return;
+                    }
+                }
                 let rt = tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)
                     .enable_all()

@@ -38,13 +38,13 @@ mod netns;
 mod node;
 pub mod traffic;
 
-pub use agent::{Agent, DEFAULT_READY_TIMEOUT};
+pub use agent::{Agent, AgentSource, DEFAULT_READY_TIMEOUT};
 pub use bins::{bin_dir, bin_path, BIN_DIR_ENV};
+pub use cni::{cni_1_1_shims, tcx_program_counts};
 pub use cni::{
     AddResult, CallArgs, CallTiming, CniError, CniRunner, Conflist, GcAttachment, PluginCall,
     PluginError, PluginOutput,
 };
-pub use cni::{cni_1_1_shims, tcx_program_counts};
 pub use netns::{list_netns, sweep_stale, Netns};
 pub use node::{Node, Pod};
 pub use traffic::{count_backends, count_backends_udp, Reply, Server};

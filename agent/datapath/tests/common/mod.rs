@@ -80,6 +80,19 @@ impl Netns {
         }
     }
 
+    /// Like `run` without waiting: the thread keeps running in the netns.
+    pub fn spawn(&self, f: impl FnOnce() + Send + 'static) -> std::thread::JoinHandle<()> {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).expect("open netns");
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on a valid netns fd, affecting only this thread.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+    }
+
     pub fn ip(&self, args: &[&str]) {
         let mut all = vec!["-n", self.name.as_str()];
         all.extend_from_slice(args);

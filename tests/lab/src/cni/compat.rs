@@ -6,7 +6,7 @@
 //! through them: VERSION answers with 1.1.0 added; GC and STATUS (1.1.0
 //! commands the 1.0 plugins do not know) succeed doing nothing; every other
 //! command runs the real plugin with `"cniVersion":"1.1.0"` rewritten to
-//! 1.0.0 on stdin and back on stdout (a 1.1.0 result has the 1.0.0 shape).
+//! 1.0.0 on stdin and back on stdout (the plugins print indented JSON) (a 1.1.0 result has the 1.0.0 shape).
 //! Chained plugins under test (catena-cni) are never shimmed: they see the
 //! 1.1.0 conflist and a 1.1.0 prevResult, as with a 1.1-capable primary.
 
@@ -39,7 +39,7 @@ case "$CNI_COMMAND" in
 esac
 out=$(sed 's/"cniVersion":"1\.1\.0"/"cniVersion":"1.0.0"/g' | "$real")
 rc=$?
-printf '%s' "$out" | sed 's/"cniVersion":"1\.0\.0"/"cniVersion":"1.1.0"/g'
+printf '%s' "$out" | sed 's/"cniVersion": *"1\.0\.0"/"cniVersion": "1.1.0"/g'
 exit $rc
 "#,
             sys = super::runner::SYSTEM_CNI_DIR

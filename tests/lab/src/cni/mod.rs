@@ -6,11 +6,11 @@ mod result;
 mod runner;
 mod tcx;
 
+pub use compat::{cni_1_1_shims, SHIMMED_PLUGINS};
 pub use conflist::Conflist;
 pub use result::{AddResult, IpConfig, ResultInterface};
-pub use compat::{cni_1_1_shims, SHIMMED_PLUGINS};
-pub use tcx::tcx_program_counts;
 pub use runner::{CallArgs, CallTiming, CniRunner, GcAttachment, PluginCall, PluginOutput};
+pub use tcx::tcx_program_counts;
 
 /// An error object a plugin printed on stdout with a non-zero exit
 /// (`{"cniVersion","code","msg","details"}`).

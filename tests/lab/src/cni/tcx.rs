@@ -20,7 +20,10 @@ pub fn tcx_program_counts(ns: &Netns, ifname: &str) -> Result<(u32, u32)> {
         if ifindex == 0 {
             bail!("no device {ifname}");
         }
-        Ok((query(ifindex, BPF_TCX_INGRESS)?, query(ifindex, BPF_TCX_EGRESS)?))
+        Ok((
+            query(ifindex, BPF_TCX_INGRESS)?,
+            query(ifindex, BPF_TCX_EGRESS)?,
+        ))
     })?
     .context("querying TCX programs")
 }
@@ -49,5 +52,7 @@ fn query(ifindex: u32, attach_type: u32) -> Result<u32> {
         }
         bail!("BPF_PROG_QUERY(ifindex {ifindex}, type {attach_type}): {e}");
     }
-    Ok(u32::from_ne_bytes(attr[24..28].try_into().expect("4 bytes")))
+    Ok(u32::from_ne_bytes(
+        attr[24..28].try_into().expect("4 bytes"),
+    ))
 }
