@@ -18,6 +18,9 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 const VIP_TCP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const VIP_UDP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 const VIP_EMPTY: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
+/// A service whose only backend is CLIENT itself (hairpin).
+const VIP_SELF: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
+const HAIRPIN: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
 
 fn backends(n: u8, port: u16) -> Vec<BackendAddr> {
     (0..n)
@@ -51,6 +54,21 @@ fn desired() -> LbDesired {
         LbService {
             name: "kube-system/dns".into(),
             backends: backends(1, 5353),
+            affinity_timeout: None,
+        },
+    );
+    d.services.insert(
+        Frontend {
+            address: VIP_SELF,
+            port: 80,
+            proto: Proto::Tcp,
+        },
+        LbService {
+            name: "default/self".into(),
+            backends: vec![BackendAddr {
+                address: CLIENT,
+                port: 8080,
+            }],
             affinity_timeout: None,
         },
     );
@@ -375,4 +393,53 @@ fn flow_moves_when_its_backend_is_removed() {
     );
     let second = parse_and_verify(&out, false).dst;
     assert_ne!(first, second);
+}
+
+#[test]
+fn hairpin_pod_reaching_itself_through_its_service() {
+    let (_dir, dp, p) = setup();
+    let syn = Ipv4Packet::tcp(CLIENT, 40000, VIP_SELF, 80).build();
+    let (rc, out) = run(&p.from, &syn);
+    assert_eq!(rc, REDIRECT, "straight back to the pod");
+    // MACs swapped: the pod's own interface must accept it.
+    assert_eq!(&out[0..6], &syn[6..12]);
+    assert_eq!(&out[6..12], &syn[0..6]);
+    let got = parse_and_verify(&out, false);
+    assert_eq!(
+        (got.src, got.sport, got.dst, got.dport),
+        (HAIRPIN, 40000, CLIENT, 8080)
+    );
+    assert_eq!(out.len(), syn.len());
+
+    // The pod answers the hairpin address; the reply comes in through
+    // from_container again and leaves towards the pod as VIP -> client.
+    let reply = Ipv4Packet::tcp(CLIENT, 8080, HAIRPIN, 40000).build();
+    let (rc, out) = run(&p.from, &reply);
+    assert_eq!(rc, REDIRECT);
+    assert_eq!(&out[0..6], &reply[6..12]);
+    let r = parse_and_verify(&out, false);
+    assert_eq!(
+        (r.src, r.sport, r.dst, r.dport),
+        (VIP_SELF, 80, CLIENT, 40000)
+    );
+    // Traffic to the hairpin address that belongs to no flow is not ours.
+    let mut udp = Ipv4Packet::udp(CLIENT, 40001, HAIRPIN, 9);
+    udp.udp_no_csum = true;
+    let (rc, out) = run(&p.from, &udp.build());
+    assert_eq!(rc, PASS, "no conntrack entry: not ours");
+    assert_eq!(out, udp.build());
+
+    let ct = dp.ct_dump().unwrap();
+    let egress = ct
+        .iter()
+        .find(|(k, _)| k.kind == CT_EGRESS && k.saddr == u32::from_ne_bytes(HAIRPIN.octets()))
+        .expect("hairpin CT_EGRESS entry");
+    assert_ne!(egress.1.flags & CT_FLAG_SEEN_REPLY, 0);
+    let c = dp.counters().unwrap();
+    assert_eq!((c["service_dnat"], c["reverse_nat"]), (1, 1));
+
+    // A reply to the hairpin address without a flow is left alone.
+    let stray = Ipv4Packet::tcp(CLIENT, 8080, HAIRPIN, 40999).build();
+    let (rc, out) = run(&p.from, &stray);
+    assert_eq!((rc, out), (PASS, stray));
 }

@@ -64,6 +64,12 @@ pub struct Affinity4Value {
     pub pad: u32,
 }
 
+/// Hairpin source address, 169.254.42.1 in network order (as in the packet):
+/// when a pod reaches itself through a Service, the source is rewritten to it
+/// on the way in (a pod drops packets from its own address arriving on its
+/// interface) and the reply, sent to it, is translated back.
+pub const HAIRPIN_ADDR: u32 = u32::from_ne_bytes([169, 254, 42, 1]);
+
 /// Value of `LB4_BACKENDS` (key: backend id, u32, never 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -28,11 +28,12 @@ pub fn service_key(flow: &Flow4) -> Ct4Key {
     }
 }
 
-/// Key of the `CT_EGRESS` entry: the translated tuple (client -> backend).
+/// Key of the `CT_EGRESS` entry: the translated tuple (client -> backend;
+/// `saddr` is the client, or the hairpin address for a pod reaching itself).
 #[inline(always)]
-pub fn egress_key(flow: &Flow4, backend_addr: u32, backend_port: u16) -> Ct4Key {
+pub fn egress_key(flow: &Flow4, saddr: u32, backend_addr: u32, backend_port: u16) -> Ct4Key {
     Ct4Key {
-        saddr: flow.saddr,
+        saddr,
         daddr: backend_addr,
         sport: flow.sport,
         dport: backend_port,

@@ -72,7 +72,7 @@ pub fn select_for_client(
     };
     // In the master entry `backend_id` holds the affinity timeout (seconds).
     let timeout_ns = master.backend_id as u64 * NS_PER_SEC;
-    if let Some(entry) = LB4_AFFINITY.get_ptr_mut(&aff_key) {
+    if let Some(entry) = LB4_AFFINITY.get_ptr_mut(aff_key) {
         // SAFETY: a live value pointer from this run's lookup.
         let e = unsafe { &mut *entry };
         if now.wrapping_sub(e.last_used_ns) <= timeout_ns {
@@ -90,6 +90,6 @@ pub fn select_for_client(
     };
     // A failed insert only loses stickiness for this client; the flow itself
     // is fine, so it is not an error.
-    let _ = LB4_AFFINITY.insert(&aff_key, &value, 0);
+    let _ = LB4_AFFINITY.insert(aff_key, value, 0);
     Some((id, b))
 }

@@ -7,9 +7,27 @@
 //! checksum of 0 means "none" and must stay 0: `BPF_F_MARK_MANGLED_0` makes the
 //! helper skip it, and write 0xffff if the new sum would be 0.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{helpers::bpf_redirect, programs::TcContext};
 
 use crate::parse::{Flow4, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF};
+
+/// Sends the packet back out of the interface it arrived on (the host veth's
+/// egress, i.e. to the pod that sent it), with the Ethernet addresses swapped
+/// so the pod accepts it. Returns the `TC_ACT_REDIRECT` verdict. Used for
+/// packets whose answer belongs to the sender itself (hairpin, rejects):
+/// going through the node's routing instead would meet rp_filter and the
+/// forwarding setting of whatever primary CNI is in use.
+#[inline(always)]
+pub fn bounce(ctx: &TcContext) -> Result<i32, ()> {
+    let macs: [u8; 12] = ctx.load(0).map_err(|_| ())?;
+    let mut swapped = [0u8; 12];
+    swapped[..6].copy_from_slice(&macs[6..]);
+    swapped[6..].copy_from_slice(&macs[..6]);
+    ctx.store(0, &swapped, 0).map_err(|_| ())?;
+    // SAFETY: reading the program's own context; plain helper.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+}
 
 const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
 const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;

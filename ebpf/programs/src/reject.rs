@@ -9,14 +9,13 @@
 //! CHECKSUM_PARTIAL; the pod's stack accepts such a packet without checking
 //! the L4 sum, and one without it (or a capture) sees a correct full sum.
 
-use aya_ebpf::{
-    bindings::TC_ACT_REDIRECT,
-    helpers::{bpf_redirect, bpf_skb_change_tail},
-    programs::TcContext,
-};
+use aya_ebpf::{helpers::bpf_skb_change_tail, programs::TcContext};
 use catena_common::IPPROTO_TCP;
 
-use crate::parse::{Flow4, ETH_HLEN};
+use crate::{
+    nat,
+    parse::{Flow4, ETH_HLEN},
+};
 
 const IP_HLEN: usize = 20;
 const TCP_HLEN: usize = 20;
@@ -68,7 +67,6 @@ pub fn tcp_reset(ctx: &TcContext, flow: &Flow4) -> Result<Option<i32>, ()> {
     if tcp.flags & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN {
         return Ok(None);
     }
-    let macs: [u8; 12] = ctx.load(0).map_err(|_| ())?;
     let tot_len: [u8; 2] = ctx.load(ETH_HLEN + 2).map_err(|_| ())?;
     // RFC 9293 3.10.7.1: to a segment without ACK, answer seq 0 and
     // ack = SEG.SEQ + SEG.LEN, where SYN (and FIN) count one each and any
@@ -85,10 +83,6 @@ pub fn tcp_reset(ctx: &TcContext, flow: &Flow4) -> Result<Option<i32>, ()> {
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, RST_LEN, 0) } != 0 {
         return Err(());
     }
-
-    let mut eth = [0u8; 12];
-    eth[..6].copy_from_slice(&macs[6..12]);
-    eth[6..].copy_from_slice(&macs[..6]);
 
     let src = flow.daddr.to_ne_bytes();
     let dst = flow.saddr.to_ne_bytes();
@@ -116,13 +110,6 @@ pub fn tcp_reset(ctx: &TcContext, flow: &Flow4) -> Result<Option<i32>, ()> {
     let tcp_csum = fold(sum16(&hdr[t..], pseudo));
     hdr[t + 16..t + 18].copy_from_slice(&tcp_csum.to_be_bytes());
 
-    ctx.store(0, &eth, 0).map_err(|_| ())?;
     ctx.store(ETH_HLEN, &hdr, 0).map_err(|_| ())?;
-
-    // Out of the interface it arrived on: the host veth's egress, to the pod.
-    // SAFETY: plain helper; the skb's ifindex is the host veth.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let rc = unsafe { bpf_redirect(ifindex, 0) } as i32;
-    debug_assert!(rc == TC_ACT_REDIRECT as i32);
-    Ok(Some(rc))
+    nat::bounce(ctx).map(Some)
 }

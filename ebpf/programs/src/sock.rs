@@ -103,7 +103,7 @@ fn translate(ctx: &SockAddrContext) -> i32 {
     };
     // Without this entry a UDP reply would look like it came from a stranger
     // and be dropped by the application: refuse rather than half-work.
-    if LB4_SOCK_REVNAT.insert(&rev_key, &rev, 0).is_err() {
+    if LB4_SOCK_REVNAT.insert(rev_key, rev, 0).is_err() {
         count(Counter::SockRejected);
         return reject();
     }
@@ -137,7 +137,7 @@ fn reverse(ctx: &SockAddrContext) {
         pad: 0,
     };
     // SAFETY: copied out at once.
-    let Some(rev) = (unsafe { LB4_SOCK_REVNAT.get(&key) }).copied() else {
+    let Some(rev) = (unsafe { LB4_SOCK_REVNAT.get(key) }).copied() else {
         return;
     };
     // SAFETY: user_ip4 and user_port are writable in recvmsg4/getpeername4.

@@ -16,12 +16,15 @@ pub enum SourceKind {
     Kubernetes,
 }
 
+/// An object on the test API server: (kind, namespace, name).
+type ObjectRef = (String, String, String);
+
 pub struct ClusterSource {
     kind: SourceKind,
     dir: PathBuf,
     api: Option<ApiServer>,
     /// Objects each "file" created on the API server: (kind, namespace, name).
-    applied: Mutex<BTreeMap<String, Vec<(String, String, String)>>>,
+    applied: Mutex<BTreeMap<String, Vec<ObjectRef>>>,
 }
 
 impl ClusterSource {

@@ -130,12 +130,10 @@ impl ApiServer {
                 // Enter the namespace before the runtime exists: its worker
                 // threads inherit it, and the listener is created in it.
                 if let Some(path) = netns {
-                    let entered = std::fs::File::open(&path)
-                        .map_err(std::io::Error::from)
-                        .and_then(|f| {
-                            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
-                                .map_err(std::io::Error::from)
-                        });
+                    let entered = std::fs::File::open(&path).and_then(|f| {
+                        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+                            .map_err(std::io::Error::from)
+                    });
                     if let Err(e) = entered {
                         let _ = addr_tx.send(Err(e));
                         return;

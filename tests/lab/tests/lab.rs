@@ -497,7 +497,21 @@ fn sweeper_removes_leftovers_of_dead_runs() -> Result<()> {
     std::fs::create_dir_all(&bpf)?;
 
     let removed = catena_lab::sweep_stale()?;
-    let reaped = orphan.wait()?; // returns only because the sweeper killed it
+    // Bounded: a sweeper of another test process running at the same moment
+    // can win the race for the fake namespace; never hang on the orphan.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let reaped = loop {
+        if let Some(status) = orphan.try_wait()? {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = orphan.kill();
+            let _ = orphan.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let reaped = reaped.context("the sweeper left the orphan process running")?;
     assert!(!reaped.success());
     assert!(removed.iter().any(|r| r.contains(&name)), "{removed:?}");
     assert_gone(&[name], &[bpf]);

@@ -37,7 +37,14 @@ case "$CNI_COMMAND" in
   VERSION) cat >/dev/null; echo '{{"cniVersion":"1.1.0","supportedVersions":["0.3.0","0.3.1","0.4.0","1.0.0","1.1.0"]}}'; exit 0;;
   GC|STATUS) cat >/dev/null; exit 0;;
 esac
-out=$(sed 's/"cniVersion":"1\.1\.0"/"cniVersion":"1.0.0"/g' | "$real")
+input=$(cat)
+case "$input" in
+  *'"cniVersion":"1.1.0"'*) ;;
+  # Not a 1.1.0 call (e.g. ptp delegating to host-local with its rewritten
+  # 1.0.0 config): pass through untouched.
+  *) printf '%s' "$input" | "$real"; exit $?;;
+esac
+out=$(printf '%s' "$input" | sed 's/"cniVersion":"1\.1\.0"/"cniVersion":"1.0.0"/g' | "$real")
 rc=$?
 printf '%s' "$out" | sed 's/"cniVersion": *"1\.0\.0"/"cniVersion": "1.1.0"/g'
 exit $rc
