@@ -48,6 +48,13 @@ pub struct AgentConfig {
     #[arg(long, default_value = "/etc/cni/net.d")]
     pub cni_conf_dir: PathBuf,
 
+    /// cgroup v2 directory whose processes get socket-level service load
+    /// balancing (node processes reaching ClusterIPs). `auto`: the node's
+    /// cgroup2 root (mounted at /run/catena/cgroupv2 if the node has none);
+    /// `none`: off.
+    #[arg(long, default_value = "auto")]
+    pub cgroup_root: String,
+
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }

@@ -110,6 +110,16 @@ impl AgentCore {
                 self.config.bpffs_dir.display()
             )
         })?;
+        let mut datapath = datapath;
+        if let Some(cgroup) = crate::cgroup::resolve_root(&self.config.cgroup_root)? {
+            datapath.attach_cgroup(&cgroup).with_context(|| {
+                format!(
+                    "attaching socket load balancing to cgroup {}",
+                    cgroup.display()
+                )
+            })?;
+            tracing::info!(cgroup = %cgroup.display(), "socket load balancing for node processes attached");
+        }
         let registry = EndpointRegistry::load(&self.config.state_dir)?;
         let mut inner = Inner {
             datapath,

@@ -4,6 +4,7 @@
 
 pub mod adopt;
 pub mod api;
+pub mod cgroup;
 pub mod compile;
 pub mod config;
 pub mod core;

@@ -134,7 +134,18 @@ impl Agent<'_> {
             .arg(self.node.bpffs_dir())
             .arg("--state-dir")
             .arg(self.node.state_dir())
-            .args(&self.extra_args)
+            .args(&self.extra_args);
+        // Socket load balancing attaches to a cgroup, which is machine-wide,
+        // not per network namespace: a lab node must never take over the
+        // machine's root cgroup. Tests of that feature pass a private cgroup.
+        if !self
+            .extra_args
+            .iter()
+            .any(|a| a.starts_with("--cgroup-root"))
+        {
+            cmd.args(["--cgroup-root", "none"]);
+        }
+        cmd
             // Plain log lines: they end up in test failure messages.
             .env("NO_COLOR", "1")
             // The caller's cluster must never leak into a lab node.

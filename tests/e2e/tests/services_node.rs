@@ -1,0 +1,119 @@
+//! Seed 000: ClusterIPs must work from node processes, not only from pods.
+//! The agent attaches its socket-level load balancer to a cgroup; a process
+//! of the node (here: in the lab node's network namespace and in a private
+//! cgroup, never the machine's root cgroup) connects to the VIP.
+
+use catena_api::Status;
+use catena_e2e::{pod_yaml, service_yaml, write_manifest};
+use catena_lab::{CallArgs, CniRunner, Node};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+
+/// A private cgroup v2 directory, removed on drop.
+struct TestCgroup(PathBuf);
+
+impl TestCgroup {
+    fn new(tag: &str) -> anyhow::Result<Self> {
+        let out = Command::new("findmnt")
+            .args(["-n", "-t", "cgroup2", "-o", "TARGET"])
+            .output()?;
+        let root = String::from_utf8(out.stdout)?;
+        let root = root.lines().next().map(str::trim).filter(|s| !s.is_empty());
+        let root = root.ok_or_else(|| anyhow::anyhow!("no cgroup2 mount on this machine"))?;
+        let dir = PathBuf::from(root).join(format!("catena-e2e-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(TestCgroup(dir))
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // Processes are gone by now (each client exits); rmdir needs it empty.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.0).is_ok() || !self.0.exists() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+/// Runs `socat` as a node process in `cgroup`, returns what the server said.
+fn node_request(node: &Node, cgroup: Option<&TestCgroup>, target: &str) -> anyhow::Result<String> {
+    let join = cgroup
+        .map(|c| format!("echo $$ > {}/cgroup.procs && ", c.0.display()))
+        .unwrap_or_default();
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        &format!("{join}exec socat -T2 - TCP:{target},connect-timeout=2 </dev/null"),
+    ]);
+    let out = node.netns().output(cmd)?;
+    anyhow::ensure!(
+        out.status.success(),
+        "socat to {target}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
+}
+
+#[test]
+fn node_processes_reach_cluster_ips() -> anyhow::Result<()> {
+    let node = Node::new("e2e-nodesvc")?;
+    let cgroup = TestCgroup::new("nodesvc")?;
+    let manifests = node.dir().join("manifests");
+    write_manifest(
+        &manifests,
+        "svc.yaml",
+        &service_yaml("web", "10.96.0.20", 80, 8080, Some("web")),
+    )?;
+    write_manifest(
+        &manifests,
+        "pods.yaml",
+        &format!(
+            "{}---\n{}",
+            pod_yaml("web-1", "web"),
+            pod_yaml("web-2", "web")
+        ),
+    )?;
+    let cg = cgroup.0.to_str().unwrap().to_string();
+    let agent = node.start_agent(&manifests, &["--cgroup-root", &cg])?;
+    let conf = node.ptp_conflist("e2e", "10.244.4.0/24", "1.0.0", vec![node.catena_plugin()])?;
+    let cni = CniRunner::new(&node, conf);
+    let web1 = node.pod("web-1")?;
+    let web2 = node.pod("web-2")?;
+    for pod in [&web1, &web2] {
+        cni.add(pod, "eth0", &CallArgs::default())?;
+    }
+    let _s1 = web1.serve_tcp(8080, "web-1")?;
+    let _s2 = web2.serve_tcp(8080, "web-2")?;
+
+    // From the node, through the VIP: both backends answer.
+    let mut tally: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..16 {
+        *tally
+            .entry(node_request(&node, Some(&cgroup), "10.96.0.20:80")?)
+            .or_default() += 1;
+    }
+    assert!(
+        tally.get("web-1").is_some_and(|n| *n > 0) && tally.get("web-2").is_some_and(|n| *n > 0),
+        "{tally:?}"
+    );
+    let status: Status = agent.client().get("/v1/status")?;
+    assert!(
+        status.datapath.counters["sock_translated"] >= 16,
+        "{:?}",
+        status.datapath.counters
+    );
+
+    // A node process outside the cgroup is untouched (there is no route to
+    // the VIP in the node namespace, so without catena it fails).
+    assert!(node_request(&node, None, "10.96.0.20:80").is_err());
+
+    for pod in [&web1, &web2] {
+        cni.del(pod, "eth0", &CallArgs::default())?;
+    }
+    drop(agent);
+    Ok(())
+}
