@@ -55,8 +55,44 @@ pub struct AgentConfig {
     #[arg(long, default_value = "auto")]
     pub cgroup_root: String,
 
+    /// Whether catena replaces kube-proxy (the chart's `kubeProxyReplacement`;
+    /// off by default, as there). `false`: kube-proxy still serves
+    /// node processes and external traffic, so catena translates only pod
+    /// traffic (no socket load balancing). `true`/`strict`/`partial`: catena
+    /// also serves node processes (see --cgroup-root).
+    #[arg(long, value_enum, default_value_t = KubeProxyReplacement::False)]
+    pub kube_proxy_replacement: KubeProxyReplacement,
+
+    /// Serve kube-proxy's health endpoint (`GET /healthz`, as load balancers
+    /// probe it on port 10256) on this address when replacing kube-proxy.
+    #[arg(long)]
+    pub healthz_bind_address: Option<std::net::SocketAddr>,
+
+    /// External devices for NodePort/LoadBalancer traffic (comma-separated).
+    /// Recorded and reported by `catena status`; external-traffic services are
+    /// not translated yet.
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Vec<String>,
+
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum KubeProxyReplacement {
+    False,
+    True,
+    /// Cilium's spelling of `true`, accepted so existing values files work.
+    Strict,
+    /// Cilium's older partial mode: catena has no partial datapath, so this
+    /// enables what catena implements, like `true`.
+    Partial,
+}
+
+impl KubeProxyReplacement {
+    pub fn enabled(self) -> bool {
+        !matches!(self, KubeProxyReplacement::False)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -55,6 +55,7 @@ struct Inner {
     cluster: Arc<ClusterState>,
     /// What the service maps hold (None until the first apply).
     programmed: Option<LbDesired>,
+    programmed_at: Option<std::time::SystemTime>,
 }
 
 pub struct AgentCore {
@@ -76,6 +77,12 @@ impl AgentCore {
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// When the service maps were last made current (kube-proxy's `lastUpdated`).
+    pub fn last_programmed(&self) -> Option<std::time::SystemTime> {
+        let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        guard.as_ref().and_then(|i| i.programmed_at)
     }
 
     pub fn set_ready(&self) {
@@ -111,7 +118,12 @@ impl AgentCore {
             )
         })?;
         let mut datapath = datapath;
-        if let Some(cgroup) = crate::cgroup::resolve_root(&self.config.cgroup_root)? {
+        let cgroup_root = if self.config.kube_proxy_replacement.enabled() {
+            crate::cgroup::resolve_root(&self.config.cgroup_root)?
+        } else {
+            None // kube-proxy still serves node processes
+        };
+        if let Some(cgroup) = cgroup_root {
             datapath.attach_cgroup(&cgroup).with_context(|| {
                 format!(
                     "attaching socket load balancing to cgroup {}",
@@ -127,6 +139,7 @@ impl AgentCore {
             identities: IdentityAllocator::default(),
             cluster: Arc::new(ClusterState::default()),
             programmed: None,
+            programmed_at: None,
         };
         let endpoints: Vec<Endpoint> = inner.registry.all().cloned().collect();
         for ep in endpoints {
@@ -532,6 +545,7 @@ fn reconcile_services(inner: &mut Inner) -> Result<()> {
         tracing::warn!(warning = %w, "service compile");
     }
     if inner.programmed.as_ref() == Some(&compiled.desired) {
+        inner.programmed_at = Some(std::time::SystemTime::now());
         return Ok(());
     }
     let stats = inner.datapath.apply_services(&compiled.desired)?;
@@ -541,6 +555,7 @@ fn reconcile_services(inner: &mut Inner) -> Result<()> {
         "service maps updated"
     );
     inner.programmed = Some(compiled.desired);
+    inner.programmed_at = Some(std::time::SystemTime::now());
     Ok(())
 }
 

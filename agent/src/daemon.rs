@@ -24,6 +24,15 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let listener = api::bind(&config.socket)?;
     let server = tokio::spawn(api::serve(listener, core.clone()));
 
+    if !config.devices.is_empty() {
+        tracing::warn!(devices = ?config.devices, "NodePort/LoadBalancer/externalIPs on external devices are not translated yet; only ClusterIP is");
+    }
+    if let Some(addr) = config.healthz_bind_address {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the kube-proxy health endpoint on {addr}"))?;
+        tokio::spawn(api::healthz::serve(listener, core.clone()));
+    }
     let restore_core = core.clone();
     tokio::task::spawn_blocking(move || restore_core.open_and_restore())
         .await

@@ -1,6 +1,7 @@
 //! The agent API: HTTP/JSON on a unix socket (mode 0600), routes as documented
 //! in `catena_api`.
 
+pub mod healthz;
 mod routes;
 
 use crate::core::AgentCore;

@@ -3,6 +3,7 @@
 //! the Kubernetes API types; the plain manifests; and the chaining examples,
 //! run through the installer the chart's init container runs.
 
+use catena_agent::config::AgentConfig;
 use catena_agent::install::{self, conflist, InstallArgs};
 use clap::Parser;
 use k8s_openapi::api::apps::v1::DaemonSet;
@@ -503,6 +504,45 @@ fn kube_proxy_replacement_spellings() {
             .find_map(|a| a.strip_prefix("--kube-proxy-replacement="))
             .map(str::to_owned);
         assert_eq!(got.as_deref(), want, "{value}: {argv:?}");
+        // The agent itself must accept exactly this command line.
+        let config = AgentConfig::try_parse_from(&argv)
+            .unwrap_or_else(|e| panic!("catena-agent rejects the chart's args {argv:?}: {e}"));
+        assert_eq!(
+            config.kube_proxy_replacement.enabled(),
+            want.is_some(),
+            "{value}"
+        );
+    }
+}
+
+#[test]
+fn the_agent_accepts_every_rendered_command_line() {
+    let api = ["k8sServiceHost=10.0.0.1", "k8sServicePort=6443"];
+    let mut cases: Vec<Vec<&str>> = MODES.iter().map(|m| vec![*m]).collect();
+    cases.push(SEED_004.to_vec());
+    cases.push(vec![
+        "kubeProxyReplacement=strict",
+        api[0],
+        api[1],
+        "devices={eth0,eth1}",
+    ]);
+    for sets in cases {
+        let sets: Vec<String> = sets
+            .iter()
+            .map(|s| {
+                if s.contains('=') {
+                    s.to_string()
+                } else {
+                    format!("cni.chainingMode={s}")
+                }
+            })
+            .collect();
+        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        let Some(r) = render(&sets) else { return };
+        let argv = r.objects.agent_argv();
+        if let Err(e) = AgentConfig::try_parse_from(&argv) {
+            panic!("catena-agent rejects the chart's args for {sets:?}: {argv:?}: {e}");
+        }
     }
 }
 

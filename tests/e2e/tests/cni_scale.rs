@@ -66,8 +66,10 @@ fn hundred_pods_added_and_deleted_in_parallel_leave_nothing_behind() -> anyhow::
     });
     assert!(
         failures.is_empty(),
-        "{} ADDs failed: {failures:#?}",
-        failures.len()
+        "{} ADDs failed, the first: {:#?}\nagent log tail:\n{}",
+        failures.len(),
+        &failures[..failures.len().min(3)],
+        agent.log_tail(30)
     );
     eprintln!("{PODS} parallel ADDs ({THREADS} threads): {add_time:?}");
 

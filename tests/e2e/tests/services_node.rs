@@ -78,7 +78,17 @@ fn node_processes_reach_cluster_ips() -> anyhow::Result<()> {
         ),
     )?;
     let cg = cgroup.0.to_str().unwrap().to_string();
-    let agent = node.start_agent(&manifests, &["--cgroup-root", &cg])?;
+    let agent = node.start_agent(
+        &manifests,
+        &[
+            "--kube-proxy-replacement",
+            "true",
+            "--cgroup-root",
+            &cg,
+            "--healthz-bind-address",
+            "127.0.0.1:10256",
+        ],
+    )?;
     let conf = node.ptp_conflist("e2e", "10.244.4.0/24", "1.0.0", vec![node.catena_plugin()])?;
     let cni = CniRunner::new(&node, conf);
     let web1 = node.pod("web-1")?;
@@ -105,6 +115,21 @@ fn node_processes_reach_cluster_ips() -> anyhow::Result<()> {
         status.datapath.counters["sock_translated"] >= 16,
         "{:?}",
         status.datapath.counters
+    );
+
+    // kube-proxy's health endpoint answers like kube-proxy does.
+    let health = node.netns().enter_thread(|| -> anyhow::Result<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect("127.0.0.1:10256")?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })??;
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(
+        health.contains("\"lastUpdated\"") && health.contains("\"nodeHealthy\":true"),
+        "{health}"
     );
 
     // A node process outside the cgroup is untouched (there is no route to
