@@ -7,6 +7,8 @@ mod attach;
 mod cgroup;
 mod ct;
 mod desired;
+pub mod events;
+pub mod policy;
 mod endpoints;
 mod lb;
 mod loader;

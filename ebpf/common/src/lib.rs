@@ -7,6 +7,7 @@
 
 pub mod ct;
 pub mod endpoint;
+pub mod identity;
 pub mod lb;
 pub mod metrics;
 
