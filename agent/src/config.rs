@@ -76,6 +76,31 @@ pub struct AgentConfig {
 
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Serve Prometheus metrics (`GET /metrics`) on this address, e.g.
+    /// 127.0.0.1:9962. They are also on the agent socket.
+    #[arg(long)]
+    pub prometheus_bind_address: Option<std::net::SocketAddr>,
+
+    /// How often expired conntrack entries are removed.
+    #[arg(long, default_value = "60s", alias = "conntrack-gc-interval")]
+    pub ct_gc_interval: humantime::Duration,
+
+    /// Idle timeout of an established TCP connection (Cilium's default).
+    #[arg(long, default_value = "21600s", alias = "bpf-ct-timeout-regular-tcp")]
+    pub ct_tcp_timeout: humantime::Duration,
+
+    /// Idle timeout of a TCP connection once a FIN or RST was seen.
+    #[arg(long, default_value = "10s", alias = "bpf-ct-timeout-regular-tcp-fin")]
+    pub ct_tcp_closing_timeout: humantime::Duration,
+
+    /// Idle timeout of a TCP connection that never saw a reply.
+    #[arg(long, default_value = "60s", alias = "bpf-ct-timeout-regular-tcp-syn")]
+    pub ct_tcp_syn_timeout: humantime::Duration,
+
+    /// Idle timeout of UDP, SCTP and other flows.
+    #[arg(long, default_value = "60s", alias = "bpf-ct-timeout-regular-any")]
+    pub ct_any_timeout: humantime::Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -109,4 +134,9 @@ pub enum Command {
     /// Take catena out of the CNI configuration so new pods start with the
     /// primary alone (the DaemonSet's preStop when `cni.uninstall` is set).
     UninstallCni(crate::install::InstallArgs),
+    /// Remove catena from the node: the CNI configuration (as uninstall-cni),
+    /// the programs on every pod veth and the cgroup, every pin under the
+    /// bpffs dir and the state dir. Not for upgrades: run it with the agent
+    /// stopped, when catena is being removed for good.
+    Uninstall(crate::ops::uninstall::UninstallArgs),
 }

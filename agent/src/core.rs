@@ -2,18 +2,22 @@
 //! (short syscalls on maps and links) and serialised by one mutex, so an ADD,
 //! a DEL and a reconcile never interleave half-way.
 
+use crate::compile::policy::{compile_policy, known_pods, PolicyInput, PolicyReport, RuleOrigin};
 use crate::compile::services::{compile_services, pod_endpoints};
 use crate::config::AgentConfig;
 use crate::model::endpoints::{key_of, EndpointKey, EndpointRegistry};
-use crate::model::identity::{identity_labels, IdentityAllocator};
-use crate::sources::{ClusterState, ObjectKey};
+use crate::model::identity::{IdentityAllocator, RESERVED};
+use crate::model::policy::Prefix;
+use crate::sources::ClusterState;
 use anyhow::{Context, Result};
 use catena_api::{
     Attachment, DatapathStatus, Endpoint, EndpointCheck, EndpointSpec, GcResult, QueuedDelete,
     ServiceStatus, SourceStatus, Status,
 };
 use catena_common::endpoint::{EndpointInfo, EP_FLAG_ANTI_SPOOF};
+use catena_datapath::policy::PolicyDesired;
 use catena_datapath::{Datapath, LbDesired};
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -56,6 +60,21 @@ struct Inner {
     /// What the service maps hold (None until the first apply).
     programmed: Option<LbDesired>,
     programmed_at: Option<std::time::SystemTime>,
+    policy: PolicyProgram,
+}
+
+/// What the policy maps hold and the tables that keep numbers stable.
+#[derive(Default)]
+struct PolicyProgram {
+    /// None until the first apply (or until an apply failed).
+    programmed: Option<PolicyDesired>,
+    /// CIDR identities in use (None: not yet read back from the pinned maps).
+    cidr_ids: Option<BTreeMap<Prefix, u32>>,
+    /// rule_ref -> where it came from, for events and `catena policy get`.
+    rule_refs: BTreeMap<RuleOrigin, u32>,
+    reports: Vec<PolicyReport>,
+    /// Identity -> addresses, for `catena identity list`.
+    addresses: BTreeMap<u32, Vec<String>>,
 }
 
 pub struct AgentCore {
@@ -83,6 +102,68 @@ impl AgentCore {
     pub fn last_programmed(&self) -> Option<std::time::SystemTime> {
         let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         guard.as_ref().and_then(|i| i.programmed_at)
+    }
+
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
+    /// Liveness: whether the state lock can be taken within `within` (a
+    /// deadlocked or wedged agent cannot, a busy one can).
+    pub fn responsive(&self, within: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            match self.inner.try_lock() {
+                Ok(_) | Err(std::sync::TryLockError::Poisoned(_)) => return true,
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    /// The datapath's event reader (one per agent). The datapath may not
+    /// implement events yet (its contract body panics with
+    /// `unimplemented!`): that is reported as an error, not a crash.
+    pub fn event_reader(&self) -> Result<catena_datapath::events::EventReader> {
+        let mut guard = self.lock().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let inner = guard.as_mut().expect("checked by lock");
+        let datapath = &mut inner.datapath;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| datapath.event_reader()))
+            .unwrap_or_else(|_| {
+                Err(anyhow::anyhow!(
+                    "the datapath does not implement the event reader"
+                ))
+            })
+    }
+
+    /// Removes what a previous run left in the datapath for endpoints that no
+    /// longer exist: link pins of unknown or vanished interfaces and
+    /// `ENDPOINTS` entries without a record. Only safe once the state is
+    /// restored, deletes queued while down are applied and running pods are
+    /// adopted (before that, a live pod's links could look stale), and before
+    /// the agent reports ready (so no ADD races it).
+    pub fn collect_stale_datapath_state(&self) -> Result<(usize, usize)> {
+        let mut guard = self.lock().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let inner = guard.as_mut().expect("checked by lock");
+        let live: std::collections::BTreeSet<u32> =
+            inner.registry.all().map(|e| e.spec.host_ifindex).collect();
+        let links = inner.datapath.gc_links(&live)?;
+        let map = crate::ops::bpf::PinnedMap::open_typed::<u32, EndpointInfo>(
+            &self.config.bpffs_dir,
+            catena_common::map_names::ENDPOINTS,
+        )?;
+        let mut entries = 0;
+        for key in map.keys()? {
+            let ifindex: u32 = crate::ops::bpf::from_bytes(&key)?;
+            if !live.contains(&ifindex) {
+                inner.datapath.remove_endpoint(ifindex)?;
+                entries += 1;
+            }
+        }
+        Ok((links, entries))
     }
 
     pub fn set_ready(&self) {
@@ -140,13 +221,15 @@ impl AgentCore {
             cluster: Arc::new(ClusterState::default()),
             programmed: None,
             programmed_at: None,
+            policy: PolicyProgram::default(),
         };
         let endpoints: Vec<Endpoint> = inner.registry.all().cloned().collect();
         for ep in endpoints {
             let key = key_of(&ep);
             if interface_index(&ep.spec.host_ifname) == Some(ep.spec.host_ifindex) {
-                let labels = identity_labels(&ep.spec.pod.namespace, &ep.spec.labels);
-                inner.identities.allocate(labels);
+                // The persisted identity stays in the ENDPOINTS entry until
+                // the first reconcile, which knows the cluster (namespace
+                // labels, manifests) and keeps that number when it can.
                 if let Err(e) = program_endpoint(&mut inner.datapath, &ep) {
                     tracing::error!(endpoint = ep.id, error = %format!("{e:#}"), "cannot re-attach restored endpoint");
                 }
@@ -208,6 +291,7 @@ impl AgentCore {
     }
 
     fn register(&self, spec: EndpointSpec) -> Result<Endpoint, AgentError> {
+        let started = std::time::Instant::now();
         validate_spec(&spec)?;
         let mut guard = self.lock()?;
         let inner = guard.as_mut().expect("checked by lock");
@@ -237,34 +321,35 @@ impl AgentCore {
             .get(&key)
             .map(|e| e.id)
             .unwrap_or_else(|| inner.registry.next_id());
-        let mut labels = spec.labels.clone();
-        if let Some(pod_labels) = inner
-            .cluster
-            .pod_labels(&ObjectKey::new(&spec.pod.namespace, &spec.pod.name))
-        {
-            labels.extend(pod_labels.clone());
-        }
-        let identity = inner
-            .identities
-            .allocate(identity_labels(&spec.pod.namespace, &labels));
         let mut ep = Endpoint {
             id,
             spec,
-            identity,
+            identity: inner.registry.get(&key).map_or(0, |e| e.identity),
             attach_mode: String::new(),
             created: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         };
+        // A pod never runs unenforced: its identity, its ipcache entry and
+        // its policy are in the maps before the programs can see a packet.
+        let identities = match reconcile_policy(inner, std::slice::from_ref(&ep)) {
+            Ok(ids) => ids,
+            Err(e) => return Err(AgentError::Internal(e.context("programming policy"))),
+        };
+        ep.identity = identities.get(&ep.id).copied().unwrap_or(ep.identity);
         match program_endpoint(&mut inner.datapath, &ep) {
             Ok(mode) => ep.attach_mode = mode.as_str().to_string(),
             Err(e) => {
                 // Fail closed and leave nothing behind.
                 let _ = inner.datapath.detach(ep.spec.host_ifindex);
                 let _ = inner.datapath.remove_endpoint(ep.spec.host_ifindex);
+                if let Err(e) = reconcile_policy(inner, &[]) {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot withdraw the policy of a failed endpoint");
+                }
                 return Err(AgentError::Internal(e));
             }
         }
         inner.registry.save(ep.clone())?;
         reconcile_services(inner)?;
+        crate::metrics::global().service_implementation("endpoint", started.elapsed());
         tracing::info!(endpoint = ep.id, container = %ep.spec.container_id, veth = %ep.spec.host_ifname, ifindex = ep.spec.host_ifindex, mode = %ep.attach_mode, "endpoint added");
         Ok(ep)
     }
@@ -275,6 +360,7 @@ impl AgentCore {
         let inner = guard.as_mut().expect("checked by lock");
         if remove_endpoint(inner, key)?.is_some() {
             reconcile_services(inner)?;
+            reconcile_policy(inner, &[])?;
         }
         Ok(())
     }
@@ -359,6 +445,7 @@ impl AgentCore {
         }
         if !doomed.is_empty() {
             reconcile_services(inner)?;
+            reconcile_policy(inner, &[])?;
         }
         Ok(GcResult { removed: doomed })
     }
@@ -368,7 +455,12 @@ impl AgentCore {
         let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let inner = guard.as_mut().context("datapath not loaded")?;
         inner.cluster = state;
-        reconcile_services(inner)
+        // Policy first: pods new to the cluster get their identities before
+        // a Service can send them traffic. A policy failure must not keep
+        // services stale (and vice versa): both run, the first error wins.
+        let policy = reconcile_policy(inner, &[]).map(|_| ());
+        let services = reconcile_services(inner);
+        policy.and(services)
     }
 
     /// Applies the DELs the plugin queued while the agent was down.
@@ -435,6 +527,21 @@ impl AgentCore {
     pub fn status(&self) -> Status {
         let source = self.source.read().unwrap().clone();
         let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let policies = guard
+            .as_ref()
+            .map(|i| {
+                i.policy
+                    .reports
+                    .iter()
+                    .map(|r| catena_api::PolicyStatus {
+                        name: r.name.clone(),
+                        kind: r.kind.clone(),
+                        state: r.state.as_str().to_string(),
+                        messages: r.messages.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         let (datapath, endpoints, services) = match guard.as_ref() {
             Some(inner) => (
                 DatapathStatus {
@@ -466,8 +573,115 @@ impl AgentCore {
             datapath,
             endpoints,
             services,
+            policies,
         }
     }
+
+    /// An endpoint's policy as the maps hold it, explained: remote identity
+    /// labels and the policy each entry came from.
+    pub fn endpoint_policy(
+        &self,
+        key: &EndpointKey,
+    ) -> Result<catena_api::EndpointPolicyStatus, AgentError> {
+        let guard = self.lock()?;
+        let inner = guard.as_ref().expect("checked by lock");
+        let ep = inner.registry.get(key).ok_or_else(|| {
+            AgentError::NotFound(format!("endpoint {}/{}", key.container_id, key.ifname))
+        })?;
+        let programmed = inner.datapath.endpoint_policy(ep.id)?.unwrap_or_default();
+        let labels = identity_labels_by_id(inner);
+        let origins: BTreeMap<u32, &RuleOrigin> = inner
+            .policy
+            .rule_refs
+            .iter()
+            .map(|(o, r)| (*r, o))
+            .collect();
+        let entries = programmed
+            .rules
+            .iter()
+            .map(|r| catena_api::PolicyEntryStatus {
+                direction: match r.direction {
+                    catena_datapath::policy::Direction::Ingress => "ingress".into(),
+                    catena_datapath::policy::Direction::Egress => "egress".into(),
+                },
+                verdict: if r.deny { "deny" } else { "allow" }.into(),
+                remote_identity: r.remote_identity,
+                remote_labels: if r.remote_identity == catena_common::identity::ANY {
+                    vec!["any".into()]
+                } else {
+                    labels.get(&r.remote_identity).cloned().unwrap_or_default()
+                },
+                protocol: match r.proto {
+                    0 => "any".into(),
+                    1 => "ICMP".into(),
+                    6 => "TCP".into(),
+                    17 => "UDP".into(),
+                    132 => "SCTP".into(),
+                    n => n.to_string(),
+                },
+                ports: if r.ports.is_any() {
+                    "any".into()
+                } else if r.ports.start == r.ports.end {
+                    r.ports.start.to_string()
+                } else {
+                    format!("{}-{}", r.ports.start, r.ports.end)
+                },
+                rule_ref: r.rule_ref,
+                source: origins.get(&r.rule_ref).map_or_else(String::new, |o| {
+                    format!("{} {} {}", o.kind, o.policy, o.path)
+                        .trim()
+                        .to_string()
+                }),
+            })
+            .collect();
+        Ok(catena_api::EndpointPolicyStatus {
+            endpoint_id: ep.id,
+            identity: ep.identity,
+            ingress_enforced: programmed.ingress_enforced,
+            egress_enforced: programmed.egress_enforced,
+            entries,
+        })
+    }
+
+    /// Every identity: reserved, pods' and CIDRs'.
+    pub fn identities(&self) -> Result<Vec<catena_api::IdentityInfo>, AgentError> {
+        let guard = self.lock()?;
+        let inner = guard.as_ref().expect("checked by lock");
+        let labels = identity_labels_by_id(inner);
+        Ok(labels
+            .into_iter()
+            .map(|(id, labels)| catena_api::IdentityInfo {
+                id,
+                kind: if id < catena_common::identity::FIRST_LOCAL {
+                    "reserved"
+                } else if id >= catena_common::identity::FIRST_CIDR {
+                    "cidr"
+                } else {
+                    "pod"
+                }
+                .into(),
+                labels,
+                addresses: inner.policy.addresses.get(&id).cloned().unwrap_or_default(),
+            })
+            .collect())
+    }
+}
+
+fn identity_labels_by_id(inner: &Inner) -> BTreeMap<u32, Vec<String>> {
+    let mut out: BTreeMap<u32, Vec<String>> = RESERVED
+        .iter()
+        .map(|(id, name)| (*id, vec![format!("reserved:{name}")]))
+        .collect();
+    for (labels, id) in inner.identities.all() {
+        out.insert(
+            id,
+            labels.iter().map(|(k, v)| format!("k8s:{k}={v}")).collect(),
+        );
+    }
+    for (prefix, id) in inner.policy.cidr_ids.iter().flatten() {
+        out.insert(*id, vec![format!("cidr:{prefix}")]);
+    }
+    out
 }
 
 fn validate_spec(spec: &EndpointSpec) -> Result<(), AgentError> {
@@ -493,6 +707,11 @@ fn validate_spec(spec: &EndpointSpec) -> Result<(), AgentError> {
 /// Writes the endpoint's map entry, then attaches: by the time a packet can
 /// reach the programs, its configuration is there.
 fn program_endpoint(datapath: &mut Datapath, ep: &Endpoint) -> Result<catena_datapath::AttachMode> {
+    datapath.upsert_endpoint(ep.spec.host_ifindex, endpoint_info(ep))?;
+    datapath.attach(ep.spec.host_ifindex, &ep.spec.host_ifname)
+}
+
+fn endpoint_info(ep: &Endpoint) -> EndpointInfo {
     let ipv4 = ep
         .spec
         .ips
@@ -500,16 +719,12 @@ fn program_endpoint(datapath: &mut Datapath, ep: &Endpoint) -> Result<catena_dat
         .filter_map(|ip| ip.split('/').next()?.parse::<Ipv4Addr>().ok())
         .next()
         .map_or(0, |ip| u32::from_ne_bytes(ip.octets()));
-    datapath.upsert_endpoint(
-        ep.spec.host_ifindex,
-        EndpointInfo {
-            ipv4,
-            endpoint_id: ep.id,
-            identity: ep.identity,
-            flags: if ipv4 != 0 { EP_FLAG_ANTI_SPOOF } else { 0 },
-        },
-    )?;
-    datapath.attach(ep.spec.host_ifindex, &ep.spec.host_ifname)
+    EndpointInfo {
+        ipv4,
+        endpoint_id: ep.id,
+        identity: ep.identity,
+        flags: if ipv4 != 0 { EP_FLAG_ANTI_SPOOF } else { 0 },
+    }
 }
 
 fn remove_endpoint(inner: &mut Inner, key: &EndpointKey) -> Result<Option<Endpoint>> {
@@ -527,12 +742,6 @@ fn remove_endpoint(inner: &mut Inner, key: &EndpointKey) -> Result<Option<Endpoi
     }
     inner.datapath.remove_endpoint(ifindex)?;
     inner.registry.remove(key)?;
-    let live: Vec<_> = inner
-        .registry
-        .all()
-        .map(|e| identity_labels(&e.spec.pod.namespace, &e.spec.labels))
-        .collect();
-    inner.identities.retain_only(&live);
     tracing::info!(endpoint = ep.id, container = %key.container_id, "endpoint removed");
     Ok(Some(ep))
 }
@@ -557,6 +766,137 @@ fn reconcile_services(inner: &mut Inner) -> Result<()> {
     inner.programmed = Some(compiled.desired);
     inner.programmed_at = Some(std::time::SystemTime::now());
     Ok(())
+}
+
+/// Compiles the policy of every known pod and makes the policy maps hold it.
+/// `pending` are endpoints being registered (not yet in the registry): they
+/// get identities and policy like the others. Returns endpoint id -> identity.
+///
+/// Identities: every pod's label set is allocated (registered endpoints
+/// first, each keeping its current number when free), then label sets no pod
+/// holds any more are released — after allocation, so a number freed by a
+/// label change is never handed to another label set in the same pass (an
+/// ENDPOINTS entry not yet updated must not name someone else).
+fn reconcile_policy(inner: &mut Inner, pending: &[Endpoint]) -> Result<BTreeMap<u32, u32>> {
+    let mut registered: Vec<Endpoint> = inner
+        .registry
+        .all()
+        .filter(|e| !pending.iter().any(|p| key_of(p) == key_of(e)))
+        .cloned()
+        .collect();
+    registered.extend(pending.iter().cloned());
+    let current: BTreeMap<u32, u32> = registered.iter().map(|e| (e.id, e.identity)).collect();
+    let mut pods = known_pods(&inner.cluster, &registered);
+    pods.sort_by_key(|p| p.endpoint_id.is_none());
+    for p in &mut pods {
+        let preferred = p
+            .endpoint_id
+            .and_then(|id| current.get(&id).copied())
+            .filter(|i| *i != 0);
+        p.identity = inner
+            .identities
+            .allocate_preferring(p.labels.clone(), preferred);
+    }
+    let live: Vec<BTreeMap<String, String>> = pods.iter().map(|p| p.labels.clone()).collect();
+    inner.identities.retain_only(&live);
+
+    let prev_cidr = match &inner.policy.cidr_ids {
+        Some(c) => c.clone(),
+        // After a restart the pinned ipcache still holds the CIDR identities
+        // in force: keep their numbers.
+        None => inner
+            .datapath
+            .ipcache()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(_, id)| *id >= catena_common::identity::FIRST_CIDR)
+            .map(|((a, l), id)| (Prefix::new(a, l), id))
+            .collect(),
+    };
+    let host_addrs = local_ipv4_addrs();
+    let out = compile_policy(&PolicyInput {
+        cluster: &inner.cluster,
+        pods: &pods,
+        host_addrs: &host_addrs,
+        // Remote nodes: catena's sources carry no Node objects yet, so other
+        // nodes' addresses are WORLD (a CIDR can select them).
+        remote_node_addrs: &[],
+        prev_cidr_ids: &prev_cidr,
+        prev_rule_refs: &inner.policy.rule_refs,
+    });
+    for r in &out.reports {
+        let before = inner
+            .policy
+            .reports
+            .iter()
+            .find(|p| p.kind == r.kind && p.name == r.name);
+        if r.state != crate::model::policy::PolicyState::Ok && before != Some(r) {
+            tracing::warn!(policy = %r.name, kind = %r.kind, state = r.state.as_str(), messages = ?r.messages, "policy not enforced exactly as written (fail-closed)");
+        }
+    }
+    if inner.policy.programmed.as_ref() != Some(&out.desired) {
+        inner.policy.programmed = None;
+        let stats = inner.datapath.apply_policy(&out.desired)?;
+        tracing::info!(
+            endpoints = out.desired.endpoints.len(),
+            ipcache = out.desired.ipcache.len(),
+            ?stats,
+            "policy maps updated"
+        );
+        inner.policy.programmed = Some(out.desired.clone());
+    }
+    let mut addresses: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for ((a, l), id) in &out.desired.ipcache {
+        addresses.entry(*id).or_default().push(format!("{a}/{l}"));
+    }
+    inner.policy.addresses = addresses;
+    inner.policy.cidr_ids = Some(out.cidr_ids);
+    inner.policy.rule_refs = out.rule_refs;
+    inner.policy.reports = out.reports;
+
+    // ENDPOINTS entries follow identity changes (a Pod's labels edited),
+    // written after the maps already know the new identity.
+    let identities: BTreeMap<u32, u32> = pods
+        .iter()
+        .filter_map(|p| Some((p.endpoint_id?, p.identity)))
+        .collect();
+    let changed: Vec<Endpoint> = inner
+        .registry
+        .all()
+        .filter(|e| !pending.iter().any(|p| p.id == e.id))
+        .filter(|e| identities.get(&e.id).is_some_and(|i| *i != e.identity))
+        .cloned()
+        .collect();
+    for mut ep in changed {
+        let old = ep.identity;
+        ep.identity = identities[&ep.id];
+        inner
+            .datapath
+            .upsert_endpoint(ep.spec.host_ifindex, endpoint_info(&ep))?;
+        tracing::info!(
+            endpoint = ep.id,
+            old,
+            new = ep.identity,
+            "endpoint identity changed"
+        );
+        inner.registry.save(ep)?;
+    }
+    Ok(identities)
+}
+
+/// IPv4 addresses of the agent's network namespace (the node's): the host
+/// identity. Loopback is left out, a pod never sees it as a source.
+fn local_ipv4_addrs() -> Vec<Ipv4Addr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return vec![];
+    };
+    let mut out: Vec<Ipv4Addr> = addrs
+        .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
+        .filter(|ip| !ip.is_loopback())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// ifindex of `name` in the agent's network namespace.

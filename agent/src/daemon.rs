@@ -21,8 +21,21 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     // The API comes up first (answering "not ready") so the CNI plugin gets a
     // clear try-again-later instead of a missing socket while we restore.
     let core = Arc::new(AgentCore::new(config.clone()));
+    let ops = crate::ops::Ops::new(core.clone());
     let listener = api::bind(&config.socket)?;
-    let server = tokio::spawn(api::serve(listener, core.clone()));
+    let server = tokio::spawn(api::serve(listener, core.clone(), ops.clone()));
+    if let Some(addr) = config.prometheus_bind_address {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the Prometheus endpoint on {addr}"))?;
+        let app = crate::ops::metrics_router(ops.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "Prometheus endpoint stopped");
+            }
+        });
+        tracing::info!(%addr, "serving Prometheus metrics");
+    }
 
     if !config.devices.is_empty() {
         tracing::warn!(devices = ?config.devices, "NodePort/LoadBalancer/externalIPs on external devices are not translated yet; only ClusterIP is");
@@ -37,6 +50,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     tokio::task::spawn_blocking(move || restore_core.open_and_restore())
         .await
         .context("restore task panicked")??;
+    ops.start_events();
 
     let mut updates = start_source(&config, &core).await?;
     let first = updates.borrow_and_update().clone();
@@ -48,6 +62,17 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let adopted = blocking(&core, |c| c.adopt_running_pods()).await?;
     if adopted > 0 {
         tracing::info!(adopted, "adopted pods that were running before catena");
+    }
+    // Only now is the set of live endpoints known (restored, synced, queued
+    // deletes applied, running pods adopted): what a previous run left for
+    // other interfaces is garbage.
+    let (links, entries) = blocking(&core, |c| c.collect_stale_datapath_state()).await?;
+    if links + entries > 0 {
+        tracing::info!(
+            links,
+            entries,
+            "collected datapath state of endpoints that no longer exist"
+        );
     }
     core.set_ready();
     tracing::info!("agent ready");
@@ -64,8 +89,24 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         })
     };
 
+    let ct_gc = {
+        let ops = ops.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(ops.gc_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await; // the first tick is immediate: skip it
+            loop {
+                tick.tick().await;
+                let ops = ops.clone();
+                let _ = tokio::task::spawn_blocking(move || ops.run_gc()).await;
+            }
+        })
+    };
+
     shutdown_signal().await;
     tracing::info!("shutting down; pinned programs and maps keep the datapath running");
+    ops.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    ct_gc.abort();
     reconciler.abort();
     server.abort();
     let _ = std::fs::remove_file(&config.socket);
@@ -106,9 +147,19 @@ fn in_cluster() -> bool {
 }
 
 async fn apply_update(core: &Arc<AgentCore>, update: SourceUpdate) -> Result<()> {
+    let received = std::time::Instant::now();
+    let metrics = crate::metrics::global();
+    metrics.source_update(update.errors.len());
     core.record_source_errors(update.errors.clone());
     let state = update.state.clone();
-    blocking(core, move |c| c.set_cluster(state)).await
+    let result = blocking(core, move |c| c.set_cluster(state)).await;
+    match &result {
+        // From the snapshot reaching the agent (after the source's debounce)
+        // to the maps written.
+        Ok(()) => metrics.service_implementation("source", received.elapsed()),
+        Err(_) => metrics.reconcile_failed(),
+    }
+    result
 }
 
 async fn blocking<T: Send + 'static>(

@@ -10,6 +10,8 @@ pub mod config;
 pub mod core;
 pub mod daemon;
 pub mod install;
+pub mod metrics;
 pub mod model;
+pub mod ops;
 pub mod sources;
 pub mod state_file;

@@ -18,6 +18,10 @@ fn main() -> Result<()> {
             println!("{}", catena_agent::install::uninstall(args)?);
             return Ok(());
         }
+        Some(Command::Uninstall(args)) => {
+            println!("{}", catena_agent::ops::uninstall::uninstall(args)?);
+            return Ok(());
+        }
         None => {}
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -4,7 +4,7 @@
 
 use crate::ApiError;
 use serde::{de::DeserializeOwned, Serialize};
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -162,6 +162,191 @@ impl Client {
     }
 }
 
+/// What [`LineStream::next_line`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum StreamItem {
+    /// One complete line (without the newline).
+    Line(String),
+    /// Nothing arrived within the wait; the stream is still open.
+    Idle,
+    /// The agent closed the stream.
+    End,
+}
+
+/// A streaming answer (`GET /v1/monitor`): newline-delimited JSON read as it
+/// arrives, through HTTP/1.1 chunked encoding or a close-delimited body.
+pub struct LineStream {
+    body: Body,
+    pending: Vec<u8>,
+}
+
+impl LineStream {
+    /// The next line, waiting at most `wait` for more data.
+    pub fn next_line(&mut self, wait: Duration) -> Result<StreamItem, ClientError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Some(pos) = self.pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.pending.drain(..=pos).collect();
+                let text = String::from_utf8_lossy(&line[..pos]).trim_end().to_string();
+                return Ok(StreamItem::Line(text));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(StreamItem::Idle);
+            }
+            let stream = self.body.reader.get_ref();
+            stream
+                .set_read_timeout(Some(left))
+                .map_err(|e| ClientError::Protocol(format!("setting a read timeout: {e}")))?;
+            let mut chunk = [0u8; 8192];
+            match self.body.read(&mut chunk) {
+                Ok(0) => {
+                    if self.pending.is_empty() {
+                        return Ok(StreamItem::End);
+                    }
+                    // A last line without a newline.
+                    let line = std::mem::take(&mut self.pending);
+                    return Ok(StreamItem::Line(String::from_utf8_lossy(&line).into()));
+                }
+                Ok(n) => self.pending.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Ok(StreamItem::Idle)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ClientError::Protocol(format!("reading the stream: {e}"))),
+            }
+        }
+    }
+}
+
+/// A response body read incrementally. Chunk framing is decoded as bytes
+/// arrive; the state survives read timeouts (a size line cut by a timeout is
+/// kept in `size_line` and completed by the next read).
+struct Body {
+    reader: BufReader<UnixStream>,
+    chunked: bool,
+    chunk_left: usize,
+    size_line: Vec<u8>,
+    done: bool,
+}
+
+impl Read for Body {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if !self.chunked {
+            return self.reader.read(out);
+        }
+        loop {
+            if self.done {
+                return Ok(0);
+            }
+            if self.chunk_left > 0 {
+                let want = out.len().min(self.chunk_left);
+                let n = self.reader.read(&mut out[..want])?;
+                if n == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                self.chunk_left -= n;
+                return Ok(n);
+            }
+            // Between chunks: the CRLF ending the previous chunk (an empty
+            // line) or the next size line.
+            if self.reader.read_until(b'\n', &mut self.size_line)? == 0 {
+                return Ok(0);
+            }
+            if self.size_line.last() != Some(&b'\n') {
+                continue; // EOF inside a size line: the next read reports it
+            }
+            let line = String::from_utf8_lossy(&self.size_line).trim().to_string();
+            self.size_line.clear();
+            if line.is_empty() {
+                continue;
+            }
+            let size = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)
+                .map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("bad chunk size {line:?}"),
+                    )
+                })?;
+            if size == 0 {
+                self.done = true;
+            }
+            self.chunk_left = size;
+        }
+    }
+}
+
+impl Client {
+    /// Sends a GET and returns the body as a stream of lines once the agent
+    /// answered 2xx (errors are read whole, as for [`Client::request`]).
+    /// Only connecting and the response head are bound by the client's
+    /// timeout; the stream itself lasts as long as the agent keeps it open.
+    pub fn stream(&self, path: &str) -> Result<LineStream, ClientError> {
+        let unreachable = |source| ClientError::Unreachable {
+            path: self.socket.clone(),
+            source,
+        };
+        let mut stream = UnixStream::connect(&self.socket).map_err(unreachable)?;
+        stream
+            .set_write_timeout(Some(self.timeout))
+            .map_err(unreachable)?;
+        stream
+            .set_read_timeout(Some(self.timeout))
+            .map_err(unreachable)?;
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: catena\r\nConnection: close\r\nAccept: application/x-ndjson\r\n\r\n"
+        );
+        stream.write_all(req.as_bytes()).map_err(unreachable)?;
+        let mut reader = BufReader::new(stream);
+        let mut head = Vec::new();
+        // Headers are small; bound them so a broken peer cannot grow this forever.
+        while !head.ends_with(b"\r\n\r\n") {
+            if head.len() > 64 * 1024 {
+                return Err(ClientError::Protocol("response headers too long".into()));
+            }
+            if reader.read_until(b'\n', &mut head).map_err(unreachable)? == 0 {
+                return Err(ClientError::Protocol(
+                    "connection closed in the headers".into(),
+                ));
+            }
+        }
+        let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse::<u16>().ok())
+            .ok_or_else(|| ClientError::Protocol("bad status line".into()))?;
+        let chunked = text
+            .lines()
+            .any(|l| l.starts_with("transfer-encoding:") && l.contains("chunked"));
+        let mut body = Body {
+            reader,
+            chunked,
+            chunk_left: 0,
+            size_line: Vec::new(),
+            done: false,
+        };
+        if !(200..300).contains(&status) {
+            let mut raw = Vec::new();
+            body.read_to_end(&mut raw).map_err(unreachable)?;
+            let body = serde_json::from_slice::<ApiError>(&raw).unwrap_or_else(|_| ApiError {
+                message: String::from_utf8_lossy(&raw).trim().to_string(),
+                retryable: status == 503,
+            });
+            return Err(ClientError::Api { status, body });
+        }
+        Ok(LineStream {
+            body,
+            pending: Vec::new(),
+        })
+    }
+}
+
 fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, ClientError> {
     serde_json::from_slice(body).map_err(|e| ClientError::Protocol(format!("{e}")))
 }
@@ -261,6 +446,72 @@ mod tests {
             started.elapsed()
         );
         assert!(err.is_retryable(), "{err}");
+        server.join().unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn streams_chunked_lines_across_pauses() {
+        let dir = std::env::temp_dir().join(format!("catena-api-stream-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("stream.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut req = [0u8; 1024];
+            let _ = conn.read(&mut req);
+            conn.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                .unwrap();
+            // A line split over two chunks, a size line split over two
+            // writes with a pause (longer than the reader's wait) between.
+            conn.write_all(b"6\r\n{\"a\":1\r\n").unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            conn.write_all(b"2\r\n}\n\r\n1").unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            // 0x11 bytes: the line and its newline.
+            conn.write_all(b"1\r\n{\"b\":2,\"c\":\"xy\"}\n\r\n0\r\n\r\n")
+                .unwrap();
+        });
+        let mut s = Client::new(&path).stream("/v1/monitor").unwrap();
+        let mut lines = Vec::new();
+        let mut idles = 0;
+        for _ in 0..50 {
+            match s.next_line(Duration::from_millis(100)).unwrap() {
+                StreamItem::Line(l) => lines.push(l),
+                StreamItem::Idle => idles += 1,
+                StreamItem::End => break,
+            }
+        }
+        assert_eq!(lines, vec![r#"{"a":1}"#, r#"{"b":2,"c":"xy"}"#]);
+        assert!(idles >= 2, "the pauses show up as idle polls: {idles}");
+        server.join().unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn stream_errors_carry_the_agent_message() {
+        let dir =
+            std::env::temp_dir().join(format!("catena-api-stream-err-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("stream.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut req = [0u8; 1024];
+            let _ = conn.read(&mut req);
+            let body = br#"{"message":"events not available","retryable":false}"#;
+            let head = format!(
+                "HTTP/1.1 503 Service Unavailable\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            );
+            conn.write_all(head.as_bytes()).unwrap();
+            conn.write_all(body).unwrap();
+        });
+        let err = Client::new(&path).stream("/v1/monitor").err().unwrap();
+        assert_eq!(err.status(), Some(503));
+        assert!(err.to_string().contains("events not available"), "{err}");
         server.join().unwrap();
         std::fs::remove_dir_all(&dir).ok();
     }

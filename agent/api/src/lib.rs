@@ -11,13 +11,15 @@
 //! - `GET    /v1/endpoints/{container_id}/{ifname}/check` -> [`EndpointCheck`]
 //! - `POST   /v1/endpoints/gc` body [`GcRequest`]  -> [`GcResult`]
 //! - `GET    /v1/services`                        -> `Vec<ServiceStatus>`
+//! - `GET    /v1/endpoints/{container_id}/{ifname}/policy` -> [`EndpointPolicyStatus`]
+//! - `GET    /v1/identities`                      -> `Vec<IdentityInfo>`
 //!
 //! Errors are answered with a non-2xx status and an [`ApiError`] body.
 
 pub mod client;
 mod types;
 
-pub use client::{Client, ClientError};
+pub use client::{Client, ClientError, LineStream, StreamItem};
 pub use types::*;
 
 /// Default agent socket path.

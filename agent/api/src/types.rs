@@ -72,6 +72,9 @@ pub struct Status {
     pub datapath: DatapathStatus,
     pub endpoints: usize,
     pub services: usize,
+    /// Every network policy the source holds and how well it is enforced.
+    #[serde(default)]
+    pub policies: Vec<PolicyStatus>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -166,4 +169,224 @@ pub struct QueuedDelete {
     pub host_ifindex: Option<u32>,
     /// Seconds since the epoch.
     pub queued_at: u64,
+}
+
+/// Everything `catena status` shows beyond [`Status`]: what is loaded and
+/// attached, map pressure, conntrack GC, health checks and what this agent
+/// does not do. A separate resource so `Status` stays small for probes.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusDetail {
+    pub programs: Vec<ProgramStatus>,
+    /// Attach mode (`tcx`, `clsact`) -> number of endpoints attached that way.
+    pub attach_modes: BTreeMap<String, usize>,
+    /// Pinned links under the bpffs dir (TCX and cgroup).
+    pub links: Vec<LinkStatus>,
+    pub maps: Vec<MapPressure>,
+    pub conntrack: ConntrackStatus,
+    /// One line per check; `ok: false` ones explain what is wrong.
+    pub health: Vec<HealthCheck>,
+    /// Features this agent does not implement (yet), so an operator is never
+    /// surprised by a silently ignored setting.
+    pub unsupported: Vec<String>,
+    /// Whether `catena monitor` can stream datapath events, and why not.
+    pub events: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProgramStatus {
+    pub name: String,
+    /// Kernel program id of the version loaded by this agent run.
+    pub id: u32,
+    /// The kernel's program tag (hash of the instructions, hex): equal tags
+    /// mean the same program version.
+    pub tag: String,
+    pub pin: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct LinkStatus {
+    /// Pin name under `<bpffs>/links`.
+    pub pin: String,
+    pub link_id: u32,
+    /// Program the link runs now.
+    pub prog_id: u32,
+    /// `tcx`, `cgroup`, or the kernel's link type number.
+    pub kind: String,
+    /// TCX: the device's ifindex (0 once the device is gone).
+    #[serde(default)]
+    pub ifindex: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MapPressure {
+    pub name: String,
+    pub entries: u64,
+    pub max_entries: u64,
+    /// entries / max_entries.
+    pub pressure: f64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConntrackStatus {
+    pub gc_runs: u64,
+    pub gc_removed: u64,
+    /// Seconds since the last GC run finished (None: no run yet).
+    #[serde(default)]
+    pub last_gc_secs_ago: Option<u64>,
+    pub gc_interval_secs: u64,
+    pub tcp_timeout_secs: u64,
+    pub tcp_closing_timeout_secs: u64,
+    pub tcp_syn_timeout_secs: u64,
+    pub any_timeout_secs: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthCheck {
+    pub name: String,
+    pub ok: bool,
+    pub message: String,
+}
+
+/// One `CT4` entry as `catena ct list` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CtEntry {
+    /// `service` (client -> frontend, remembers the backend) or `egress`
+    /// (client -> backend, carries the reverse NAT for replies).
+    pub kind: String,
+    /// `TCP`, `UDP`, `SCTP` or the protocol number.
+    pub proto: String,
+    /// `ip:port` of the key's source and destination.
+    pub src: String,
+    pub dst: String,
+    /// Service entries: the chosen backend (`ip:port`, or `#id` when the
+    /// backend is gone from `LB4_BACKENDS`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    /// Egress entries: the frontend replies are rewritten to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rev_nat: Option<String>,
+    /// `seen-reply`, `closing`.
+    pub flags: Vec<String>,
+    pub age_secs: u64,
+    pub idle_secs: u64,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CtFlushResult {
+    pub removed: usize,
+}
+
+/// A raw dump of pinned eBPF maps, decoded into named columns (`catena bpf
+/// ... list`). Generic so that a new map needs only a decoder in the agent.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct BpfMapDump {
+    /// The pinned maps read, with their capacity.
+    pub maps: Vec<BpfMapInfo>,
+    pub columns: Vec<String>,
+    /// One row per entry, one cell per column.
+    pub rows: Vec<Vec<String>>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct BpfMapInfo {
+    pub name: String,
+    pub entries: u64,
+    pub max_entries: u64,
+}
+
+/// One datapath event streamed by `GET /v1/monitor` (one JSON object per
+/// line).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct MonitorEvent {
+    /// RFC 3339 time the agent read the event.
+    pub time: String,
+    /// `drop` or `policy-verdict`.
+    pub kind: String,
+    pub reason: String,
+    pub allowed: bool,
+    /// `ingress` or `egress`.
+    pub direction: String,
+    pub ifindex: u32,
+    pub endpoint_id: u32,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub src: String,
+    pub dst: String,
+    pub proto: String,
+    pub rule_ref: u32,
+}
+
+/// How a network policy is enforced.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyStatus {
+    /// `namespace/name`, or `name` for a cluster-wide policy.
+    pub name: String,
+    /// `CiliumNetworkPolicy`, `CiliumClusterwideNetworkPolicy` or `NetworkPolicy`.
+    pub kind: String,
+    /// `ok`; `partial` (unsupported parts dropped or widened, fail-closed);
+    /// `invalid` (nothing of it applies).
+    pub state: String,
+    /// What was not enforced as written, and what was done instead.
+    #[serde(default)]
+    pub messages: Vec<String>,
+}
+
+/// A security identity known to the agent.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct IdentityInfo {
+    pub id: u32,
+    /// `reserved`, `pod` or `cidr`.
+    pub kind: String,
+    /// `reserved:host`, `k8s:app=web`, `cidr:10.0.0.0/8`.
+    pub labels: Vec<String>,
+    /// Addresses (or prefixes) the ipcache maps to this identity.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+}
+
+/// An endpoint's policy as programmed in the datapath
+/// (`GET /v1/endpoints/{container_id}/{ifname}/policy`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointPolicyStatus {
+    pub endpoint_id: u32,
+    pub identity: u32,
+    /// Without enforcement a direction allows everything.
+    pub ingress_enforced: bool,
+    pub egress_enforced: bool,
+    pub entries: Vec<PolicyEntryStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyEntryStatus {
+    /// `ingress` or `egress`.
+    pub direction: String,
+    /// `allow` or `deny` (deny wins).
+    pub verdict: String,
+    /// 0 means any identity.
+    pub remote_identity: u32,
+    pub remote_labels: Vec<String>,
+    /// `any`, `TCP`, `UDP`, `SCTP`, `ICMP` or the protocol number.
+    pub protocol: String,
+    /// `any`, `80`, `8000-8080` (ICMP: the type).
+    pub ports: String,
+    pub rule_ref: u32,
+    /// `Kind namespace/name path`, e.g. `CiliumNetworkPolicy shop/db spec.ingress[0]`.
+    pub source: String,
 }

@@ -1,10 +1,15 @@
 //! `catena`: the operator CLI. Talks to the agent socket; every listing has
 //! `-o json` for scripts and an aligned table for people.
 
+mod bpf;
+mod ct;
+mod monitor;
+mod policy;
+mod status;
 mod table;
 
 use anyhow::Result;
-use catena_api::{Client, ClientError, Endpoint, ServiceStatus, Status};
+use catena_api::{Client, ClientError, Endpoint, ServiceStatus};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use table::Table;
@@ -27,7 +32,7 @@ struct Cli {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Output {
+pub(crate) enum Output {
     Table,
     Json,
 }
@@ -42,6 +47,25 @@ enum Command {
     /// Services as programmed into the datapath.
     #[command(subcommand)]
     Service(ServiceCmd),
+    /// Network policy as programmed for an endpoint.
+    #[command(subcommand)]
+    Policy(policy::PolicyCmd),
+    /// Security identities (reserved, pods, CIDRs).
+    #[command(subcommand)]
+    Identity(policy::IdentityCmd),
+    /// Connection tracking entries.
+    #[command(subcommand)]
+    Ct(ct::CtCmd),
+    /// Raw dumps of the pinned eBPF maps.
+    #[command(subcommand)]
+    Bpf(bpf::BpfCmd),
+    /// Stream drops and policy verdicts live.
+    Monitor(monitor::MonitorArgs),
+    /// Liveness (or readiness with --ready) for probes: exits non-zero if not.
+    Health {
+        #[arg(long)]
+        ready: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -69,13 +93,13 @@ fn main() {
 fn run(cli: &Cli) -> Result<()> {
     let client = Client::new(&cli.socket);
     match &cli.command {
-        Command::Status => {
-            let status: Status = client.get("/v1/status")?;
-            match cli.output {
-                Output::Json => print_json(&status),
-                Output::Table => print_status(&status),
-            }
-        }
+        Command::Status => status::run(&client, cli.output)?,
+        Command::Ct(cmd) => ct::run(&client, cli.output, cmd)?,
+        Command::Policy(cmd) => policy::run_policy(&client, cli.output, cmd)?,
+        Command::Identity(cmd) => policy::run_identity(&client, cli.output, cmd)?,
+        Command::Bpf(cmd) => bpf::run(&client, cli.output, cmd)?,
+        Command::Monitor(args) => monitor::run(&client, cli.output, args)?,
+        Command::Health { ready } => status::health(&client, cli.output, *ready)?,
         Command::Endpoint(EndpointCmd::List) => {
             let eps: Vec<Endpoint> = client.get("/v1/endpoints")?;
             match cli.output {
@@ -115,33 +139,11 @@ fn run(cli: &Cli) -> Result<()> {
     Ok(())
 }
 
-fn print_json<T: serde::Serialize>(value: &T) {
+pub(crate) fn print_json<T: serde::Serialize>(value: &T) {
     println!(
         "{}",
         serde_json::to_string_pretty(value).expect("API types serialize")
     );
-}
-
-fn print_status(s: &Status) {
-    let ready = if s.ready { "Ready" } else { "NotReady" };
-    println!("Agent:       {ready} (version {})", s.version);
-    let synced = if s.source.synced { "synced" } else { "syncing" };
-    println!("Source:      {} ({synced})", s.source.kind);
-    for e in &s.source.errors {
-        println!("  ! {e}");
-    }
-    println!("Datapath:    {}", s.datapath.bpffs_dir);
-    for (name, id) in &s.datapath.programs {
-        println!("  program    {name:<16} id {id}");
-    }
-    println!("Endpoints:   {}", s.endpoints);
-    println!("Services:    {} frontends", s.services);
-    if !s.datapath.counters.is_empty() {
-        println!("Counters:");
-        for (name, value) in &s.datapath.counters {
-            println!("  {name:<18} {}", table::human_count(*value));
-        }
-    }
 }
 
 fn print_endpoints(eps: &[Endpoint]) {

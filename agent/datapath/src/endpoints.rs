@@ -23,6 +23,20 @@ impl Endpoints {
         }
     }
 
+    /// Whether any interface's entry carries `endpoint_id`.
+    pub fn has_endpoint_id(&self, endpoint_id: u32) -> anyhow::Result<bool> {
+        for item in self.map.iter() {
+            match item {
+                Ok((_, info)) if info.endpoint_id == endpoint_id => return Ok(true),
+                Ok(_) => {}
+                // Deleted while iterating: not a match.
+                Err(e) if not_found(&e) => {}
+                Err(e) => return Err(e).context("iterating ENDPOINTS"),
+            }
+        }
+        Ok(false)
+    }
+
     pub fn get(&self, ifindex: u32) -> anyhow::Result<Option<EndpointInfo>> {
         match self.map.get(&ifindex, 0) {
             Ok(v) => Ok(Some(v)),

@@ -21,7 +21,8 @@ pub use cgroup::cgroup2_root;
 pub use desired::{BackendAddr, Frontend, LbDesired, LbService, Proto};
 
 use anyhow::Context;
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use aya::maps::lpm_trie::LpmTrie;
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use aya::Ebpf;
 use catena_common::ct::{Ct4Key, Ct4Value};
 use catena_common::endpoint::EndpointInfo;
@@ -77,6 +78,7 @@ pub struct Datapath {
     endpoints: endpoints::Endpoints,
     conntrack: ct::Conntrack,
     metrics: metrics::Metrics,
+    policy: policy::Policy,
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<Map> {
@@ -117,6 +119,14 @@ impl Datapath {
             map: PerCpuArray::try_from(take_map(&mut ebpf, map_names::METRICS)?)
                 .context("map METRICS has an unexpected type")?,
         };
+        let policy = policy::Policy::open(policy::PolicyMaps {
+            ipcache: LpmTrie::try_from(take_map(&mut ebpf, map_names::IPCACHE)?)
+                .context("map IPCACHE has an unexpected type")?,
+            policy: LpmTrie::try_from(take_map(&mut ebpf, map_names::POLICY)?)
+                .context("map POLICY has an unexpected type")?,
+            endpoints: Array::try_from(take_map(&mut ebpf, map_names::POLICY_EP)?)
+                .context("map POLICY_EP has an unexpected type")?,
+        }, &layout.maps().join(map_names::POLICY_EP))?;
         info!(
             dir = %layout.root.display(),
             services = lb.programmed().len(),
@@ -130,6 +140,7 @@ impl Datapath {
             endpoints,
             conntrack,
             metrics,
+            policy,
         })
     }
 
@@ -217,8 +228,19 @@ impl Datapath {
         self.endpoints.upsert(ifindex, info)
     }
 
+    /// Removes the interface's endpoint entry (its packets are dropped from
+    /// then on) and, unless another interface still carries the same endpoint
+    /// id, that endpoint's policy flags and entries: the agent reuses ids, and
+    /// a new endpoint must not inherit a removed one's policy.
     pub fn remove_endpoint(&mut self, ifindex: u32) -> anyhow::Result<()> {
-        self.endpoints.remove(ifindex)
+        let old = self.endpoints.get(ifindex)?;
+        self.endpoints.remove(ifindex)?;
+        if let Some(old) = old {
+            if !self.endpoints.has_endpoint_id(old.endpoint_id)? {
+                self.policy.clear_endpoint(old.endpoint_id)?;
+            }
+        }
+        Ok(())
     }
 
     pub fn endpoint(&self, ifindex: u32) -> anyhow::Result<Option<EndpointInfo>> {

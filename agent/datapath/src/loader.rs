@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use aya::maps::{MapInfo, MapType};
 use aya::programs::{CgroupSockAddr, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
-use catena_common::{ct, endpoint, lb, map_names, program_names};
+use catena_common::{ct, endpoint, events, lb, map_names, policy, program_names};
 use tracing::{debug, info, warn};
 
 use crate::sys;
@@ -17,7 +17,13 @@ use crate::sys;
 /// The object built by build.rs from ebpf/programs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/catena-ebpf.o"));
 
-pub const PROGRAMS: [&str; 2] = [program_names::FROM_CONTAINER, program_names::TO_CONTAINER];
+/// Every tc classifier loaded and pinned: the two attached to host veths plus
+/// `noop`, the baseline for per-packet cost measurements (never attached).
+const TC_PROGRAMS: [&str; 3] = [
+    program_names::FROM_CONTAINER,
+    program_names::TO_CONTAINER,
+    program_names::NOOP,
+];
 
 /// The cgroup sock_addr programs (socket-level load balancing).
 pub const SOCK_PROGRAMS: [&str; 4] = [
@@ -77,7 +83,7 @@ pub fn prepare(dir: &Path) -> anyhow::Result<Layout> {
 }
 
 /// (name, type, key size, value size) the programs expect of every map.
-fn expected_maps() -> [(&'static str, MapType, usize, usize); 8] {
+fn expected_maps() -> [(&'static str, MapType, usize, usize); 13] {
     [
         (
             map_names::LB4_SERVICES,
@@ -127,6 +133,32 @@ fn expected_maps() -> [(&'static str, MapType, usize, usize); 8] {
             size_of::<lb::Affinity4Key>(),
             size_of::<lb::Affinity4Value>(),
         ),
+        (
+            map_names::IPCACHE,
+            MapType::LpmTrie,
+            size_of::<aya::maps::lpm_trie::Key<policy::Ipcache4Key>>(),
+            size_of::<policy::IpcacheValue>(),
+        ),
+        (
+            map_names::POLICY,
+            MapType::LpmTrie,
+            size_of::<aya::maps::lpm_trie::Key<policy::PolicyKey>>(),
+            size_of::<policy::PolicyValue>(),
+        ),
+        (
+            map_names::POLICY_EP,
+            MapType::Array,
+            size_of::<u32>(),
+            size_of::<u32>(),
+        ),
+        // A ring buffer has no key or value; its size is max_entries.
+        (map_names::EVENTS, MapType::RingBuf, 0, 0),
+        (
+            map_names::EVENTS_RATE,
+            MapType::PerCpuArray,
+            size_of::<u32>(),
+            size_of::<events::EventRate>(),
+        ),
     ]
 }
 
@@ -134,10 +166,11 @@ fn expected_maps() -> [(&'static str, MapType, usize, usize); 8] {
 /// the object's (an older version with fewer counters) would silently lose
 /// the new counters, so it counts as incompatible too.
 fn min_entries(name: &str) -> u32 {
-    if name == map_names::METRICS {
-        catena_common::metrics::COUNTER_MAX
-    } else {
-        0
+    match name {
+        map_names::METRICS => catena_common::metrics::COUNTER_MAX,
+        map_names::POLICY_EP => policy::POLICY_EP_MAX,
+        map_names::EVENTS_RATE => 1,
+        _ => 0,
     }
 }
 
@@ -192,7 +225,7 @@ pub fn load(layout: &Layout) -> anyhow::Result<Ebpf> {
             bail!("the eBPF object has no map {name}");
         }
     }
-    for name in PROGRAMS {
+    for name in TC_PROGRAMS {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .with_context(|| format!("the eBPF object has no program {name}"))?

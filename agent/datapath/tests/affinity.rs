@@ -99,6 +99,8 @@ fn affinity_key(dp: &Datapath, client: Ipv4Addr) -> Affinity4Key {
 fn client_ip_affinity_sticks_until_the_timeout() {
     let dir = BpffsDir::new();
     let mut dp = Datapath::open(dir.path()).unwrap();
+    // Several clients through one interface: no anti-spoofing.
+    test_endpoint(&mut dp, CLIENT_A, 1, 256, 0);
     dp.apply_services(&desired(Some(1))).unwrap();
     let svc = dp
         .services()

@@ -8,6 +8,7 @@ use std::net::Ipv4Addr;
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use catena_common::ct::{CT_EGRESS, CT_FLAG_CLOSING, CT_FLAG_SEEN_REPLY, CT_SERVICE};
+use catena_common::endpoint::EP_FLAG_ANTI_SPOOF;
 use catena_datapath::{BackendAddr, Datapath, Frontend, LbDesired, LbService, Proto};
 use common::*;
 
@@ -127,6 +128,7 @@ fn run(prog: &SchedClassifier, pkt: &[u8]) -> (u32, Vec<u8>) {
 fn setup() -> (BpffsDir, Datapath, Progs) {
     let dir = BpffsDir::new();
     let mut dp = Datapath::open(dir.path()).expect("open");
+    test_endpoint(&mut dp, CLIENT, 1, 256, EP_FLAG_ANTI_SPOOF);
     dp.apply_services(&desired()).expect("apply");
     let p = progs(&dp);
     (dir, dp, p)

@@ -31,8 +31,15 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
-pub async fn serve(listener: UnixListener, core: Arc<AgentCore>) -> Result<()> {
-    axum::serve(listener, routes::router(core))
+pub async fn serve(
+    listener: UnixListener,
+    core: Arc<AgentCore>,
+    ops: Arc<crate::ops::Ops>,
+) -> Result<()> {
+    let app = routes::router(core)
+        .merge(crate::ops::router(ops))
+        .layer(axum::middleware::from_fn(crate::ops::track_cni));
+    axum::serve(listener, app)
         .await
         .context("agent API server stopped")
 }

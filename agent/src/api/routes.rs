@@ -25,6 +25,11 @@ pub fn router(core: Arc<AgentCore>) -> Router {
             "/v1/endpoints/{container_id}/{ifname}/check",
             get(check_endpoint),
         )
+        .route(
+            "/v1/endpoints/{container_id}/{ifname}/policy",
+            get(endpoint_policy),
+        )
+        .route("/v1/identities", get(identities))
         .with_state(core)
 }
 
@@ -121,6 +126,18 @@ async fn check_endpoint(
 ) -> Result<impl IntoResponse, AgentError> {
     let key = endpoint_key(key);
     Ok(Json(run(core, move |c| c.check_endpoint(&key)).await?))
+}
+
+async fn endpoint_policy(
+    State(core): Core,
+    Path(key): Path<(String, String)>,
+) -> Result<impl IntoResponse, AgentError> {
+    let key = endpoint_key(key);
+    Ok(Json(run(core, move |c| c.endpoint_policy(&key)).await?))
+}
+
+async fn identities(State(core): Core) -> Result<impl IntoResponse, AgentError> {
+    Ok(Json(run(core, |c| c.identities()).await?))
 }
 
 async fn gc(

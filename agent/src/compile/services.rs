@@ -19,7 +19,7 @@ pub struct PodEndpoint {
     pub ipv4: Vec<Ipv4Addr>,
     pub labels: BTreeMap<String, String>,
     /// The Pod manifest, when the source has one (for named target ports).
-    pub pod: Option<Pod>,
+    pub pod: Option<std::sync::Arc<Pod>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -218,10 +218,10 @@ fn backends_from_pods(
         if pod.key.namespace != namespace || !service_selects(selector, &pod.labels) {
             continue;
         }
-        if pod.pod.as_ref().is_some_and(pod_is_gone) {
+        if pod.pod.as_deref().is_some_and(pod_is_gone) {
             continue;
         }
-        let Some(target) = target_port(port, pod.pod.as_ref()) else {
+        let Some(target) = target_port(port, pod.pod.as_deref()) else {
             warnings.push(format!(
                 "pod {}: no container port named {:?}",
                 pod.key, port.target_port

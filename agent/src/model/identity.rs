@@ -2,19 +2,58 @@
 //! node, so a deterministic local allocator is enough: the same label set always
 //! gets the same number while any endpoint holds it.
 
+use crate::model::policy::{
+    CLUSTER_LABEL, CLUSTER_NAME, NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX, SERVICE_ACCOUNT_LABEL,
+};
+use catena_common::identity as id;
 use std::collections::BTreeMap;
 
 /// Identities below this are reserved (host, world, ...), as in Cilium.
 pub const FIRST_LOCAL_IDENTITY: u32 = 256;
 
-/// The labels an identity is derived from: pod labels plus the namespace as
-/// `io.kubernetes.pod.namespace`, the convention Cilium policies select on.
-pub fn identity_labels(
+/// Reserved identities and their `reserved:` label, as upstream names them.
+pub const RESERVED: &[(u32, &str)] = &[
+    (id::HOST, "host"),
+    (id::WORLD, "world"),
+    (id::UNMANAGED, "unmanaged"),
+    (id::HEALTH, "health"),
+    (id::INIT, "init"),
+    (id::REMOTE_NODE, "remote-node"),
+    (id::KUBE_APISERVER, "kube-apiserver"),
+];
+
+/// The labels a pod's identity is derived from, as Cilium derives them (all
+/// of source `k8s`): the pod's labels; `io.kubernetes.pod.namespace`; every
+/// namespace label as `io.cilium.k8s.namespace.labels.<k>` (with
+/// `kubernetes.io/metadata.name`, which the API server sets on every
+/// namespace, synthesised when the source has no Namespace object);
+/// `io.cilium.k8s.policy.serviceaccount` when known; and the cluster name
+/// `io.cilium.k8s.policy.cluster`.
+pub fn pod_identity_labels(
     namespace: &str,
     pod_labels: &BTreeMap<String, String>,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+    service_account: Option<&str>,
 ) -> BTreeMap<String, String> {
     let mut labels = pod_labels.clone();
-    labels.insert("io.kubernetes.pod.namespace".into(), namespace.into());
+    labels.insert(NAMESPACE_LABEL.into(), namespace.into());
+    let meta_name = (
+        "kubernetes.io/metadata.name".to_string(),
+        namespace.to_string(),
+    );
+    for (k, v) in namespace_labels
+        .into_iter()
+        .flatten()
+        .chain(std::iter::once((&meta_name.0, &meta_name.1)))
+    {
+        labels
+            .entry(format!("{NAMESPACE_LABELS_PREFIX}{k}"))
+            .or_insert_with(|| v.clone());
+    }
+    if let Some(sa) = service_account.filter(|s| !s.is_empty()) {
+        labels.insert(SERVICE_ACCOUNT_LABEL.into(), sa.into());
+    }
+    labels.insert(CLUSTER_LABEL.into(), CLUSTER_NAME.into());
     labels
 }
 
@@ -26,15 +65,32 @@ pub struct IdentityAllocator {
 impl IdentityAllocator {
     /// The identity of `labels`, allocating the smallest free one if new.
     pub fn allocate(&mut self, labels: BTreeMap<String, String>) -> u32 {
+        self.allocate_preferring(labels, None)
+    }
+
+    /// Like [`allocate`](Self::allocate), but a new label set takes
+    /// `preferred` when it is free: an endpoint keeps the number persisted in
+    /// its record across agent restarts, so the pinned maps stay valid.
+    pub fn allocate_preferring(
+        &mut self,
+        labels: BTreeMap<String, String>,
+        preferred: Option<u32>,
+    ) -> u32 {
         if let Some(id) = self.by_labels.get(&labels) {
             return *id;
         }
         let used: std::collections::BTreeSet<u32> = self.by_labels.values().copied().collect();
-        let id = (FIRST_LOCAL_IDENTITY..)
-            .find(|i| !used.contains(i))
+        let id = preferred
+            .filter(|p| *p >= FIRST_LOCAL_IDENTITY && *p < id::FIRST_CIDR && !used.contains(p))
+            .or_else(|| (FIRST_LOCAL_IDENTITY..id::FIRST_CIDR).find(|i| !used.contains(i)))
             .unwrap_or(u32::MAX);
         self.by_labels.insert(labels, id);
         id
+    }
+
+    /// Every label set and its identity.
+    pub fn all(&self) -> impl Iterator<Item = (&BTreeMap<String, String>, u32)> {
+        self.by_labels.iter().map(|(l, i)| (l, *i))
     }
 
     /// Forgets every label set not in `live` (called after endpoints change).
@@ -58,8 +114,8 @@ mod tests {
     #[test]
     fn same_labels_same_identity() {
         let mut a = IdentityAllocator::default();
-        let web = identity_labels("shop", &BTreeMap::from([("app".into(), "web".into())]));
-        let db = identity_labels("shop", &BTreeMap::from([("app".into(), "db".into())]));
+        let web = BTreeMap::from([("app".into(), "web".into())]);
+        let db = BTreeMap::from([("app".into(), "db".into())]);
         let id = a.allocate(web.clone());
         assert_eq!(id, FIRST_LOCAL_IDENTITY);
         assert_eq!(a.allocate(web.clone()), id);
@@ -67,5 +123,43 @@ mod tests {
         a.retain_only(std::slice::from_ref(&db));
         assert_eq!(a.allocate(web), id, "freed ids are reused");
         assert_eq!(a.len(), 2);
+        let x = BTreeMap::from([("app".into(), "x".into())]);
+        assert_eq!(
+            a.allocate_preferring(x.clone(), Some(id + 1)),
+            id + 2,
+            "taken"
+        );
+        let y = BTreeMap::from([("app".into(), "y".into())]);
+        assert_eq!(a.allocate_preferring(y, Some(900)), 900);
+        assert_eq!(
+            a.allocate_preferring(x, Some(901)),
+            id + 2,
+            "known sets keep theirs"
+        );
+    }
+
+    #[test]
+    fn pod_labels_follow_upstream_conventions() {
+        let labels = pod_identity_labels(
+            "shop",
+            &BTreeMap::from([("app".into(), "web".into())]),
+            Some(&BTreeMap::from([("team".into(), "a".into())])),
+            Some("web-sa"),
+        );
+        let want: BTreeMap<String, String> = [
+            ("app", "web"),
+            ("io.kubernetes.pod.namespace", "shop"),
+            ("io.cilium.k8s.namespace.labels.team", "a"),
+            (
+                "io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name",
+                "shop",
+            ),
+            ("io.cilium.k8s.policy.serviceaccount", "web-sa"),
+            ("io.cilium.k8s.policy.cluster", "default"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(labels, want);
     }
 }

@@ -3,3 +3,4 @@
 
 pub mod endpoints;
 pub mod identity;
+pub mod policy;

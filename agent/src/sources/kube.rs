@@ -114,10 +114,9 @@ pub async fn watch_kubernetes(client: Client) -> Result<watch::Receiver<SourceUp
             tokio::time::sleep(DEBOUNCE).await;
             while changed_rx.try_recv().is_ok() {}
             generation += 1;
-            let update = snapshot(&stores, &problems, generation);
-            // Skip no-op snapshots (bookmarks, status-only churn we ignore).
-            let same = *tx.borrow().state == *update.state && tx.borrow().errors == update.errors;
-            if !same && tx.send(update).is_err() {
+            // No deep "did anything change" comparison here: at 10k Services
+            // it costs more than the compilers' own no-op detection.
+            if tx.send(snapshot(&stores, &problems, generation)).is_err() {
                 break;
             }
         }
@@ -173,20 +172,21 @@ where
 
 fn snapshot(stores: &Stores, problems: &Problems, generation: u64) -> SourceUpdate {
     let mut state = ClusterState::default();
+    // The stores hand out Arcs: the snapshot shares every object with them.
     for s in stores.services.state() {
-        state.insert(Object::Service(Box::new((*s).clone())));
+        state.insert(Object::Service(s));
     }
     for s in stores.slices.state() {
-        state.insert(Object::EndpointSlice(Box::new((*s).clone())));
+        state.insert(Object::EndpointSlice(s));
     }
     for p in stores.pods.state() {
-        state.insert(Object::Pod(Box::new((*p).clone())));
+        state.insert(Object::Pod(p));
     }
     for n in stores.namespaces.state() {
-        state.insert(Object::Namespace(Box::new((*n).clone())));
+        state.insert(Object::Namespace(n));
     }
     for n in stores.network_policies.state() {
-        state.insert(Object::NetworkPolicy(Box::new((*n).clone())));
+        state.insert(Object::NetworkPolicy(n));
     }
     for (kind, store) in [
         ("CiliumNetworkPolicy", &stores.cnps),
@@ -198,7 +198,7 @@ fn snapshot(stores: &Stores, problems: &Problems, generation: u64) -> SourceUpda
             if p.namespace().is_none() && kind == "CiliumNetworkPolicy" {
                 object["metadata"]["namespace"] = "default".into();
             }
-            state.insert(Object::CiliumPolicy(Box::new(CiliumPolicy {
+            state.insert(Object::CiliumPolicy(Arc::new(CiliumPolicy {
                 kind: kind.to_string(),
                 object,
             })));

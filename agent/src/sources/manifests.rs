@@ -5,6 +5,7 @@ use super::{CiliumPolicy, Object};
 use serde::de::DeserializeOwned;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ManifestError {
@@ -108,7 +109,7 @@ fn collect(value: serde_json::Value, parsed: &mut Parsed) -> Result<(), String> 
         ("v1", "Namespace") => Object::Namespace(typed(value, &kind)?),
         ("networking.k8s.io/v1", "NetworkPolicy") => Object::NetworkPolicy(typed(value, &kind)?),
         ("cilium.io/v2", "CiliumNetworkPolicy" | "CiliumClusterwideNetworkPolicy") => {
-            Object::CiliumPolicy(Box::new(CiliumPolicy {
+            Object::CiliumPolicy(Arc::new(CiliumPolicy {
                 kind: kind.clone(),
                 object: value,
             }))
@@ -125,9 +126,9 @@ fn collect(value: serde_json::Value, parsed: &mut Parsed) -> Result<(), String> 
     Ok(())
 }
 
-fn typed<T: DeserializeOwned>(value: serde_json::Value, kind: &str) -> Result<Box<T>, String> {
+fn typed<T: DeserializeOwned>(value: serde_json::Value, kind: &str) -> Result<Arc<T>, String> {
     serde_path_to_error::deserialize(value)
-        .map(Box::new)
+        .map(Arc::new)
         .map_err(|e| {
             let path = e.path().to_string();
             format!("invalid {kind} at {path}: {}", e.into_inner())

@@ -4,6 +4,16 @@
 //!   chosen backend so every packet of the flow goes to the same one.
 //! - `CT_EGRESS`: keyed by the translated tuple (client -> backend); replies are
 //!   matched by reversing their tuple and carry `rev_nat_index` for reverse NAT.
+//!
+//! For an endpoint under policy (either direction enforced) every connection
+//! is tracked, so replies pass without a policy lookup:
+//! - `CT_EGRESS` (rev_nat_index 0) for a connection the pod opened, keyed by
+//!   its tuple (pod -> remote) exactly like a service flow after translation;
+//! - `CT_INGRESS` for a connection opened to the pod, keyed by its tuple
+//!   (remote -> pod); the pod's replies match it reversed.
+//!
+//! ICMP echo is tracked with the identifier as a port (`sport` of a request,
+//! `dport` of a reply); other protocols without ports with ports 0.
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -13,13 +23,14 @@ pub struct Ct4Key {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    /// `CT_SERVICE` or `CT_EGRESS`.
+    /// `CT_SERVICE`, `CT_EGRESS` or `CT_INGRESS`.
     pub kind: u8,
     pub pad: [u8; 2],
 }
 
 pub const CT_EGRESS: u8 = 0;
 pub const CT_SERVICE: u8 = 1;
+pub const CT_INGRESS: u8 = 2;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

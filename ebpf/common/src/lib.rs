@@ -7,9 +7,11 @@
 
 pub mod ct;
 pub mod endpoint;
+pub mod events;
 pub mod identity;
 pub mod lb;
 pub mod metrics;
+pub mod policy;
 
 /// Pinned map names, declared once: the programs use them as symbol names and the
 /// agent opens `<bpffs>/maps/<name>`. Kernel map names hold at most 15 bytes.
@@ -22,6 +24,11 @@ pub mod map_names {
     pub const METRICS: &str = "METRICS";
     pub const LB4_SOCK_REVNAT: &str = "LB4_SOCK_REVNAT";
     pub const LB4_AFFINITY: &str = "LB4_AFFINITY";
+    pub const IPCACHE: &str = "IPCACHE";
+    pub const POLICY: &str = "POLICY";
+    pub const POLICY_EP: &str = "POLICY_EP";
+    pub const EVENTS: &str = "EVENTS";
+    pub const EVENTS_RATE: &str = "EVENTS_RATE";
 }
 
 /// Program names as they appear in the object file (one per attach point).
@@ -37,8 +44,12 @@ pub mod program_names {
     pub const SOCK_SENDMSG4: &str = "sock_sendmsg4";
     pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
     pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
+    /// An empty tc classifier (returns "continue"): the baseline of per-packet
+    /// cost measurements. Never attached.
+    pub const NOOP: &str = "noop";
 }
 
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_SCTP: u8 = 132;
@@ -59,4 +70,8 @@ mod pod_impls {
     unsafe impl aya::Pod for ct::Ct4Key {}
     unsafe impl aya::Pod for ct::Ct4Value {}
     unsafe impl aya::Pod for endpoint::EndpointInfo {}
+    unsafe impl aya::Pod for policy::PolicyKey {}
+    unsafe impl aya::Pod for policy::PolicyValue {}
+    unsafe impl aya::Pod for policy::IpcacheValue {}
+    unsafe impl aya::Pod for events::Event {}
 }

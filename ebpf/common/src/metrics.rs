@@ -26,13 +26,27 @@ pub enum Counter {
     /// connect()/sendmsg() calls to a service with no backends refused with
     /// ECONNREFUSED by the socket-level programs.
     SockRejected = 9,
+    /// New connections denied by policy (and their retransmissions).
+    DropPolicyDenied = 10,
+    /// Packets from a pod whose IPv4 source is not its own.
+    DropSpoofedSource = 11,
+    /// Non-first fragments under an enforced direction (ports unknown).
+    DropFragment = 12,
+    /// Packets on an interface without an `ENDPOINTS` entry.
+    DropUnknownEndpoint = 13,
+    /// IPv6 (not neighbour discovery) under an enforced direction.
+    DropUnsupportedL3 = 14,
+    /// New connections allowed by an enforced policy.
+    PolicyAllowed = 15,
+    /// Events not emitted: over the per-CPU rate limit, or the ring was full.
+    EventsLost = 16,
 }
 
 /// Slots of the `METRICS` array (room to grow without changing the pin).
-pub const COUNTER_MAX: u32 = 16;
+pub const COUNTER_MAX: u32 = 32;
 
 impl Counter {
-    pub const ALL: [Counter; 10] = [
+    pub const ALL: [Counter; 17] = [
         Counter::FromContainer,
         Counter::ToContainer,
         Counter::ServiceDnat,
@@ -43,6 +57,13 @@ impl Counter {
         Counter::RejectNoBackend,
         Counter::SockTranslated,
         Counter::SockRejected,
+        Counter::DropPolicyDenied,
+        Counter::DropSpoofedSource,
+        Counter::DropFragment,
+        Counter::DropUnknownEndpoint,
+        Counter::DropUnsupportedL3,
+        Counter::PolicyAllowed,
+        Counter::EventsLost,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -57,6 +78,13 @@ impl Counter {
             Counter::RejectNoBackend => "reject_no_backend",
             Counter::SockTranslated => "sock_translated",
             Counter::SockRejected => "sock_rejected",
+            Counter::DropPolicyDenied => "drop_policy_denied",
+            Counter::DropSpoofedSource => "drop_spoofed_source",
+            Counter::DropFragment => "drop_fragment",
+            Counter::DropUnknownEndpoint => "drop_unknown_endpoint",
+            Counter::DropUnsupportedL3 => "drop_unsupported_l3",
+            Counter::PolicyAllowed => "policy_allowed",
+            Counter::EventsLost => "events_lost",
         }
     }
 }

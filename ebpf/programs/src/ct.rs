@@ -46,13 +46,33 @@ pub fn egress_key(flow: &Flow4, saddr: u32, backend_addr: u32, backend_port: u16
 /// The egress entry a reply belongs to: the reply's tuple reversed.
 #[inline(always)]
 pub fn reply_key(flow: &Flow4) -> Ct4Key {
+    reversed_key(flow, CT_EGRESS)
+}
+
+/// The packet's own tuple as a `kind` entry.
+#[inline(always)]
+pub fn tuple_key(flow: &Flow4, kind: u8) -> Ct4Key {
+    Ct4Key {
+        saddr: flow.saddr,
+        daddr: flow.daddr,
+        sport: flow.sport,
+        dport: flow.dport,
+        proto: flow.proto,
+        kind,
+        pad: [0; 2],
+    }
+}
+
+/// The `kind` entry the packet is a reply of: its tuple reversed.
+#[inline(always)]
+pub fn reversed_key(flow: &Flow4, kind: u8) -> Ct4Key {
     Ct4Key {
         saddr: flow.daddr,
         daddr: flow.saddr,
         sport: flow.dport,
         dport: flow.sport,
         proto: flow.proto,
-        kind: CT_EGRESS,
+        kind,
         pad: [0; 2],
     }
 }

@@ -1,7 +1,10 @@
 //! catena's kernel-side programs. Two tc classifiers share one set of maps:
 //! - `from_container` (host-veth ingress: packets the pod sends): service DNAT;
 //! - `to_container` (host-veth egress: packets delivered to the pod): reverse NAT
-//!   of replies from service backends.
+//!   of replies from service backends;
+//!
+//! and both enforce network policy (egress resp. ingress) with conntrack so
+//! replies of allowed connections pass.
 //!
 //! Four cgroup sock_addr programs (`sock.rs`) do the same load balancing at
 //! the socket level for processes of a cgroup (the node's own processes).
@@ -12,15 +15,19 @@
 #![no_main]
 
 mod ct;
+mod events;
 mod from_container;
 mod lb;
 mod maps;
 mod metrics;
 mod nat;
 mod parse;
+mod policy;
 mod reject;
 mod sock;
 mod to_container;
+
+use aya_ebpf::{macros::classifier, programs::TcContext};
 
 /// Verdict for "not ours / done": `TC_ACT_UNSPEC`. With TCX it means
 /// `TCX_NEXT` and with a clsact filter chain "continue": programs attached after
@@ -29,6 +36,13 @@ mod to_container;
 /// chain and silently bypass them.
 pub const VERDICT_PASS: i32 = aya_ebpf::bindings::TC_ACT_UNSPEC;
 pub const VERDICT_DROP: i32 = aya_ebpf::bindings::TC_ACT_SHOT;
+
+/// An empty classifier: the baseline of per-packet cost measurements
+/// (BPF_PROG_TEST_RUN). Loaded, never attached.
+#[classifier]
+pub fn noop(_ctx: TcContext) -> i32 {
+    VERDICT_PASS
+}
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -5,16 +5,18 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use catena_common::{
     ct::{Ct4Key, Ct4Value},
     endpoint::EndpointInfo,
+    events::{EventRate, EVENTS_RING_BYTES},
     lb::{
         Affinity4Key, Affinity4Value, Backend4, RevNat4, Service4Key, Service4Value,
         SockRevNat4Key, SockRevNat4Value,
     },
     metrics::COUNTER_MAX,
+    policy::{Ipcache4Key, IpcacheValue, PolicyKey, PolicyValue, POLICY_EP_MAX},
 };
 
 /// Master entries (slot 0) and backend slots of every frontend.
@@ -53,3 +55,25 @@ pub static LB4_SOCK_REVNAT: LruHashMap<SockRevNat4Key, SockRevNat4Value> =
 /// LRU: idle clients age out; an evicted client merely gets a fresh pick.
 #[map]
 pub static LB4_AFFINITY: LruHashMap<Affinity4Key, Affinity4Value> = LruHashMap::pinned(65_536, 0);
+
+/// IPv4 prefix -> identity of the remote end (longest prefix wins; a miss is
+/// `identity::WORLD`). LPM tries are never preallocated: the size is a cap.
+#[map]
+pub static IPCACHE: LpmTrie<Ipcache4Key, IpcacheValue> = LpmTrie::pinned(524_288, 0);
+
+/// Allow and deny entries of every endpoint (layout: catena_common::policy).
+#[map]
+pub static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(524_288, 0);
+
+/// Endpoint id -> `POLICY_EP_*` enforcement flags. An array: the lookup is
+/// inlined by the JIT, so unenforced endpoints pay next to nothing.
+#[map]
+pub static POLICY_EP: Array<u32> = Array::pinned(POLICY_EP_MAX, 0);
+
+/// Drop and policy-verdict events for the agent.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
+
+/// Per-CPU token bucket limiting event emission.
+#[map]
+pub static EVENTS_RATE: PerCpuArray<EventRate> = PerCpuArray::pinned(1, 0);

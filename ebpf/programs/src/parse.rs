@@ -4,12 +4,13 @@
 //! (GRO/GSO) are read correctly without `bpf_skb_pull_data`.
 
 use aya_ebpf::programs::TcContext;
-use catena_common::{IPPROTO_TCP, IPPROTO_UDP};
+use catena_common::{IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
 /// EtherType offset in the Ethernet header.
 const ETH_PROTO_OFF: usize = 12;
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 
 /// Offsets of IPv4 fields from the start of the packet (Ethernet included).
 pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
@@ -20,6 +21,15 @@ pub const IP_DADDR_OFF: usize = ETH_HLEN + 16;
 const IP_OFFSET_MASK: u16 = 0x1fff;
 const TCP_FLAG_FIN: u8 = 0x01;
 const TCP_FLAG_RST: u8 = 0x04;
+
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_ECHO: u8 = 8;
+
+const IPPROTO_ICMPV6: u8 = 58;
+/// Router solicitation .. redirect: neighbour discovery (RFC 4861).
+const ND_FIRST: u8 = 133;
+const ND_LAST: u8 = 137;
+const IPV6_HLEN: usize = 40;
 
 /// The fixed 20-byte IPv4 header, read in one helper call.
 #[repr(C)]
@@ -37,12 +47,15 @@ struct Ipv4Hdr {
     daddr: u32,
 }
 
-/// An IPv4 TCP/UDP packet's tuple. Addresses and ports in network order, as in
-/// the packet and in the maps.
+/// An IPv4 packet's tuple. Addresses and ports in network order, as in the
+/// packet and in the maps.
 #[derive(Clone, Copy)]
 pub struct Flow4 {
     pub saddr: u32,
     pub daddr: u32,
+    /// Conntrack ports: TCP/UDP/SCTP ports; for ICMP echo the identifier
+    /// (`sport` of a request, `dport` of a reply, so a reply reverses its
+    /// request); 0 otherwise.
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
@@ -50,10 +63,18 @@ pub struct Flow4 {
     pub l4_off: usize,
     /// TCP FIN or RST set.
     pub closing: bool,
+    /// A non-first fragment: no L4 header, ports unknown (0).
+    pub fragment: bool,
+    /// What policy matches as the port (network order): the destination port
+    /// of TCP/UDP/SCTP, `[0, type]` for ICMP.
+    pub policy_port: u16,
+    /// `policy_port` is meaningful (a port-carrying protocol or ICMP, and not
+    /// a non-first fragment). Otherwise only protocol-level entries match.
+    pub ports_known: bool,
 }
 
 impl Flow4 {
-    /// Offset of the L4 checksum field.
+    /// Offset of the L4 checksum field (TCP/UDP).
     #[inline(always)]
     pub fn l4_csum_off(&self) -> usize {
         if self.proto == IPPROTO_TCP {
@@ -67,21 +88,31 @@ impl Flow4 {
     pub fn is_udp(&self) -> bool {
         self.proto == IPPROTO_UDP
     }
+
+    /// TCP or UDP with its L4 header: what services translate.
+    #[inline(always)]
+    pub fn is_tcp_udp(&self) -> bool {
+        !self.fragment && (self.proto == IPPROTO_TCP || self.proto == IPPROTO_UDP)
+    }
 }
 
-pub enum Parsed {
-    /// Not IPv4 TCP/UDP, or a non-first fragment (no L4 header): not ours.
+pub enum Packet {
+    /// Neither IPv4 nor IPv6 (ARP, VLAN, LLDP...): never touched.
     Other,
-    Flow(Flow4),
+    /// IPv6: catena is IPv4-only; see `is_ipv6_nd`.
+    Ipv6,
+    Ipv4(Flow4),
 }
 
-/// Errors are truncated/malformed packets.
+/// Errors are truncated/malformed IPv4 packets.
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Result<Parsed, ()> {
+pub fn parse(ctx: &TcContext) -> Result<Packet, ()> {
     let proto: u16 = ctx.load(ETH_PROTO_OFF).map_err(|_| ())?;
     if proto != ETH_P_IP.to_be() {
-        // ARP, IPv6/ND, VLAN...: untouched.
-        return Ok(Parsed::Other);
+        if proto == ETH_P_IPV6.to_be() {
+            return Ok(Packet::Ipv6);
+        }
+        return Ok(Packet::Other);
     }
     let ip: Ipv4Hdr = ctx.load(ETH_HLEN).map_err(|_| ())?;
     if ip.version_ihl >> 4 != 4 {
@@ -91,29 +122,67 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, ()> {
     if ihl < 5 {
         return Err(());
     }
-    if ip.protocol != IPPROTO_TCP && ip.protocol != IPPROTO_UDP {
-        return Ok(Parsed::Other);
-    }
-    // Non-first fragments carry no L4 header; the first fragment (offset 0,
-    // maybe MF set) carries the ports and is translated like any packet.
-    if u16::from_be(ip.frag_off) & IP_OFFSET_MASK != 0 {
-        return Ok(Parsed::Other);
-    }
+    // Options are skipped, never parsed: the L4 header starts at IHL * 4.
     let l4_off = ETH_HLEN + ihl * 4;
-    // Source and destination ports are the first 4 bytes of TCP and UDP.
-    let ports: [u16; 2] = ctx.load(l4_off).map_err(|_| ())?;
-    let mut closing = false;
-    if ip.protocol == IPPROTO_TCP {
-        let flags: u8 = ctx.load(l4_off + 13).map_err(|_| ())?;
-        closing = flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0;
-    }
-    Ok(Parsed::Flow(Flow4 {
+    let mut flow = Flow4 {
         saddr: ip.saddr,
         daddr: ip.daddr,
-        sport: ports[0],
-        dport: ports[1],
+        sport: 0,
+        dport: 0,
         proto: ip.protocol,
         l4_off,
-        closing,
-    }))
+        closing: false,
+        fragment: false,
+        policy_port: 0,
+        ports_known: false,
+    };
+    // Non-first fragments carry no L4 header; the first fragment (offset 0,
+    // maybe MF set) carries the ports and is handled like any packet.
+    if u16::from_be(ip.frag_off) & IP_OFFSET_MASK != 0 {
+        flow.fragment = true;
+        return Ok(Packet::Ipv4(flow));
+    }
+    match ip.protocol {
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
+            // Source and destination ports are the first 4 bytes of all three.
+            let ports: [u16; 2] = ctx.load(l4_off).map_err(|_| ())?;
+            flow.sport = ports[0];
+            flow.dport = ports[1];
+            flow.policy_port = ports[1];
+            flow.ports_known = true;
+            if ip.protocol == IPPROTO_TCP {
+                let flags: u8 = ctx.load(l4_off + 13).map_err(|_| ())?;
+                flow.closing = flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0;
+            }
+        }
+        IPPROTO_ICMP => {
+            // type, code, checksum, identifier (echo).
+            let head: [u8; 6] = ctx.load(l4_off).map_err(|_| ())?;
+            let id = u16::from_ne_bytes([head[4], head[5]]);
+            match head[0] {
+                ICMP_ECHO => flow.sport = id,
+                ICMP_ECHO_REPLY => flow.dport = id,
+                _ => {}
+            }
+            // In memory `[0, type]`: a 16-bit big-endian "port" equal to the type.
+            flow.policy_port = u16::from_ne_bytes([0, head[0]]);
+            flow.ports_known = true;
+        }
+        _ => {}
+    }
+    Ok(Packet::Ipv4(flow))
+}
+
+/// An IPv6 neighbour-discovery message (ICMPv6 133..=137 right after the
+/// fixed header, as ND is sent): always let through, like ARP, so an
+/// interface's link-local plumbing keeps working.
+#[inline(always)]
+pub fn is_ipv6_nd(ctx: &TcContext) -> bool {
+    let Ok(next) = ctx.load::<u8>(ETH_HLEN + 6) else {
+        return false;
+    };
+    if next != IPPROTO_ICMPV6 {
+        return false;
+    }
+    matches!(ctx.load::<u8>(ETH_HLEN + IPV6_HLEN), Ok(t) if (ND_FIRST..=ND_LAST).contains(&t))
 }

@@ -88,3 +88,97 @@ pub fn dir_entries(dir: &Path) -> Vec<String> {
     names.sort();
     names
 }
+
+/// Raw-socket probes the standard library cannot send (ICMP echo, an IP
+/// protocol with no socket type), run by `/usr/bin/python3` inside a network
+/// namespace. Python is part of Debian's base system; the lab has no ping.
+const RAW_PROBE: &str = r#"
+import socket, struct, sys, time
+mode, dst, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
+def csum(b):
+    if len(b) % 2: b += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    s = (s >> 16) + (s & 0xffff); s += s >> 16
+    return ~s & 0xffff
+if mode == "ping":
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    ident = (int(time.time() * 1000) ^ 0x5a5a) & 0xffff
+    hdr = struct.pack("!BBHHH", 8, 0, 0, ident, 1) + b"catena"
+    pkt = struct.pack("!BBHHH", 8, 0, csum(hdr), ident, 1) + b"catena"
+    s.sendto(pkt, (dst, 0))
+    end = time.time() + timeout
+    while time.time() < end:
+        s.settimeout(max(0.01, end - time.time()))
+        try:
+            data, addr = s.recvfrom(2048)
+        except socket.timeout:
+            break
+        ihl = (data[0] & 0x0f) * 4
+        t, _, _, rid, _ = struct.unpack("!BBHHH", data[ihl:ihl + 8])
+        if t == 0 and rid == ident and addr[0] == dst:
+            print("reply"); sys.exit(0)
+    print("timeout"); sys.exit(0)
+elif mode == "send-proto":
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, int(sys.argv[4]))
+    s.sendto(b"catena-raw", (dst, 0)); print("sent")
+elif mode == "recv-proto":
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, int(sys.argv[4]))
+    s.settimeout(timeout)
+    try:
+        data, addr = s.recvfrom(2048); print("got", addr[0])
+    except socket.timeout:
+        print("timeout")
+"#;
+
+fn raw_probe(ns: &catena_lab::Netns, args: &[&str]) -> Result<String> {
+    let mut full = vec!["-c", RAW_PROBE];
+    full.extend_from_slice(args);
+    Ok(ns.run("/usr/bin/python3", &full)?.trim().to_string())
+}
+
+/// One ICMP echo from `ns` to `dst`: whether a reply came back in time.
+pub fn ping(ns: &catena_lab::Netns, dst: std::net::Ipv4Addr, timeout: Duration) -> Result<bool> {
+    let out = raw_probe(
+        ns,
+        &["ping", &dst.to_string(), &timeout.as_secs_f64().to_string()],
+    )?;
+    Ok(out == "reply")
+}
+
+/// Sends one raw IP packet of protocol `proto` from `ns` to `dst`.
+pub fn send_ip_proto(ns: &catena_lab::Netns, dst: std::net::Ipv4Addr, proto: u8) -> Result<()> {
+    raw_probe(
+        ns,
+        &["send-proto", &dst.to_string(), "0", &proto.to_string()],
+    )?;
+    Ok(())
+}
+
+/// Starts a receiver for IP protocol `proto` in `ns`; join the handle to
+/// learn whether a packet arrived within `timeout` (`Some(source)`).
+pub fn receive_ip_proto(
+    ns: &catena_lab::Netns,
+    proto: u8,
+    timeout: Duration,
+) -> Result<std::process::Child> {
+    let mut cmd = std::process::Command::new("/usr/bin/python3");
+    cmd.args([
+        "-c",
+        RAW_PROBE,
+        "recv-proto",
+        "0.0.0.0",
+        &timeout.as_secs_f64().to_string(),
+        &proto.to_string(),
+    ])
+    .stdout(std::process::Stdio::piped());
+    ns.spawn(cmd)
+}
+
+/// A pod manifest in `namespace` with `labels` (`k=v` pairs).
+pub fn labelled_pod_yaml(namespace: &str, name: &str, labels: &[(&str, &str)]) -> String {
+    let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{{}}}}}\nspec: {{containers: [{{name: c, image: busybox}}]}}\n",
+        labels.join(", ")
+    )
+}

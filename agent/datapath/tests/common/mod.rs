@@ -114,6 +114,33 @@ impl Drop for Netns {
     }
 }
 
+// ---- endpoints ----
+
+/// BPF_PROG_TEST_RUN runs a tc program on the loopback device, so the
+/// programs see `skb->ifindex` 1: the endpoint under test is `ENDPOINTS[1]`.
+pub const TEST_IFINDEX: u32 = 1;
+
+/// Writes the endpoint the test runs are judged as (the programs drop packets
+/// of interfaces without one).
+pub fn test_endpoint(
+    dp: &mut catena_datapath::Datapath,
+    ipv4: Ipv4Addr,
+    endpoint_id: u32,
+    identity: u32,
+    flags: u32,
+) {
+    dp.upsert_endpoint(
+        TEST_IFINDEX,
+        catena_common::endpoint::EndpointInfo {
+            ipv4: u32::from_ne_bytes(ipv4.octets()),
+            endpoint_id,
+            identity,
+            flags,
+        },
+    )
+    .expect("upsert_endpoint");
+}
+
 // ---- packets ----
 
 pub const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0xaa];

@@ -1,0 +1,218 @@
+//! `GET /v1/bpf/{map}`: what the kernel maps hold, read from the pins and
+//! decoded into columns (`catena bpf <map> list`). This is the ground truth
+//! next to `catena service list`, which shows what the agent *meant* to
+//! program. A new map needs one arm in [`dump`] and a decoder.
+
+use super::bpf::{monotonic_ns, PinnedMap};
+use anyhow::Result;
+use catena_api::{BpfMapDump, BpfMapInfo};
+use catena_common::ct::{Ct4Key, Ct4Value};
+use catena_common::endpoint::EndpointInfo;
+use catena_common::lb::{Backend4, RevNat4, Service4Key, Service4Value};
+use catena_common::map_names;
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+/// Names `dump` understands (for error messages and the CLI).
+pub const DUMPABLE: [&str; 3] = ["lb", "ct", "endpoint"];
+
+/// None: no such dump.
+pub fn dump(bpffs: &Path, name: &str) -> Option<Result<BpfMapDump>> {
+    Some(match name {
+        "lb" => lb(bpffs),
+        "ct" => ct(bpffs),
+        "endpoint" => endpoints(bpffs),
+        _ => return None,
+    })
+}
+
+fn addr(a: u32) -> Ipv4Addr {
+    Ipv4Addr::from(a.to_ne_bytes())
+}
+
+fn info(map: &PinnedMap, entries: usize) -> BpfMapInfo {
+    BpfMapInfo {
+        name: map.name.clone(),
+        entries: entries as u64,
+        max_entries: map.max_entries.into(),
+    }
+}
+
+fn columns(names: &[&str]) -> Vec<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+fn lb(bpffs: &Path) -> Result<BpfMapDump> {
+    let services =
+        PinnedMap::open_typed::<Service4Key, Service4Value>(bpffs, map_names::LB4_SERVICES)?;
+    let backends_map = PinnedMap::open_typed::<u32, Backend4>(bpffs, map_names::LB4_BACKENDS)?;
+    let revnat_map = PinnedMap::open_typed::<u16, RevNat4>(bpffs, map_names::LB4_REVNAT)?;
+    let mut svc = services.typed::<Service4Key, Service4Value>()?;
+    let backends: BTreeMap<u32, Backend4> = backends_map.typed()?.into_iter().collect();
+    let revnat: BTreeMap<u16, RevNat4> = revnat_map.typed()?.into_iter().collect();
+    svc.sort_by_key(|(k, _)| {
+        (
+            u32::from_be(k.address),
+            u16::from_be(k.dport),
+            k.proto,
+            k.backend_slot,
+        )
+    });
+    let rows = svc
+        .iter()
+        .map(|(k, v)| {
+            let frontend = format!(
+                "{}:{}/{}",
+                addr(k.address),
+                u16::from_be(k.dport),
+                proto(k.proto)
+            );
+            let (backend, rev) = if k.backend_slot == 0 {
+                // The master entry: backend count and reverse NAT.
+                let rev = revnat
+                    .get(&v.rev_nat_index)
+                    .map(|r| {
+                        format!(
+                            "{} ({}:{})",
+                            v.rev_nat_index,
+                            addr(r.address),
+                            u16::from_be(r.port)
+                        )
+                    })
+                    .unwrap_or_else(|| v.rev_nat_index.to_string());
+                (format!("({} backends)", v.count), rev)
+            } else {
+                let b = backends
+                    .get(&v.backend_id)
+                    .map(|b| format!("{}:{}", addr(b.address), u16::from_be(b.port)))
+                    .unwrap_or_else(|| "<missing>".into());
+                (format!("#{} {b}", v.backend_id), String::new())
+            };
+            vec![
+                frontend,
+                k.backend_slot.to_string(),
+                backend,
+                rev,
+                format!("{:#x}", v.flags),
+            ]
+        })
+        .collect();
+    Ok(BpfMapDump {
+        maps: vec![
+            info(&services, svc.len()),
+            info(&backends_map, backends.len()),
+            info(&revnat_map, revnat.len()),
+        ],
+        columns: columns(&["FRONTEND", "SLOT", "BACKEND", "REVNAT", "FLAGS"]),
+        rows,
+    })
+}
+
+fn ct(bpffs: &Path) -> Result<BpfMapDump> {
+    let map = PinnedMap::open_typed::<Ct4Key, Ct4Value>(bpffs, map_names::CT4)?;
+    let mut entries = map.typed::<Ct4Key, Ct4Value>()?;
+    entries.sort_by_key(|(_, v)| v.created_ns);
+    let now = monotonic_ns();
+    let rows = entries
+        .iter()
+        .map(|(k, v)| {
+            vec![
+                super::conntrack::kind_name(k.kind),
+                proto(k.proto),
+                format!("{}:{}", addr(k.saddr), u16::from_be(k.sport)),
+                format!("{}:{}", addr(k.daddr), u16::from_be(k.dport)),
+                v.backend_id.to_string(),
+                v.rev_nat_index.to_string(),
+                format!("{:#x}", v.flags),
+                v.packets.to_string(),
+                v.bytes.to_string(),
+                format!("{}s", now.saturating_sub(v.last_seen_ns) / 1_000_000_000),
+            ]
+        })
+        .collect();
+    Ok(BpfMapDump {
+        maps: vec![info(&map, entries.len())],
+        columns: columns(&[
+            "KIND",
+            "PROTO",
+            "SRC",
+            "DST",
+            "BACKEND-ID",
+            "REVNAT",
+            "FLAGS",
+            "PACKETS",
+            "BYTES",
+            "IDLE",
+        ]),
+        rows,
+    })
+}
+
+fn endpoints(bpffs: &Path) -> Result<BpfMapDump> {
+    let map = PinnedMap::open_typed::<u32, EndpointInfo>(bpffs, map_names::ENDPOINTS)?;
+    let mut entries = map.typed::<u32, EndpointInfo>()?;
+    entries.sort_by_key(|(k, _)| *k);
+    let rows = entries
+        .iter()
+        .map(|(ifindex, e)| {
+            vec![
+                ifindex.to_string(),
+                crate::ops::ifname(*ifindex).unwrap_or_else(|| "<gone>".into()),
+                addr(e.ipv4).to_string(),
+                e.endpoint_id.to_string(),
+                e.identity.to_string(),
+                format!("{:#x}", e.flags),
+            ]
+        })
+        .collect();
+    Ok(BpfMapDump {
+        maps: vec![info(&map, entries.len())],
+        columns: columns(&[
+            "IFINDEX",
+            "INTERFACE",
+            "IPV4",
+            "ENDPOINT",
+            "IDENTITY",
+            "FLAGS",
+        ]),
+        rows,
+    })
+}
+
+pub fn proto(p: u8) -> String {
+    match p {
+        catena_common::IPPROTO_TCP => "TCP".into(),
+        catena_common::IPPROTO_UDP => "UDP".into(),
+        catena_common::IPPROTO_SCTP => "SCTP".into(),
+        1 => "ICMP".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Entries and capacity of the maps whose filling matters to operators.
+pub fn pressure(bpffs: &Path) -> Vec<catena_api::MapPressure> {
+    [
+        map_names::CT4,
+        map_names::LB4_SERVICES,
+        map_names::LB4_BACKENDS,
+        map_names::ENDPOINTS,
+    ]
+    .iter()
+    .filter_map(|name| {
+        let map = PinnedMap::open(&bpffs.join("maps").join(name)).ok()?;
+        let entries = map.keys().ok()?.len() as u64;
+        let max = u64::from(map.max_entries);
+        Some(catena_api::MapPressure {
+            name: name.to_string(),
+            entries,
+            max_entries: max,
+            pressure: if max == 0 {
+                0.0
+            } else {
+                entries as f64 / max as f64
+            },
+        })
+    })
+    .collect()
+}
