@@ -69,10 +69,8 @@ fn decode(bytes: &[u8]) -> Option<DatapathEvent> {
         EVENT_POLICY_VERDICT => EventKind::PolicyVerdict,
         _ => return None,
     };
-    let reason = Reason::from_u8(ev.reason).map_or_else(
-        || format!("unknown_{}", ev.reason),
-        |r| r.name().to_owned(),
-    );
+    let reason = Reason::from_u8(ev.reason)
+        .map_or_else(|| format!("unknown_{}", ev.reason), |r| r.name().to_owned());
     Some(DatapathEvent {
         kind,
         reason,

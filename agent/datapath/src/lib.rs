@@ -7,13 +7,13 @@ mod attach;
 mod cgroup;
 mod ct;
 mod desired;
-pub mod events;
-pub mod policy;
 mod endpoints;
+pub mod events;
 mod lb;
 mod loader;
 mod metrics;
 mod netlink;
+pub mod policy;
 mod sys;
 
 pub use attach::AttachError;
@@ -119,14 +119,17 @@ impl Datapath {
             map: PerCpuArray::try_from(take_map(&mut ebpf, map_names::METRICS)?)
                 .context("map METRICS has an unexpected type")?,
         };
-        let policy = policy::Policy::open(policy::PolicyMaps {
-            ipcache: LpmTrie::try_from(take_map(&mut ebpf, map_names::IPCACHE)?)
-                .context("map IPCACHE has an unexpected type")?,
-            policy: LpmTrie::try_from(take_map(&mut ebpf, map_names::POLICY)?)
-                .context("map POLICY has an unexpected type")?,
-            endpoints: Array::try_from(take_map(&mut ebpf, map_names::POLICY_EP)?)
-                .context("map POLICY_EP has an unexpected type")?,
-        }, &layout.maps().join(map_names::POLICY_EP))?;
+        let policy = policy::Policy::open(
+            policy::PolicyMaps {
+                ipcache: LpmTrie::try_from(take_map(&mut ebpf, map_names::IPCACHE)?)
+                    .context("map IPCACHE has an unexpected type")?,
+                policy: LpmTrie::try_from(take_map(&mut ebpf, map_names::POLICY)?)
+                    .context("map POLICY has an unexpected type")?,
+                endpoints: Array::try_from(take_map(&mut ebpf, map_names::POLICY_EP)?)
+                    .context("map POLICY_EP has an unexpected type")?,
+            },
+            &layout.maps().join(map_names::POLICY_EP),
+        )?;
         info!(
             dir = %layout.root.display(),
             services = lb.programmed().len(),

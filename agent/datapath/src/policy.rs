@@ -54,7 +54,10 @@ impl PortRange {
     pub const ANY: PortRange = PortRange { start: 0, end: 0 };
 
     pub fn single(port: u16) -> PortRange {
-        PortRange { start: port, end: port }
+        PortRange {
+            start: port,
+            end: port,
+        }
     }
 
     pub fn is_any(self) -> bool {
@@ -163,7 +166,11 @@ pub(crate) fn port_prefixes(start: u16, end: u16) -> Vec<(u16, u32)> {
     let mut out = Vec::new();
     while lo <= hi {
         // The largest block aligned at `lo` that does not pass `hi`.
-        let mut size = if lo == 0 { 1 << 16 } else { 1u32 << lo.trailing_zeros() };
+        let mut size = if lo == 0 {
+            1 << 16
+        } else {
+            1u32 << lo.trailing_zeros()
+        };
         while lo + size - 1 > hi {
             size >>= 1;
         }
@@ -174,7 +181,10 @@ pub(crate) fn port_prefixes(start: u16, end: u16) -> Vec<(u16, u32)> {
 }
 
 fn has_ports(proto: u8) -> bool {
-    matches!(proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP | IPPROTO_ICMP)
+    matches!(
+        proto,
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP | IPPROTO_ICMP
+    )
 }
 
 /// The entries of one rule.
@@ -225,7 +235,11 @@ fn rule_entries(endpoint_id: u32, rule: &PolicyRule) -> anyhow::Result<Vec<Entry
         .collect())
 }
 
-fn flags_of(endpoint_id: u32, p: &EndpointPolicy, entries: &BTreeMap<EntryKey, PolicyValue>) -> u32 {
+fn flags_of(
+    endpoint_id: u32,
+    p: &EndpointPolicy,
+    entries: &BTreeMap<EntryKey, PolicyValue>,
+) -> u32 {
     let mut flags = 0;
     if p.ingress_enforced {
         flags |= POLICY_EP_INGRESS;
@@ -271,7 +285,10 @@ fn compile(desired: &PolicyDesired) -> anyhow::Result<Compiled> {
     let mut flags = BTreeMap::new();
     for (&id, p) in &desired.endpoints {
         if id >= POLICY_EP_MAX {
-            bail!("endpoint id {id} is too large for policy (max {})", POLICY_EP_MAX - 1);
+            bail!(
+                "endpoint id {id} is too large for policy (max {})",
+                POLICY_EP_MAX - 1
+            );
         }
         let mut mine = BTreeMap::new();
         for rule in &p.rules {
@@ -309,7 +326,11 @@ fn compile(desired: &PolicyDesired) -> anyhow::Result<Compiled> {
 
 fn mask(addr: Ipv4Addr, len: u8) -> Ipv4Addr {
     let bits = u32::from(addr);
-    let m = if len == 0 { 0 } else { u32::MAX << (32 - len as u32) };
+    let m = if len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - len as u32)
+    };
     Ipv4Addr::from(bits & m)
 }
 
@@ -529,7 +550,13 @@ fn rules_from_entries(entries: Vec<(PolicyKey, u32, PolicyValue)>) -> Vec<Policy
             (k.proto, Some((start, start + (1u32 << (16 - bits)) - 1)))
         };
         let ranges = groups
-            .entry((direction, k.identity, k.kind == KIND_DENY, proto, v.rule_ref))
+            .entry((
+                direction,
+                k.identity,
+                k.kind == KIND_DENY,
+                proto,
+                v.rule_ref,
+            ))
             .or_default();
         // "Any port" is kept as the full range; told apart below.
         ranges.push(range.unwrap_or((u32::MAX, u32::MAX)));
@@ -618,7 +645,10 @@ mod tests {
                 direction: Direction::Ingress,
                 remote_identity: 300,
                 proto: IPPROTO_TCP,
-                ports: PortRange { start: 1000, end: 1999 },
+                ports: PortRange {
+                    start: 1000,
+                    end: 1999,
+                },
                 deny: false,
                 rule_ref: 7,
             },
@@ -642,7 +672,14 @@ mod tests {
         let mut entries = Vec::new();
         for r in &rules {
             for (k, prefix) in rule_entries(5, r).unwrap() {
-                entries.push((k, prefix, PolicyValue { rule_ref: r.rule_ref, flags: 0 }));
+                entries.push((
+                    k,
+                    prefix,
+                    PolicyValue {
+                        rule_ref: r.rule_ref,
+                        flags: 0,
+                    },
+                ));
             }
         }
         let mut want = rules.clone();

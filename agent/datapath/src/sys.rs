@@ -152,14 +152,23 @@ pub fn array_u32_batch(map: BorrowedFd<'_>, slots: u32) -> io::Result<Vec<(u32, 
         // struct { in_batch, out_batch, keys, values; u32 count, map_fd;
         //          u64 elem_flags, flags } batch;
         let mut attr = [0u64; 7];
-        attr[0] = if first { 0 } else { &in_batch as *const u32 as u64 };
+        attr[0] = if first {
+            0
+        } else {
+            &in_batch as *const u32 as u64
+        };
         attr[1] = &mut out_batch as *mut u32 as u64;
         attr[2] = keys.as_mut_ptr() as u64;
         attr[3] = values.as_mut_ptr() as u64;
         attr[4] = (CHUNK as u64) | ((map.as_raw_fd() as u32 as u64) << 32);
         let res = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
         let count = (attr[4] & 0xffff_ffff) as usize;
-        out.extend(keys[..count].iter().copied().zip(values[..count].iter().copied()));
+        out.extend(
+            keys[..count]
+                .iter()
+                .copied()
+                .zip(values[..count].iter().copied()),
+        );
         match res {
             Ok(_) => {}
             // The end of the map (the last batch may still carry entries).

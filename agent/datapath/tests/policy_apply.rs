@@ -95,7 +95,10 @@ fn apply_is_diff_based_idempotent_and_survives_reopen() {
     ep1.rules.sort();
     let s = dp.apply_policy(&d2).unwrap();
     assert_eq!((s.entries_written, s.entries_removed), (1, 1));
-    assert_eq!(dp.endpoint_policy(1).unwrap().as_ref(), d2.endpoints.get(&1));
+    assert_eq!(
+        dp.endpoint_policy(1).unwrap().as_ref(),
+        d2.endpoints.get(&1)
+    );
 
     // Endpoint 1 gone, an ipcache prefix changed: its entries and flags go.
     let mut d3 = d2.clone();
@@ -149,7 +152,10 @@ fn removing_an_endpoint_clears_its_policy_for_the_next_user_of_its_id() {
     dp.apply_policy(&d).unwrap();
     dp.remove_endpoint(TEST_IFINDEX).unwrap();
     assert_eq!(dp.endpoint_policy(1).unwrap(), None);
-    assert!(dp.endpoint_policy(2).unwrap().is_some(), "other endpoints keep theirs");
+    assert!(
+        dp.endpoint_policy(2).unwrap().is_some(),
+        "other endpoints keep theirs"
+    );
     // The next apply writes endpoint 1's policy again (the mirror knows it
     // was cleared).
     let s = dp.apply_policy(&d).unwrap();

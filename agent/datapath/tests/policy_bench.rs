@@ -72,12 +72,18 @@ fn per_packet_cost() {
     pkt.tcp_flags = 0x10;
     let ack = pkt.build();
     let base = bench("noop", &noop, &ack, PASS);
-    let unenforced = bench("from_container unenforced non-service TCP", &from, &ack, PASS);
+    let unenforced = bench(
+        "from_container unenforced non-service TCP",
+        &from,
+        &ack,
+        PASS,
+    );
 
     // 10k /32s over 1k identities, 1k allow entries (one per identity, port
     // 5000 + i % 7) plus one deny.
-    let ipcache: BTreeMap<(Ipv4Addr, u8), u32> =
-        (0..10_000).map(|i| ((host(i), 32), 1000 + i % 1000)).collect();
+    let ipcache: BTreeMap<(Ipv4Addr, u8), u32> = (0..10_000)
+        .map(|i| ((host(i), 32), 1000 + i % 1000))
+        .collect();
     let mut rules: Vec<PolicyRule> = (0..1000)
         .map(|i| PolicyRule {
             direction: Direction::Egress,
@@ -111,23 +117,44 @@ fn per_packet_cost() {
     };
     let t = Instant::now();
     let s = dp.apply_policy(&desired).unwrap();
-    println!("bench: apply_policy (1001 entries, 10k ipcache): {:?}", t.elapsed());
+    println!(
+        "bench: apply_policy (1001 entries, 10k ipcache): {:?}",
+        t.elapsed()
+    );
     assert_eq!((s.entries_written, s.ipcache_written), (1001 + 1, 10_000));
 
     // host(5) has identity 1005, allowed on port 5000 + 5 % 7 = 5005.
     let established = Ipv4Packet::tcp(POD, 40001, host(5), 5005).build();
     let (rc, _) = timed(&from, &established, 1);
     assert_eq!(rc, PASS, "allowed: the first run creates the connection");
-    let est = bench("from_container policy, established flow", &from, &established, PASS);
+    let est = bench(
+        "from_container policy, established flow",
+        &from,
+        &established,
+        PASS,
+    );
     // A denied new connection is decided on every run: all four lookups
     // (deny x2 with the deny entry present, allow x2) plus the ipcache, and
     // the verdict/drop events (rate-limited after the burst).
     let denied = Ipv4Packet::tcp(POD, 40002, host(5), 5006).build();
-    let new_denied = bench("from_container policy, new flow (denied)", &from, &denied, SHOT);
+    let new_denied = bench(
+        "from_container policy, new flow (denied)",
+        &from,
+        &denied,
+        SHOT,
+    );
     // Allowed new connections: distinct flows, one run each; the baseline is
     // the empty program run the same way.
     let flows: Vec<Vec<u8>> = (0..5000u32)
-        .map(|i| Ipv4Packet::tcp(POD, 10_000 + i as u16, host(i), 5000 + (i % 1000 % 7) as u16).build())
+        .map(|i| {
+            Ipv4Packet::tcp(
+                POD,
+                10_000 + i as u16,
+                host(i),
+                5000 + (i % 1000 % 7) as u16,
+            )
+            .build()
+        })
         .collect();
     let new_allowed = median_single(&from, &flows, PASS);
     let noop_single = median_single(&noop, &flows, PASS);
@@ -144,7 +171,10 @@ fn per_packet_cost() {
     drop(dp);
     let t = Instant::now();
     let mut dp = Datapath::open(dir.path()).unwrap();
-    println!("bench: Datapath::open with that policy pinned: {:?}", t.elapsed());
+    println!(
+        "bench: Datapath::open with that policy pinned: {:?}",
+        t.elapsed()
+    );
     assert_eq!(
         dp.apply_policy(&desired).unwrap(),
         Default::default(),

@@ -248,10 +248,22 @@ fn egress_truth_table() {
     let cases: Vec<(&str, Vec<u8>, u32)> = vec![
         ("exact identity + port", syn(POD, 40000, DB, 5432), PASS),
         ("port not allowed", syn(POD, 40001, DB, 5433), SHOT),
-        ("deny beats a wider ANY-identity allow", syn(POD, 40002, DB, 1500), SHOT),
+        (
+            "deny beats a wider ANY-identity allow",
+            syn(POD, 40002, DB, 1500),
+            SHOT,
+        ),
         ("ANY-identity allow", syn(POD, 40003, DB, 1501), PASS),
-        ("ANY identity covers WORLD", syn(POD, 40004, OUTSIDE, 1500), PASS),
-        ("ANY-identity deny beats an exact allow", syn(POD, 40005, DB, 6000), SHOT),
+        (
+            "ANY identity covers WORLD",
+            syn(POD, 40004, OUTSIDE, 1500),
+            PASS,
+        ),
+        (
+            "ANY-identity deny beats an exact allow",
+            syn(POD, 40005, DB, 6000),
+            SHOT,
+        ),
         ("range start", syn(POD, 40006, WEB, 8000), PASS),
         ("range, second prefix", syn(POD, 40007, WEB, 8064), PASS),
         ("range end", syn(POD, 40008, WEB, 8100), PASS),
@@ -261,8 +273,16 @@ fn egress_truth_table() {
         ("icmp echo allowed type", icmp(POD, DB, 8, 1), PASS),
         ("icmp other type", icmp(POD, DB, 13, 2), SHOT),
         ("icmp echo, other identity", icmp(POD, WEB, 8, 3), SHOT),
-        ("unknown proto under L4 rules", ipv4_raw(POD, DB, 47, 0, &[0; 8]), SHOT),
-        ("unknown proto, L3 allow", ipv4_raw(POD, L3, 47, 0, &[0; 8]), PASS),
+        (
+            "unknown proto under L4 rules",
+            ipv4_raw(POD, DB, 47, 0, &[0; 8]),
+            SHOT,
+        ),
+        (
+            "unknown proto, L3 allow",
+            ipv4_raw(POD, L3, 47, 0, &[0; 8]),
+            PASS,
+        ),
         ("any proto/port (L3) allow", udp(POD, 40012, L3, 9999), PASS),
         ("udp any port allow", udp(POD, 40013, OUTSIDE, 123), PASS),
         ("non-first fragment under L4 rules", frag_db.build(), SHOT),
@@ -270,7 +290,11 @@ fn egress_truth_table() {
         ("first fragment is port-checked", first_frag.build(), PASS),
         ("ip options, allowed", opts_ok.build(), PASS),
         ("ip options, denied", opts_bad.build(), SHOT),
-        ("spoofed source", syn(Ipv4Addr::new(10, 0, 0, 99), 40014, DB, 5432), SHOT),
+        (
+            "spoofed source",
+            syn(Ipv4Addr::new(10, 0, 0, 99), 40014, DB, 5432),
+            SHOT,
+        ),
         ("arp untouched", arp_request(), PASS),
         ("ipv6 non-ND under enforcement", ipv6(6, 0), SHOT),
         ("ipv6 neighbour solicitation", ipv6(58, 135), PASS),
@@ -435,7 +459,10 @@ fn hairpin_under_ingress_and_egress_policy() {
     assert_eq!(rc(&to, &out), PASS);
     // The pod's reply comes back through from_container (reverse-NATed and
     // bounced), then reaches the pod as VIP -> pod.
-    let (got, out) = run(&from, &ack(POD, 8080, Ipv4Addr::new(169, 254, 42, 1), 40000));
+    let (got, out) = run(
+        &from,
+        &ack(POD, 8080, Ipv4Addr::new(169, 254, 42, 1), 40000),
+    );
     assert_eq!(got, 7);
     assert_eq!(rc(&to, &out), PASS);
 
@@ -446,10 +473,7 @@ fn hairpin_under_ingress_and_egress_policy() {
     assert_eq!(rc(&to, &out), SHOT);
 }
 
-fn events_until(
-    reader: &mut catena_datapath::events::EventReader,
-    n: usize,
-) -> Vec<DatapathEvent> {
+fn events_until(reader: &mut catena_datapath::events::EventReader, n: usize) -> Vec<DatapathEvent> {
     let mut all = Vec::new();
     for _ in 0..20 {
         all.extend(reader.poll(Duration::from_millis(100)).unwrap());
@@ -547,7 +571,17 @@ fn events_describe_verdicts_and_drops() {
     let evs = events_until(&mut reader, 1);
     assert_eq!(evs.len(), 1);
     assert_eq!(
-        (evs[0].kind, evs[0].reason.as_str(), evs[0].direction, evs[0].ifindex),
-        (EventKind::Drop, "unknown_endpoint", Direction::Ingress, TEST_IFINDEX)
+        (
+            evs[0].kind,
+            evs[0].reason.as_str(),
+            evs[0].direction,
+            evs[0].ifindex
+        ),
+        (
+            EventKind::Drop,
+            "unknown_endpoint",
+            Direction::Ingress,
+            TEST_IFINDEX
+        )
     );
 }

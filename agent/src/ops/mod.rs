@@ -386,7 +386,13 @@ async fn ct_list(State(ops): St) -> Result<Response, Response> {
     Ok(Json(list).into_response())
 }
 
-async fn ct_flush(State(ops): St) -> Result<Json<CtFlushResult>, Response> {
+/// The (empty) body is read so that closing the connection after the answer
+/// does not reset it: unread request bytes make the kernel send a RST, which
+/// can destroy the answer before the client reads it.
+async fn ct_flush(
+    State(ops): St,
+    _body: axum::body::Bytes,
+) -> Result<Json<CtFlushResult>, Response> {
     blocking(ops, |o| {
         let ct = bpf::PinnedMap::open_typed::<
             catena_common::ct::Ct4Key,

@@ -111,11 +111,18 @@ fn try_to_container(
     }
     // The hairpin address stands for the pod itself (a pod reaching itself
     // through a service), whatever the ipcache says about it.
-    Ok(policy::connection(ctx, ep, flags, DIR_INGRESS, flow, || {
-        if flow.saddr == HAIRPIN_ADDR {
-            ep.identity
-        } else {
-            policy::ipcache(flow.saddr)
-        }
-    }))
+    Ok(policy::connection(
+        ctx,
+        ep,
+        flags,
+        DIR_INGRESS,
+        flow,
+        || {
+            if flow.saddr == HAIRPIN_ADDR {
+                ep.identity
+            } else {
+                policy::ipcache(flow.saddr)
+            }
+        },
+    ))
 }

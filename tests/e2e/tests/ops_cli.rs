@@ -105,11 +105,12 @@ fn metric(m: &BTreeMap<String, f64>, series: &str) -> f64 {
 fn cli_metrics_monitor_and_conntrack_gc() -> anyhow::Result<()> {
     let node = Node::new("ops-cli")?;
     let source = ClusterSource::new(SourceKind::Manifests, &node)?;
-    // TCP and UDP on the same port: two frontends.
+    // TCP and UDP on the same port, and a port whose server holds
+    // connections open: three frontends.
     source.apply(
         "web.yaml",
         &format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  clusterIP: {VIP}\n  selector: {{app: web}}\n  ports:\n  - {{name: tcp, port: 80, targetPort: 8080, protocol: TCP}}\n  - {{name: udp, port: 80, targetPort: 8080, protocol: UDP}}\n"
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  clusterIP: {VIP}\n  selector: {{app: web}}\n  ports:\n  - {{name: tcp, port: 80, targetPort: 8080, protocol: TCP}}\n  - {{name: udp, port: 80, targetPort: 8080, protocol: UDP}}\n  - {{name: hold, port: 81, targetPort: 8081, protocol: TCP}}\n"
         ),
     )?;
     source.apply("pods.yaml", &pod_yaml("web-1", "web"))?;
@@ -134,6 +135,11 @@ fn cli_metrics_monitor_and_conntrack_gc() -> anyhow::Result<()> {
     cni.add(&web, "eth0", &CallArgs::default())?;
     let _srv = web.serve_tcp(8080, "web-1")?;
     let _udp = web.serve_udp(8080, "web-1-udp")?;
+    // Accepts connections and keeps them open, silent, until the test ends.
+    let holder = web
+        .netns()
+        .enter_thread(|| std::net::TcpListener::bind("0.0.0.0:8081"))??;
+    let held = std::thread::spawn(move || holder.accept().map(|(conn, _)| conn));
 
     let before = scrape(&node, "127.0.0.1:9962")?;
     let counts = count_backends(&client, vip(), 20)?;
@@ -181,7 +187,7 @@ fn cli_metrics_monitor_and_conntrack_gc() -> anyhow::Result<()> {
         ) >= 1.0
     );
     assert_eq!(metric(&after, "catena_endpoints"), 2.0);
-    assert_eq!(metric(&after, "catena_services"), 2.0);
+    assert_eq!(metric(&after, "catena_services"), 3.0);
     assert_eq!(metric(&after, "catena_agent_ready"), 1.0);
     assert!(metric(&after, r#"catena_bpf_map_entries{map_name="LB4_SERVICES"}"#) >= 2.0);
     assert_eq!(
@@ -276,7 +282,7 @@ fn cli_metrics_monitor_and_conntrack_gc() -> anyhow::Result<()> {
             .ends_with(&format!("{web_ip}:8080"))),
         "{lb}"
     );
-    assert!(ok(&node, &["bpf", "lb", "list"])?.contains("LB4_BACKENDS: 2 / 262144 entries"));
+    assert!(ok(&node, &["bpf", "lb", "list"])?.contains("LB4_BACKENDS: 3 / 262144 entries"));
     let bct = json(&node, &["bpf", "ct", "list"])?;
     assert!(!bct["entries"].as_array().unwrap().is_empty());
     let bep = json(&node, &["bpf", "endpoint", "list"])?;
@@ -291,9 +297,10 @@ fn cli_metrics_monitor_and_conntrack_gc() -> anyhow::Result<()> {
 
     // Conntrack GC: an open TCP connection stays; the finished ones and an
     // idle UDP flow expire (closing/any timeouts 2 s, GC every 1 s).
+    let hold_addr: SocketAddr = format!("{VIP}:81").parse()?;
     let open = client
         .netns()
-        .enter_thread(|| TcpStream::connect_timeout(&vip(), Duration::from_secs(3)))??;
+        .enter_thread(move || TcpStream::connect_timeout(&hold_addr, Duration::from_secs(3)))??;
     let open_port = open.local_addr()?.port();
     client.udp_request(vip(), Duration::from_secs(2))?;
     let gc = wait_for("idle flows collected", Duration::from_secs(15), || {
@@ -316,6 +323,7 @@ fn cli_metrics_monitor_and_conntrack_gc() -> anyhow::Result<()> {
     );
     assert!(metric(&m, "catena_conntrack_gc_runs_total") >= 1.0);
     drop(open);
+    drop(held.join().expect("holder thread")?);
 
     // ct flush.
     let flushed = json(&node, &["ct", "flush"])?;
@@ -324,7 +332,7 @@ fn cli_metrics_monitor_and_conntrack_gc() -> anyhow::Result<()> {
 
     // monitor: a spoofed source from the client pod is dropped and shown.
     let events = detail["events"].as_str().unwrap().to_string();
-    let mut mon = Command::new(bin_path("catena")?)
+    let mon = Command::new(bin_path("catena")?)
         .arg("--socket")
         .arg(node.agent_socket())
         .args([
