@@ -3,7 +3,6 @@
 //! a DEL and a reconcile never interleave half-way.
 
 use crate::compile::policy::{compile_policy, known_pods, PolicyInput, PolicyReport, RuleOrigin};
-use crate::compile::services::{compile_services, pod_endpoints};
 use crate::config::AgentConfig;
 use crate::model::endpoints::{key_of, EndpointKey, EndpointRegistry};
 use crate::model::identity::{IdentityAllocator, RESERVED};
@@ -16,7 +15,7 @@ use catena_api::{
 };
 use catena_common::endpoint::{EndpointInfo, EP_FLAG_ANTI_SPOOF};
 use catena_datapath::policy::PolicyDesired;
-use catena_datapath::{Datapath, LbDesired};
+use catena_datapath::Datapath;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,8 +56,13 @@ struct Inner {
     registry: EndpointRegistry,
     identities: IdentityAllocator,
     cluster: Arc<ClusterState>,
-    /// What the service maps hold (None until the first apply).
-    programmed: Option<LbDesired>,
+    /// How many frontends the service maps hold (None until the first apply).
+    programmed: Option<usize>,
+    /// Memoizes per-Service results so one change recompiles one Service.
+    services: crate::compile::services::ServiceCompiler,
+    /// The policy compiler's inputs last time (as `Arc`s, kept alive so
+    /// pointer comparison is sound): unchanged inputs skip the compile.
+    policy_inputs: Option<PolicyInputs>,
     programmed_at: Option<std::time::SystemTime>,
     policy: PolicyProgram,
 }
@@ -220,6 +224,8 @@ impl AgentCore {
             identities: IdentityAllocator::default(),
             cluster: Arc::new(ClusterState::default()),
             programmed: None,
+            services: Default::default(),
+            policy_inputs: None,
             programmed_at: None,
             policy: PolicyProgram::default(),
         };
@@ -550,7 +556,7 @@ impl AgentCore {
                     counters: inner.datapath.counters().unwrap_or_default(),
                 },
                 inner.registry.len(),
-                inner.programmed.as_ref().map_or(0, |p| p.services.len()),
+                inner.programmed.unwrap_or(0),
             ),
             None => (
                 DatapathStatus {
@@ -748,22 +754,23 @@ fn remove_endpoint(inner: &mut Inner, key: &EndpointKey) -> Result<Option<Endpoi
 
 fn reconcile_services(inner: &mut Inner) -> Result<()> {
     let registered: Vec<Endpoint> = inner.registry.all().cloned().collect();
-    let pods = pod_endpoints(&inner.cluster, &registered);
-    let compiled = compile_services(&inner.cluster, &pods);
-    for w in &compiled.warnings {
+    let changes = inner.services.update(&inner.cluster, &registered);
+    for w in &changes.warnings {
         tracing::warn!(warning = %w, "service compile");
     }
-    if inner.programmed.as_ref() == Some(&compiled.desired) {
+    if !changes.changed && inner.programmed.is_some() {
         inner.programmed_at = Some(std::time::SystemTime::now());
         return Ok(());
     }
-    let stats = inner.datapath.apply_services(&compiled.desired)?;
+    let desired = inner.services.desired();
+    let stats = inner.datapath.apply_services(desired)?;
     tracing::info!(
-        services = compiled.desired.services.len(),
+        services = desired.services.len(),
+        recompiled = changes.recompiled,
         ?stats,
         "service maps updated"
     );
-    inner.programmed = Some(compiled.desired);
+    inner.programmed = Some(desired.services.len());
     inner.programmed_at = Some(std::time::SystemTime::now());
     Ok(())
 }
@@ -786,6 +793,18 @@ fn reconcile_policy(inner: &mut Inner, pending: &[Endpoint]) -> Result<BTreeMap<
         .collect();
     registered.extend(pending.iter().cloned());
     let current: BTreeMap<u32, u32> = registered.iter().map(|e| (e.id, e.identity)).collect();
+    let host_addrs = local_ipv4_addrs();
+    let inputs = PolicyInputs::capture(&inner.cluster, &registered, &host_addrs);
+    if pending.is_empty()
+        && inner
+            .policy_inputs
+            .as_ref()
+            .is_some_and(|p| p.same(&inputs))
+    {
+        // Nothing the policy compiler reads has changed (e.g. an EndpointSlice
+        // edit with no toServices policy): the maps already hold the result.
+        return Ok(current);
+    }
     let mut pods = known_pods(&inner.cluster, &registered);
     pods.sort_by_key(|p| p.endpoint_id.is_none());
     for p in &mut pods {
@@ -813,7 +832,6 @@ fn reconcile_policy(inner: &mut Inner, pending: &[Endpoint]) -> Result<BTreeMap<
             .map(|((a, l), id)| (Prefix::new(a, l), id))
             .collect(),
     };
-    let host_addrs = local_ipv4_addrs();
     let out = compile_policy(&PolicyInput {
         cluster: &inner.cluster,
         pods: &pods,
@@ -850,6 +868,7 @@ fn reconcile_policy(inner: &mut Inner, pending: &[Endpoint]) -> Result<BTreeMap<
         addresses.entry(*id).or_default().push(format!("{a}/{l}"));
     }
     inner.policy.addresses = addresses;
+    inner.policy_inputs = Some(inputs);
     inner.policy.cidr_ids = Some(out.cidr_ids);
     inner.policy.rule_refs = out.rule_refs;
     inner.policy.reports = out.reports;
@@ -905,4 +924,63 @@ pub fn interface_index(name: &str) -> Option<u32> {
     // SAFETY: if_nametoindex reads a NUL-terminated string and has no other effects.
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
     (idx != 0).then_some(idx)
+}
+
+/// What the policy compiler reads: the snapshot itself (kept alive, so that
+/// "unchanged" is a pointer comparison that a freed object's reused address
+/// cannot fool), the registered endpoints and the node's addresses.
+struct PolicyInputs {
+    cluster: Arc<ClusterState>,
+    /// Services and slices matter only to `toServices` rules.
+    uses_services: bool,
+    registered: Vec<Endpoint>,
+    host_addrs: Vec<Ipv4Addr>,
+}
+
+impl PolicyInputs {
+    fn capture(
+        cluster: &Arc<ClusterState>,
+        registered: &[Endpoint],
+        host_addrs: &[Ipv4Addr],
+    ) -> Self {
+        PolicyInputs {
+            cluster: cluster.clone(),
+            uses_services: cluster
+                .cilium_policies
+                .values()
+                .any(|p| mentions_to_services(&p.object)),
+            registered: registered.to_vec(),
+            host_addrs: host_addrs.to_vec(),
+        }
+    }
+
+    fn same(&self, other: &PolicyInputs) -> bool {
+        use crate::sources::same_arcs;
+        let (a, b) = (&self.cluster, &other.cluster);
+        let cluster_same = Arc::ptr_eq(a, b)
+            || (same_arcs(&a.pods, &b.pods)
+                && same_arcs(&a.namespaces, &b.namespaces)
+                && same_arcs(&a.network_policies, &b.network_policies)
+                && same_arcs(&a.cilium_policies, &b.cilium_policies)
+                && (!self.uses_services
+                    || (same_arcs(&a.services, &b.services)
+                        && same_arcs(&a.endpoint_slices, &b.endpoint_slices))));
+        cluster_same
+            && self.uses_services == other.uses_services
+            && self.registered == other.registered
+            && self.host_addrs == other.host_addrs
+    }
+}
+
+/// Whether a Cilium policy object has a `toServices` peer anywhere.
+fn mentions_to_services(object: &serde_json::Value) -> bool {
+    let specs =
+        std::iter::once(&object["spec"]).chain(object["specs"].as_array().into_iter().flatten());
+    specs.into_iter().any(|spec| {
+        ["egress", "egressDeny"].iter().any(|dir| {
+            spec[*dir]
+                .as_array()
+                .is_some_and(|rules| rules.iter().any(|r| r.get("toServices").is_some()))
+        })
+    })
 }

@@ -3,7 +3,7 @@
 //! `cargo test --release -p catena-agent --test compile_scale -- --ignored --nocapture`.
 
 use catena_agent::compile::policy::{compile_policy, known_pods, PolicyInput};
-use catena_agent::compile::services::{compile_services, pod_endpoints};
+use catena_agent::compile::services::{compile_services, pod_endpoints, ServiceCompiler};
 use catena_agent::model::identity::IdentityAllocator;
 use catena_agent::sources::manifests::parse;
 use catena_agent::sources::ClusterState;
@@ -84,6 +84,35 @@ fn compile_cost_at_scale() {
             prev_rule_refs: &BTreeMap::new(),
         });
         let policy = t.elapsed();
+        // The memoizing compiler after one EndpointSlice edit.
+        let mut memo = ServiceCompiler::default();
+        let shared = std::sync::Arc::new(state.clone());
+        memo.update(&shared, &[]);
+        let mut edited = state.clone();
+        let key = edited
+            .endpoint_slices
+            .keys()
+            .nth(round * 7)
+            .unwrap()
+            .clone();
+        let mut slice = (*edited.endpoint_slices[&key]).clone();
+        slice.endpoints.as_mut().unwrap().pop();
+        edited
+            .endpoint_slices
+            .insert(key, std::sync::Arc::new(slice));
+        let t = Instant::now();
+        let edited = std::sync::Arc::new(edited);
+        let changes = memo.update(&edited, &[]);
+        let one_change = t.elapsed();
+        assert_eq!((changes.recompiled, changes.changed), (1, true));
+        assert_eq!(
+            memo.desired(),
+            &compile_services(&edited, &pod_endpoints(&edited, &[])).desired
+        );
+        println!(
+            "round {round}: one slice edit, memoized: {:.1} ms",
+            one_change.as_secs_f64() * 1e3
+        );
         println!(
             "round {round}: services {:.1} ms, identities {:.1} ms, policy {:.1} ms ({} endpoints with policy)",
             services.as_secs_f64() * 1e3,

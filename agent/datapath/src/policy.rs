@@ -529,11 +529,13 @@ impl Policy {
     }
 }
 
+/// What a rule is, ports aside: (direction, identity, deny, proto, rule_ref).
+type RuleGroup = (Direction, u32, bool, u8, u32);
+
 /// Turns entries back into rules: port prefixes of one (direction, identity,
 /// kind, protocol, rule_ref) that touch are merged into ranges.
 fn rules_from_entries(entries: Vec<(PolicyKey, u32, PolicyValue)>) -> Vec<PolicyRule> {
-    // (direction, identity, deny, proto, rule_ref) -> port ranges
-    let mut groups: BTreeMap<(Direction, u32, bool, u8, u32), Vec<(u32, u32)>> = BTreeMap::new();
+    let mut groups: BTreeMap<RuleGroup, Vec<(u32, u32)>> = BTreeMap::new();
     for (k, prefix, v) in entries {
         let direction = if k.direction == DIR_EGRESS {
             Direction::Egress

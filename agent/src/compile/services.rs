@@ -9,8 +9,9 @@ use catena_datapath::{BackendAddr, Frontend, LbDesired, LbService, Proto};
 use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 /// A pod as the endpoints controller sees it: where it is and its labels.
 #[derive(Clone, Debug, PartialEq)]
@@ -33,54 +34,252 @@ pub fn compile_services(state: &ClusterState, pods: &[PodEndpoint]) -> Compiled 
     let mut out = Compiled::default();
     let slices_by_service = slices_by_service(state);
     for (key, svc) in &state.services {
-        let Some(spec) = &svc.spec else { continue };
-        if spec.type_.as_deref() == Some("ExternalName") {
-            continue;
-        }
-        let cluster_ips = cluster_ipv4s(svc);
-        if cluster_ips.is_empty() {
-            continue; // headless or IPv6-only: nothing to translate (IPv6 comes later)
-        }
-        let slices = slices_by_service.get(key);
-        let selector = spec.selector.clone().unwrap_or_default();
-        let affinity_timeout = session_affinity(key, spec, &mut out.warnings);
-        for port in spec.ports.as_deref().unwrap_or_default() {
-            let Some(proto) = parse_proto(port.protocol.as_deref()) else {
-                out.warnings.push(format!(
-                    "service {key}: port {} has unknown protocol {:?}",
-                    port.port, port.protocol
-                ));
-                continue;
-            };
-            let Ok(svc_port) = u16::try_from(port.port) else {
-                out.warnings
-                    .push(format!("service {key}: port {} out of range", port.port));
-                continue;
-            };
-            let backends = match slices {
-                Some(slices) => backends_from_slices(slices, port, proto),
-                None if !selector.is_empty() => {
-                    backends_from_pods(&key.namespace, &selector, port, pods, &mut out.warnings)
-                }
-                None => Vec::new(),
-            };
-            for address in &cluster_ips {
-                out.desired.services.insert(
-                    Frontend {
-                        address: *address,
-                        port: svc_port,
-                        proto,
-                    },
-                    LbService {
-                        name: key.to_string(),
-                        backends: backends.clone(),
-                        affinity_timeout,
-                    },
-                );
-            }
-        }
+        let slices: Option<Vec<&EndpointSlice>> = slices_by_service
+            .get(key)
+            .map(|v| v.iter().map(|s| s.as_ref()).collect());
+        let (entries, warnings) = compile_service(key, svc, slices.as_deref(), pods);
+        out.desired.services.extend(entries);
+        out.warnings.extend(warnings);
     }
     out
+}
+
+/// One Service's frontends. Backends come from its EndpointSlices when it has
+/// any (`slices` is `Some`), else from the pods its selector picks.
+pub fn compile_service(
+    key: &ObjectKey,
+    svc: &Service,
+    slices: Option<&[&EndpointSlice]>,
+    pods: &[PodEndpoint],
+) -> (Vec<(Frontend, LbService)>, Vec<String>) {
+    let mut entries = Vec::new();
+    let mut warnings = Vec::new();
+    let Some(spec) = &svc.spec else {
+        return (entries, warnings);
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return (entries, warnings);
+    }
+    let cluster_ips = cluster_ipv4s(svc);
+    if cluster_ips.is_empty() {
+        return (entries, warnings); // headless or IPv6-only: nothing to translate (IPv6 comes later)
+    }
+    let selector = spec.selector.clone().unwrap_or_default();
+    let affinity_timeout = session_affinity(key, spec, &mut warnings);
+    for port in spec.ports.as_deref().unwrap_or_default() {
+        let Some(proto) = parse_proto(port.protocol.as_deref()) else {
+            warnings.push(format!(
+                "service {key}: port {} has unknown protocol {:?}",
+                port.port, port.protocol
+            ));
+            continue;
+        };
+        let Ok(svc_port) = u16::try_from(port.port) else {
+            warnings.push(format!("service {key}: port {} out of range", port.port));
+            continue;
+        };
+        let backends = match slices {
+            Some(slices) => backends_from_slices(slices, port, proto),
+            None if !selector.is_empty() => {
+                backends_from_pods(&key.namespace, &selector, port, pods, &mut warnings)
+            }
+            None => Vec::new(),
+        };
+        for address in &cluster_ips {
+            entries.push((
+                Frontend {
+                    address: *address,
+                    port: svc_port,
+                    proto,
+                },
+                LbService {
+                    name: key.to_string(),
+                    backends: backends.clone(),
+                    affinity_timeout,
+                },
+            ));
+        }
+    }
+    (entries, warnings)
+}
+
+/// [`compile_services`], incrementally. Successive cluster snapshots share
+/// unchanged objects (`Arc`s), so diffing the previous snapshot's maps against
+/// the new ones in lockstep finds what changed by pointer comparison alone;
+/// only the Services touched by a change are recompiled and their frontends
+/// replaced in the desired state, which is kept rather than rebuilt. A single
+/// EndpointSlice edit at 10k Services costs one Service's compile.
+///
+/// The previous maps are kept alive (not just their addresses) so pointer
+/// equality is sound: a freed object's address cannot be reused while held.
+#[derive(Default)]
+pub struct ServiceCompiler {
+    /// The snapshot the current result was computed from.
+    prev: Arc<ClusterState>,
+    registered: Vec<catena_api::Endpoint>,
+    /// Service -> its slices (by slice key).
+    index: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
+    /// Service -> the frontends it contributes to `desired`.
+    frontends: HashMap<ObjectKey, Vec<Frontend>>,
+    /// Service -> its compile warnings.
+    warnings: HashMap<ObjectKey, Vec<String>>,
+    desired: LbDesired,
+    primed: bool,
+}
+
+/// What one incremental compile did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceChanges {
+    /// Services recompiled.
+    pub recompiled: usize,
+    /// Whether `desired` changed.
+    pub changed: bool,
+    /// Warnings of the recompiled Services.
+    pub warnings: Vec<String>,
+}
+
+impl ServiceCompiler {
+    /// The desired service-map contents after the last `update`.
+    pub fn desired(&self) -> &LbDesired {
+        &self.desired
+    }
+
+    /// Brings `desired` in line with `state` and the registered endpoints.
+    pub fn update(
+        &mut self,
+        state: &Arc<ClusterState>,
+        registered: &[catena_api::Endpoint],
+    ) -> ServiceChanges {
+        let prev = std::mem::replace(&mut self.prev, state.clone());
+        let mut dirty: BTreeSet<ObjectKey> = BTreeSet::new();
+        for (key, _, _) in diff_arcs(&prev.services, &state.services) {
+            dirty.insert(key.clone());
+        }
+        for (key, old, new) in diff_arcs(&prev.endpoint_slices, &state.endpoint_slices) {
+            for (slice, add) in [(old, false), (new, true)] {
+                let Some(owner) = slice.and_then(|s| slice_owner(key, s)) else {
+                    continue;
+                };
+                let entry = self.index.entry(owner.clone()).or_default();
+                if add {
+                    entry.insert(key.clone());
+                } else {
+                    entry.remove(key);
+                }
+                dirty.insert(owner);
+            }
+        }
+        self.index.retain(|_, v| !v.is_empty());
+        let pods_changed = !self.primed
+            || !crate::sources::same_arcs(&prev.pods, &state.pods)
+            || self.registered.as_slice() != registered;
+        if pods_changed {
+            // Selector-based Services (no slices) follow the pods.
+            for key in state.services.keys() {
+                if !self.index.contains_key(key) {
+                    dirty.insert(key.clone());
+                }
+            }
+        }
+        if pods_changed {
+            self.registered = registered.to_vec();
+        }
+        self.primed = true;
+
+        let mut changes = ServiceChanges::default();
+        let mut pods: Option<Vec<PodEndpoint>> = None;
+        for key in dirty {
+            let (entries, warnings) = match state.services.get(&key) {
+                Some(svc) => {
+                    let slices: Option<Vec<&EndpointSlice>> = self.index.get(&key).map(|keys| {
+                        keys.iter()
+                            .filter_map(|k| state.endpoint_slices.get(k).map(|s| s.as_ref()))
+                            .collect()
+                    });
+                    let needs_pods = slices.is_none();
+                    let pods: &[PodEndpoint] = if needs_pods {
+                        pods.get_or_insert_with(|| pod_endpoints(state, registered))
+                    } else {
+                        &[]
+                    };
+                    compile_service(&key, svc, slices.as_deref(), pods)
+                }
+                None => (Vec::new(), Vec::new()),
+            };
+            changes.recompiled += 1;
+            let old: Vec<Frontend> = self.frontends.remove(&key).unwrap_or_default();
+            let before: Vec<(Frontend, LbService)> = old
+                .iter()
+                .filter_map(|f| self.desired.services.remove(f).map(|s| (*f, s)))
+                .collect();
+            if before != entries {
+                changes.changed = true;
+            }
+            if !entries.is_empty() {
+                self.frontends
+                    .insert(key.clone(), entries.iter().map(|(f, _)| *f).collect());
+            }
+            self.desired.services.extend(entries);
+            if warnings.is_empty() {
+                self.warnings.remove(&key);
+            } else {
+                changes.warnings.extend(warnings.iter().cloned());
+                self.warnings.insert(key, warnings);
+            }
+        }
+        changes
+    }
+}
+
+/// The Service an EndpointSlice belongs to (`kubernetes.io/service-name`).
+fn slice_owner(key: &ObjectKey, slice: &EndpointSlice) -> Option<ObjectKey> {
+    let service = slice
+        .metadata
+        .labels
+        .as_ref()?
+        .get("kubernetes.io/service-name")?;
+    Some(ObjectKey::new(key.namespace.clone(), service.clone()))
+}
+
+/// Entries that differ between two maps of shared objects: (key, old, new),
+/// found by walking both sorted maps in lockstep and comparing pointers.
+fn diff_arcs<'a, K: Ord, V>(
+    old: &'a BTreeMap<K, Arc<V>>,
+    new: &'a BTreeMap<K, Arc<V>>,
+) -> Vec<(&'a K, Option<&'a Arc<V>>, Option<&'a Arc<V>>)> {
+    use std::cmp::Ordering;
+    let mut out = Vec::new();
+    let (mut a, mut b) = (old.iter().peekable(), new.iter().peekable());
+    loop {
+        match (a.peek(), b.peek()) {
+            (None, None) => return out,
+            (Some((ka, va)), None) => {
+                out.push((*ka, Some(*va), None));
+                a.next();
+            }
+            (None, Some((kb, vb))) => {
+                out.push((*kb, None, Some(*vb)));
+                b.next();
+            }
+            (Some((ka, va)), Some((kb, vb))) => match ka.cmp(kb) {
+                Ordering::Less => {
+                    out.push((*ka, Some(*va), None));
+                    a.next();
+                }
+                Ordering::Greater => {
+                    out.push((*kb, None, Some(*vb)));
+                    b.next();
+                }
+                Ordering::Equal => {
+                    if !Arc::ptr_eq(va, vb) {
+                        out.push((*ka, Some(*va), Some(*vb)));
+                    }
+                    a.next();
+                    b.next();
+                }
+            },
+        }
+    }
 }
 
 /// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 h).
@@ -109,7 +308,8 @@ fn session_affinity(
         Some(t) if (1..=MAX_AFFINITY_TIMEOUT).contains(&t) => Some(t as u32),
         Some(t) => {
             warnings.push(format!(
-                "service {key}: sessionAffinityConfig.clientIP.timeoutSeconds {t} is out of                  range 1..={MAX_AFFINITY_TIMEOUT}; using {DEFAULT_AFFINITY_TIMEOUT}"
+                "service {key}: sessionAffinityConfig.clientIP.timeoutSeconds {t} is out of \
+                 range 1..={MAX_AFFINITY_TIMEOUT}; using {DEFAULT_AFFINITY_TIMEOUT}"
             ));
             Some(DEFAULT_AFFINITY_TIMEOUT)
         }
@@ -136,8 +336,8 @@ fn cluster_ipv4s(svc: &Service) -> Vec<Ipv4Addr> {
     out
 }
 
-fn slices_by_service(state: &ClusterState) -> BTreeMap<ObjectKey, Vec<&EndpointSlice>> {
-    let mut map: BTreeMap<ObjectKey, Vec<&EndpointSlice>> = BTreeMap::new();
+fn slices_by_service(state: &ClusterState) -> BTreeMap<ObjectKey, Vec<&Arc<EndpointSlice>>> {
+    let mut map: BTreeMap<ObjectKey, Vec<&Arc<EndpointSlice>>> = BTreeMap::new();
     for (key, slice) in &state.endpoint_slices {
         let owner = slice
             .metadata
@@ -555,5 +755,58 @@ spec:
         assert_eq!(timeout("10.96.0.23", 80, Proto::Tcp), Some(10_800));
         assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
         assert!(c.warnings[0].contains("shop/bad"), "{:?}", c.warnings);
+    }
+
+    #[test]
+    fn incremental_compile_matches_the_reference_through_edits() {
+        let base = format!(
+            "{SVC}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: web-a, namespace: shop, labels: {{app: web}}}}\nspec: {{containers: [{{name: c, ports: [{{name: http, containerPort: 8080}}]}}]}}\nstatus: {{podIP: 10.0.0.7}}\n"
+        );
+        let slice = |addrs: &[&str]| {
+            let eps: String = addrs
+                .iter()
+                .map(|a| format!("- addresses: [{a}]\n"))
+                .collect();
+            format!("---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n{eps}")
+        };
+        let other = "---\napiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: shop}\nspec: {clusterIP: 10.96.0.11, ports: [{port: 81}]}\n";
+        // Each step is a whole new snapshot; objects whose text is unchanged
+        // are carried over as the same Arcs, as the sources do.
+        let steps = [
+            base.clone(),
+            format!("{base}{}", slice(&["10.0.0.1", "10.0.0.2"])),
+            format!("{base}{}", slice(&["10.0.0.1"])),
+            format!("{base}{}{other}", slice(&["10.0.0.1"])),
+            format!("{base}{other}"),
+            SVC.to_string(),
+            String::new(),
+        ];
+        let mut compiler = ServiceCompiler::default();
+        let mut prev = ClusterState::default();
+        for (i, text) in steps.iter().enumerate() {
+            let fresh = state(text);
+            let mut next = ClusterState::default();
+            for (k, v) in &fresh.services {
+                let keep = prev.services.get(k).filter(|p| p == &v).cloned();
+                next.services
+                    .insert(k.clone(), keep.unwrap_or_else(|| v.clone()));
+            }
+            for (k, v) in &fresh.endpoint_slices {
+                let keep = prev.endpoint_slices.get(k).filter(|p| p == &v).cloned();
+                next.endpoint_slices
+                    .insert(k.clone(), keep.unwrap_or_else(|| v.clone()));
+            }
+            for (k, v) in &fresh.pods {
+                let keep = prev.pods.get(k).filter(|p| p == &v).cloned();
+                next.pods
+                    .insert(k.clone(), keep.unwrap_or_else(|| v.clone()));
+            }
+            let next = Arc::new(next);
+            compiler.update(&next, &[]);
+            let reference = compile_services(&next, &pod_endpoints(&next, &[])).desired;
+            assert_eq!(compiler.desired(), &reference, "step {i}");
+            prev = (*next).clone();
+        }
+        assert!(compiler.desired().services.is_empty());
     }
 }

@@ -57,9 +57,24 @@ pub fn pod_identity_labels(
     labels
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct IdentityAllocator {
     by_labels: BTreeMap<BTreeMap<String, String>, u32>,
+    /// Numbers in use, kept beside `by_labels` so allocating is O(log n):
+    /// rebuilding it per allocation made 5k pods cost a second.
+    used: std::collections::BTreeSet<u32>,
+    /// No number below this is free.
+    free_from: u32,
+}
+
+impl Default for IdentityAllocator {
+    fn default() -> Self {
+        IdentityAllocator {
+            by_labels: BTreeMap::new(),
+            used: Default::default(),
+            free_from: FIRST_LOCAL_IDENTITY,
+        }
+    }
 }
 
 impl IdentityAllocator {
@@ -79,23 +94,52 @@ impl IdentityAllocator {
         if let Some(id) = self.by_labels.get(&labels) {
             return *id;
         }
-        let used: std::collections::BTreeSet<u32> = self.by_labels.values().copied().collect();
-        let id = preferred
-            .filter(|p| *p >= FIRST_LOCAL_IDENTITY && *p < id::FIRST_CIDR && !used.contains(p))
-            .or_else(|| (FIRST_LOCAL_IDENTITY..id::FIRST_CIDR).find(|i| !used.contains(i)))
-            .unwrap_or(u32::MAX);
+        let id = match preferred
+            .filter(|p| *p >= FIRST_LOCAL_IDENTITY && *p < id::FIRST_CIDR && !self.used.contains(p))
+        {
+            Some(p) => p,
+            None => {
+                let mut candidate = self.free_from;
+                // `used` is sorted: walk it from the hint to the first gap.
+                for taken in self.used.range(self.free_from..) {
+                    if *taken != candidate {
+                        break;
+                    }
+                    candidate += 1;
+                }
+                if candidate >= id::FIRST_CIDR {
+                    u32::MAX
+                } else {
+                    self.free_from = candidate + 1;
+                    candidate
+                }
+            }
+        };
+        self.used.insert(id);
         self.by_labels.insert(labels, id);
         id
+    }
+
+    /// Forgets every label set not in `live` (called after endpoints change).
+    pub fn retain_only(&mut self, live: &[BTreeMap<String, String>]) {
+        let live: std::collections::BTreeSet<&BTreeMap<String, String>> = live.iter().collect();
+        let mut freed = Vec::new();
+        self.by_labels.retain(|labels, id| {
+            let keep = live.contains(labels);
+            if !keep {
+                freed.push(*id);
+            }
+            keep
+        });
+        for id in freed {
+            self.used.remove(&id);
+            self.free_from = self.free_from.min(id.max(FIRST_LOCAL_IDENTITY));
+        }
     }
 
     /// Every label set and its identity.
     pub fn all(&self) -> impl Iterator<Item = (&BTreeMap<String, String>, u32)> {
         self.by_labels.iter().map(|(l, i)| (l, *i))
-    }
-
-    /// Forgets every label set not in `live` (called after endpoints change).
-    pub fn retain_only(&mut self, live: &[BTreeMap<String, String>]) {
-        self.by_labels.retain(|labels, _| live.contains(labels));
     }
 
     pub fn len(&self) -> usize {

@@ -140,3 +140,14 @@ impl ClusterState {
         self.pods.get(key).and_then(|p| p.metadata.labels.as_ref())
     }
 }
+
+/// Whether two object maps hold the very same objects (same keys, same
+/// `Arc`s). Comparing pointers is only sound while both maps are alive, which
+/// is why callers keep the previous maps (not their addresses) to compare
+/// against: a freed object's address can be reused by a new one.
+pub fn same_arcs<K: Ord, V>(a: &BTreeMap<K, Arc<V>>, b: &BTreeMap<K, Arc<V>>) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|((ka, va), (kb, vb))| ka == kb && Arc::ptr_eq(va, vb))
+}

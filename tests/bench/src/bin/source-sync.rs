@@ -89,11 +89,17 @@ fn list_floor(node: &Node, url: &str) -> Result<Duration> {
     node.netns().enter_thread(move || -> Result<Duration> {
         let started = Instant::now();
         for path in [
-            "/api/v1/services", "/apis/discovery.k8s.io/v1/endpointslices", "/api/v1/pods",
-            "/api/v1/namespaces", "/apis/cilium.io/v2/ciliumnetworkpolicies",
+            "/api/v1/services",
+            "/apis/discovery.k8s.io/v1/endpointslices",
+            "/api/v1/pods",
+            "/api/v1/namespaces",
+            "/apis/cilium.io/v2/ciliumnetworkpolicies",
         ] {
             let mut s = std::net::TcpStream::connect(&addr)?;
-            write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )?;
             let mut body = Vec::new();
             s.read_to_end(&mut body)?;
             if body.len() < 100 {
@@ -106,7 +112,10 @@ fn list_floor(node: &Node, url: &str) -> Result<Duration> {
 
 fn proc_status_kib(pid: u32, field: &str) -> Result<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = text.lines().find(|l| l.starts_with(field)).context(field.to_string())?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(field))
+        .context(field.to_string())?;
     Ok(line.split_whitespace().nth(1).context("value")?.parse()?)
 }
 
@@ -115,7 +124,8 @@ struct ServiceMap(BpfHashMap<MapData, Service4Key, Service4Value>);
 impl ServiceMap {
     fn open(node: &Node) -> Result<Self> {
         let path = node.bpffs_dir().join("maps/LB4_SERVICES");
-        let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+        let data =
+            MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
         Ok(ServiceMap(BpfHashMap::try_from(Map::HashMap(data))?))
     }
 
@@ -167,7 +177,10 @@ fn main() -> Result<()> {
     let map = ServiceMap::open(&node)?;
     let last = SERVICES - 1;
     if map.count(last) != Some(ENDPOINTS_PER_SERVICE as u16) {
-        bail!("agent ready but service {last} is not programmed: {:?}", map.count(last));
+        bail!(
+            "agent ready but service {last} is not programmed: {:?}",
+            map.count(last)
+        );
     }
     let pid = agent.pid().context("agent pid")?;
     let rss = proc_status_kib(pid, "VmRSS:")? as f64 / 1024.0;
@@ -196,16 +209,56 @@ fn main() -> Result<()> {
 
     let verdict = |ok: bool| if ok { "PASS" } else { "MISS" };
     println!();
-    println!("{:<44} {:>10} {:>10} {:>6}", "measure", "value", "target", "");
-    println!("{:<44} {:>8.0}ms {:>10} {:>6}", "full sync (start -> ready, all programmed)", ms(ready), "<= 2000ms", verdict(ready <= Duration::from_secs(2)));
-    println!("{:<44} {:>8.0}ms", "wire floor (one HTTP list of every kind)", ms(floor));
-    println!("{:<44} {:>9.1}x", "full sync / wire floor", ready.as_secs_f64() / floor.as_secs_f64());
-    println!("{:<44} {:>7.1}MiB {:>10} {:>6}", "RSS after sync", rss, "<= 100MiB", verdict(rss <= 100.0));
+    println!(
+        "{:<44} {:>10} {:>10} {:>6}",
+        "measure", "value", "target", ""
+    );
+    println!(
+        "{:<44} {:>8.0}ms {:>10} {:>6}",
+        "full sync (start -> ready, all programmed)",
+        ms(ready),
+        "<= 2000ms",
+        verdict(ready <= Duration::from_secs(2))
+    );
+    println!(
+        "{:<44} {:>8.0}ms",
+        "wire floor (one HTTP list of every kind)",
+        ms(floor)
+    );
+    println!(
+        "{:<44} {:>9.1}x",
+        "full sync / wire floor",
+        ready.as_secs_f64() / floor.as_secs_f64()
+    );
+    println!(
+        "{:<44} {:>7.1}MiB {:>10} {:>6}",
+        "RSS after sync",
+        rss,
+        "<= 100MiB",
+        verdict(rss <= 100.0)
+    );
     println!("{:<44} {:>7.1}MiB", "RSS peak (VmHWM) during sync", hwm);
-    println!("{:<44} {:>7.1}MiB", "RSS after the single changes", rss_after);
-    println!("{:<44} {:>8.1}ms", "event -> map p50", ms(percentile(&lat, 0.50)));
-    println!("{:<44} {:>8.1}ms {:>10} {:>6}", "event -> map p99", ms(percentile(&lat, 0.99)), "<= 50ms", verdict(percentile(&lat, 0.99) <= Duration::from_millis(50)));
-    println!("{:<44} {:>8.1}ms", "event -> map max", ms(*lat.last().unwrap()));
+    println!(
+        "{:<44} {:>7.1}MiB",
+        "RSS after the single changes", rss_after
+    );
+    println!(
+        "{:<44} {:>8.1}ms",
+        "event -> map p50",
+        ms(percentile(&lat, 0.50))
+    );
+    println!(
+        "{:<44} {:>8.1}ms {:>10} {:>6}",
+        "event -> map p99",
+        ms(percentile(&lat, 0.99)),
+        "<= 50ms",
+        verdict(percentile(&lat, 0.99) <= Duration::from_millis(50))
+    );
+    println!(
+        "{:<44} {:>8.1}ms",
+        "event -> map max",
+        ms(*lat.last().unwrap())
+    );
     drop(agent);
     Ok(())
 }
