@@ -241,12 +241,15 @@ fn slice_owner(key: &ObjectKey, slice: &EndpointSlice) -> Option<ObjectKey> {
     Some(ObjectKey::new(key.namespace.clone(), service.clone()))
 }
 
-/// Entries that differ between two maps of shared objects: (key, old, new),
-/// found by walking both sorted maps in lockstep and comparing pointers.
+/// One difference between two maps: (key, old value, new value).
+type ArcDiff<'a, K, V> = (&'a K, Option<&'a Arc<V>>, Option<&'a Arc<V>>);
+
+/// Entries that differ between two maps of shared objects, found by walking
+/// both sorted maps in lockstep and comparing pointers.
 fn diff_arcs<'a, K: Ord, V>(
     old: &'a BTreeMap<K, Arc<V>>,
     new: &'a BTreeMap<K, Arc<V>>,
-) -> Vec<(&'a K, Option<&'a Arc<V>>, Option<&'a Arc<V>>)> {
+) -> Vec<ArcDiff<'a, K, V>> {
     use std::cmp::Ordering;
     let mut out = Vec::new();
     let (mut a, mut b) = (old.iter().peekable(), new.iter().peekable());
