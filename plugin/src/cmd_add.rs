@@ -48,6 +48,7 @@ pub fn run(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
         },
         labels: Default::default(),
     };
+    probe_ready(conf)?;
     register(conf, &spec)?;
     let raw = conf
         .prev_result
@@ -60,6 +61,17 @@ pub fn run(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
 /// leaves nothing behind; a PUT that timed out may still complete, so it is
 /// withdrawn with a best-effort DELETE. The timeout budget is split so both
 /// fit in `agentTimeoutMs`.
+/// Fails fast (code 11) when the agent is down, hung or not ready, before
+/// anything is registered: the registration itself may then take the rest of
+/// the budget on a busy but healthy agent.
+fn probe_ready(conf: &NetConf) -> Result<(), CniError> {
+    let budget = conf.agent_timeout.min(crate::config::PROBE_TIMEOUT);
+    agent::client(conf, budget)
+        .get::<catena_api::Health>("/v1/healthz")
+        .map(|_| ())
+        .map_err(|e| agent::failure(conf, "the readiness probe", &e))
+}
+
 fn register(conf: &NetConf, spec: &EndpointSpec) -> Result<Endpoint, CniError> {
     let path = agent::endpoint_path(&spec.container_id, &spec.ifname);
     let put_budget = conf.agent_timeout * 4 / 5;

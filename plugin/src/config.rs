@@ -11,7 +11,16 @@ use serde_json::value::RawValue;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub const DEFAULT_AGENT_TIMEOUT_MS: u64 = 1000;
+/// The whole ADD budget for the agent. Generous on purpose: a healthy agent
+/// under a burst of pod creations (each attach waits on the kernel) must not
+/// be mistaken for a dead one. A dead, hung or unready agent is still caught
+/// within [`PROBE_TIMEOUT`] by the readiness probe that precedes the ADD.
+pub const DEFAULT_AGENT_TIMEOUT_MS: u64 = 10_000;
+
+/// ADD first asks `/v1/healthz` with at most this: the agent answers it
+/// without waiting for other requests, so "down, hung or not ready" is known
+/// in well under a second (the plugin's promise: code 11 within 1 s).
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(900);
 
 #[derive(Debug)]
 pub struct NetConf {
@@ -206,7 +215,7 @@ mod tests {
         assert_eq!(c.name.as_deref(), Some("catena"));
         assert_eq!(c.agent_socket, PathBuf::from("/run/catena/agent.sock"));
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/catena"));
-        assert_eq!(c.agent_timeout, Duration::from_millis(1000));
+        assert_eq!(c.agent_timeout, Duration::from_millis(10_000));
         assert_eq!(c.runtime_config, RuntimeConfig::default());
         let prev = c.require_prev_result().unwrap();
         assert_eq!(prev.ips_for("eth0").unwrap(), vec!["10.99.0.5/24"]);

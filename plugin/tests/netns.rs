@@ -148,7 +148,7 @@ fn add_registers_the_endpoint_and_echoes_prev_result() {
     assert_eq!(r.code, 0, "stdout {} stderr {}", r.stdout, r.stderr);
     assert_eq!(r.stdout, prev, "ADD must output prevResult unchanged");
 
-    let reqs = agent.requests();
+    let reqs = registrations(&agent);
     assert_eq!(reqs.len(), 1);
     assert_eq!(
         (reqs[0].method.as_str(), reqs[0].path.as_str()),
@@ -184,7 +184,7 @@ fn add_on_a_second_interface_registers_that_interface() {
         Some(&t.node),
     );
     assert_eq!(r.code, 0, "{} {}", r.stdout, r.stderr);
-    let put = &agent.requests()[0];
+    let put = &registrations(&agent)[0];
     assert_eq!(put.path, format!("/v1/endpoints/{CID}/net1"));
     assert_eq!(put.json()["hostIfname"], "hveth1");
     assert_eq!(put.json()["ips"], json!(["192.168.7.2/24"]));
@@ -275,7 +275,11 @@ fn add_withdraws_a_registration_the_agent_did_not_answer() {
     assert_eq!(r.error_code(), 11);
     assert!(r.elapsed < Duration::from_secs(1), "took {:?}", r.elapsed);
     let methods: Vec<_> = hung.requests().iter().map(|r| r.method.clone()).collect();
-    assert_eq!(methods, ["PUT", "DELETE"]);
+    assert_eq!(
+        methods,
+        ["GET", "PUT", "DELETE"],
+        "probe, registration, withdrawal"
+    );
 }
 
 #[test]
@@ -392,4 +396,34 @@ fn add_latency() {
         times[50], times[90], times[99], spawn[50]
     );
     assert!(times[50] < Duration::from_millis(50));
+}
+
+/// The requests of a fake agent other than ADD's readiness probe.
+fn registrations(agent: &FakeAgent) -> Vec<Request> {
+    agent
+        .requests()
+        .into_iter()
+        .filter(|r| r.path != "/v1/healthz")
+        .collect()
+}
+
+#[test]
+fn add_fails_fast_on_a_hung_agent_without_registering() {
+    let t = Topology::new();
+    // Accepts connections, never answers: down for all practical purposes.
+    let hung = FakeAgent::start(|r| Reply {
+        delay: Duration::from_secs(5),
+        ..standard_reply(r)
+    });
+    let state = tempfile::tempdir().unwrap();
+    let ns = t.pod.path();
+    let conf = chained_conf("1.0.0", &hung.socket(), state.path(), &ptp_result(&ns));
+    let r = run_plugin(
+        &add_env("ADD", ns.to_str().unwrap(), "eth0"),
+        &conf,
+        Some(&t.node),
+    );
+    assert_eq!(r.error_code(), 11);
+    assert!(r.elapsed < Duration::from_secs(1), "took {:?}", r.elapsed);
+    assert!(registrations(&hung).is_empty(), "nothing was registered");
 }
