@@ -495,6 +495,25 @@ fn sweeper_removes_leftovers_of_dead_runs() -> Result<()> {
         .spawn()?;
     let bpf = PathBuf::from(format!("/sys/fs/bpf/catena-lab-{dead}-0"));
     std::fs::create_dir_all(&bpf)?;
+    // Sweep only once the orphan really is inside: nsenter joins the
+    // namespace some time after spawn() returns.
+    let entered = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let pids = std::process::Command::new("ip")
+            .args(["netns", "pids", &name])
+            .output()?;
+        if String::from_utf8_lossy(&pids.stdout)
+            .split_whitespace()
+            .any(|p| p == orphan.id().to_string())
+        {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < entered,
+            "the orphan never entered {name}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 
     let removed = catena_lab::sweep_stale()?;
     // Bounded: a sweeper of another test process running at the same moment
