@@ -137,6 +137,7 @@ pub enum Command {
     /// Remove catena from the node: the CNI configuration (as uninstall-cni),
     /// the programs on every pod veth and the cgroup, every pin under the
     /// bpffs dir and the state dir. Not for upgrades: run it with the agent
-    /// stopped, when catena is being removed for good.
+    /// stopped, when catena is being removed for good. Also spelled
+    /// `catena-agent --uninstall`.
     Uninstall(crate::ops::uninstall::UninstallArgs),
 }

@@ -355,7 +355,9 @@ impl AgentCore {
         }
         inner.registry.save(ep.clone())?;
         reconcile_services(inner)?;
-        crate::metrics::global().service_implementation("endpoint", started.elapsed());
+        let took = started.elapsed();
+        crate::metrics::global().policy_implementation("endpoint", took);
+        crate::metrics::global().service_implementation("endpoint", took);
         tracing::info!(endpoint = ep.id, container = %ep.spec.container_id, veth = %ep.spec.host_ifname, ifindex = ep.spec.host_ifindex, mode = %ep.attach_mode, "endpoint added");
         Ok(ep)
     }

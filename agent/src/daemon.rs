@@ -156,7 +156,11 @@ async fn apply_update(core: &Arc<AgentCore>, update: SourceUpdate) -> Result<()>
     match &result {
         // From the snapshot reaching the agent (after the source's debounce)
         // to the maps written.
-        Ok(()) => metrics.service_implementation("source", received.elapsed()),
+        Ok(()) => {
+            let took = received.elapsed();
+            metrics.policy_implementation("source", took);
+            metrics.service_implementation("source", took);
+        }
         Err(_) => metrics.reconcile_failed(),
     }
     result

@@ -20,6 +20,13 @@ pub enum BpfCmd {
     /// ENDPOINTS: per-veth configuration read by the programs.
     #[command(subcommand)]
     Endpoint(List),
+    /// POLICY: allow/deny entries per endpoint, identity, protocol and port
+    /// prefix (port ranges appear as several prefixes).
+    #[command(subcommand)]
+    Policy(List),
+    /// IPCACHE: prefix -> security identity of remote addresses.
+    #[command(subcommand)]
+    Ipcache(List),
 }
 
 #[derive(Subcommand)]
@@ -34,6 +41,8 @@ impl BpfCmd {
             BpfCmd::Lb(_) => "lb",
             BpfCmd::Ct(_) => "ct",
             BpfCmd::Endpoint(_) => "endpoint",
+            BpfCmd::Policy(_) => "policy",
+            BpfCmd::Ipcache(_) => "ipcache",
         }
     }
 }

@@ -15,7 +15,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 /// Names `dump` understands (for error messages and the CLI).
-pub const DUMPABLE: [&str; 3] = ["lb", "ct", "endpoint"];
+pub const DUMPABLE: [&str; 5] = ["lb", "ct", "endpoint", "policy", "ipcache"];
 
 /// None: no such dump.
 pub fn dump(bpffs: &Path, name: &str) -> Option<Result<BpfMapDump>> {
@@ -23,6 +23,8 @@ pub fn dump(bpffs: &Path, name: &str) -> Option<Result<BpfMapDump>> {
         "lb" => lb(bpffs),
         "ct" => ct(bpffs),
         "endpoint" => endpoints(bpffs),
+        "policy" => policy(bpffs),
+        "ipcache" => ipcache(bpffs),
         _ => return None,
     })
 }
@@ -215,4 +217,94 @@ pub fn pressure(bpffs: &Path) -> Vec<catena_api::MapPressure> {
         })
     })
     .collect()
+}
+
+/// An LPM trie key as the kernel lays it out: prefix length, then the data.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct LpmKey<T: Copy> {
+    prefix_len: u32,
+    data: T,
+}
+
+fn ipcache(bpffs: &Path) -> Result<BpfMapDump> {
+    use catena_common::policy::IpcacheValue;
+    let map = PinnedMap::open_typed::<LpmKey<u32>, IpcacheValue>(bpffs, map_names::IPCACHE)?;
+    let mut entries = map.typed::<LpmKey<u32>, IpcacheValue>()?;
+    entries.sort_by_key(|(k, _)| (u32::from_be(k.data), k.prefix_len));
+    let rows = entries
+        .iter()
+        .map(|(k, v)| {
+            vec![
+                format!("{}/{}", addr(k.data), k.prefix_len),
+                v.identity.to_string(),
+            ]
+        })
+        .collect();
+    Ok(BpfMapDump {
+        maps: vec![info(&map, entries.len())],
+        columns: columns(&["PREFIX", "IDENTITY"]),
+        rows,
+    })
+}
+
+fn policy(bpffs: &Path) -> Result<BpfMapDump> {
+    use catena_common::policy::{
+        PolicyKey, PolicyValue, DIR_INGRESS, KIND_DENY, POLICY_PREFIX_ANY_PROTO,
+        POLICY_PREFIX_PROTO,
+    };
+    let map = PinnedMap::open_typed::<LpmKey<PolicyKey>, PolicyValue>(bpffs, map_names::POLICY)?;
+    let mut entries = map.typed::<LpmKey<PolicyKey>, PolicyValue>()?;
+    entries.sort_by_key(|(k, _)| (k.data, k.prefix_len));
+    let rows = entries
+        .iter()
+        .map(|(k, v)| {
+            let d = k.data;
+            let (proto, port) = match k.prefix_len {
+                p if p <= POLICY_PREFIX_ANY_PROTO => ("ANY".to_string(), "ANY".to_string()),
+                p if p <= POLICY_PREFIX_PROTO => (proto(d.proto), "ANY".to_string()),
+                p => {
+                    let bits = p - POLICY_PREFIX_PROTO;
+                    let port = u16::from_be(d.port);
+                    let port = if bits == 16 {
+                        port.to_string()
+                    } else {
+                        format!("{port}/{bits}")
+                    };
+                    (proto(d.proto), port)
+                }
+            };
+            vec![
+                d.endpoint_id.to_string(),
+                if d.direction == DIR_INGRESS {
+                    "ingress"
+                } else {
+                    "egress"
+                }
+                .to_string(),
+                if d.kind == KIND_DENY { "deny" } else { "allow" }.to_string(),
+                if d.identity == 0 {
+                    "ANY".to_string()
+                } else {
+                    d.identity.to_string()
+                },
+                proto,
+                port,
+                v.rule_ref.to_string(),
+            ]
+        })
+        .collect();
+    Ok(BpfMapDump {
+        maps: vec![info(&map, entries.len())],
+        columns: columns(&[
+            "ENDPOINT",
+            "DIRECTION",
+            "VERDICT",
+            "IDENTITY",
+            "PROTO",
+            "PORT",
+            "RULE",
+        ]),
+        rows,
+    })
 }

@@ -186,6 +186,12 @@ fn cli_metrics_monitor_and_conntrack_gc() -> anyhow::Result<()> {
             r#"catena_service_implementation_delay_seconds_count{trigger="source"}"#
         ) >= 1.0
     );
+    assert!(
+        metric(
+            &after,
+            r#"catena_policy_implementation_delay_seconds_count{trigger="endpoint"}"#
+        ) >= 2.0
+    );
     assert_eq!(metric(&after, "catena_endpoints"), 2.0);
     assert_eq!(metric(&after, "catena_services"), 3.0);
     assert_eq!(metric(&after, "catena_agent_ready"), 1.0);
@@ -294,6 +300,17 @@ fn cli_metrics_monitor_and_conntrack_gc() -> anyhow::Result<()> {
         .collect();
     assert!(ips.contains(&web_ip.to_string().as_str()), "{bep}");
     assert!(ok(&node, &["bpf", "endpoint", "list"])?.starts_with("IFINDEX "));
+    // The ipcache knows every pod address; no policy selects anything here.
+    let ipc = json(&node, &["bpf", "ipcache", "list"])?;
+    let prefixes: Vec<&str> = ipc["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["prefix"].as_str().unwrap())
+        .collect();
+    assert!(prefixes.contains(&format!("{web_ip}/32").as_str()), "{ipc}");
+    assert!(ok(&node, &["bpf", "ipcache", "list"])?.starts_with("PREFIX "));
+    assert!(ok(&node, &["bpf", "policy", "list"])?.starts_with("ENDPOINT "));
 
     // Conntrack GC: an open TCP connection stays; the finished ones and an
     // idle UDP flow expire (closing/any timeouts 2 s, GC every 1 s).
