@@ -14,7 +14,9 @@ mod loader;
 mod metrics;
 mod netlink;
 pub mod policy;
-mod sys;
+/// Raw bpf(2) calls aya does not expose (object pins, link info/update/detach);
+/// public so the agent's inspection tools reuse them instead of copying them.
+pub mod sys;
 
 pub use attach::AttachError;
 pub use cgroup::cgroup2_root;

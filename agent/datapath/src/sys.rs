@@ -23,7 +23,8 @@ pub const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// `CGROUP2_SUPER_MAGIC` in linux/magic.h.
 pub const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
-fn bpf(cmd: libc::c_long, attr: &mut [u64]) -> io::Result<libc::c_long> {
+/// One bpf(2) call with `attr` as the (zero-padded) `union bpf_attr`.
+pub fn bpf(cmd: libc::c_long, attr: &mut [u64]) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a zero-initialised buffer at least as large as the
     // union member the command reads; the kernel copies at most `size` bytes.
     let ret = unsafe {

@@ -5,16 +5,13 @@
 //! to an already pinned map by path, hence the few raw commands.
 
 use anyhow::{bail, Context, Result};
-use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_DETACH: libc::c_long = 34;
 
@@ -25,35 +22,7 @@ const BPF_LINK_TYPE_TCX: u32 = 11;
 /// 262144; a bound keeps a corrupted iteration from looping forever.
 const MAX_ITER: usize = 1 << 20;
 
-fn bpf(cmd: libc::c_long, attr: &mut [u64]) -> io::Result<libc::c_long> {
-    // SAFETY: `attr` is a zero-initialised buffer at least as large as the
-    // union member the command reads; the kernel copies at most `size` bytes
-    // and writes only into the buffers whose addresses we put in `attr`.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(attr) as libc::c_uint,
-        )
-    };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
-/// Opens a pinned object (map, program or link).
-pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let mut attr = [0u64; 4];
-    attr[0] = c.as_ptr() as u64;
-    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
-    // SAFETY: the kernel returned a new file descriptor that we now own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
+use catena_datapath::sys::{bpf, obj_get};
 
 fn obj_info(fd: &OwnedFd, info: &mut [u64]) -> io::Result<()> {
     let mut attr = [0u64; 2];

@@ -182,3 +182,35 @@ pub fn labelled_pod_yaml(namespace: &str, name: &str, labels: &[(&str, &str)]) -
         labels.join(", ")
     )
 }
+
+/// A private cgroup v2 directory (for the socket-level load balancer, which
+/// must never be attached to the machine's root cgroup in tests), removed on
+/// drop once its processes are gone.
+pub struct TestCgroup(pub std::path::PathBuf);
+
+impl TestCgroup {
+    pub fn new(tag: &str) -> Result<Self> {
+        let out = std::process::Command::new("findmnt")
+            .args(["-n", "-t", "cgroup2", "-o", "TARGET"])
+            .output()?;
+        let root = String::from_utf8(out.stdout)?;
+        let root = root.lines().next().map(str::trim).filter(|s| !s.is_empty());
+        let root = root.ok_or_else(|| anyhow::anyhow!("no cgroup2 mount on this machine"))?;
+        let dir =
+            std::path::PathBuf::from(root).join(format!("catena-e2e-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(TestCgroup(dir))
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // rmdir needs the cgroup empty: give exiting processes a moment.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.0).is_ok() || !self.0.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}

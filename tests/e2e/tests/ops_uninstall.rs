@@ -3,34 +3,11 @@
 //! veth run none of catena's programs, and a pod created afterwards starts
 //! with the primary alone.
 
-use catena_e2e::service_yaml;
+use catena_e2e::{service_yaml, TestCgroup};
 use catena_lab::{bin_path, tcx_program_counts, CallArgs, CniRunner, Conflist, Node};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
-
-/// A private cgroup v2 directory for the socket load balancer, removed on drop.
-struct TestCgroup(PathBuf);
-
-impl TestCgroup {
-    fn new(tag: &str) -> anyhow::Result<Self> {
-        let out = Command::new("findmnt")
-            .args(["-n", "-t", "cgroup2", "-o", "TARGET"])
-            .output()?;
-        let root = String::from_utf8(out.stdout)?;
-        let root = root.lines().next().map(str::trim).filter(|s| !s.is_empty());
-        let root = root.ok_or_else(|| anyhow::anyhow!("no cgroup2 mount on this machine"))?;
-        let dir = PathBuf::from(root).join(format!("catena-e2e-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        Ok(TestCgroup(dir))
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
 
 fn agent_cmd(sub: &str, node: &Node, bin_dir: &Path, extra: &[&str]) -> anyhow::Result<Output> {
     let mut cmd = Command::new(bin_path("catena-agent")?);

@@ -4,40 +4,10 @@
 //! cgroup, never the machine's root cgroup) connects to the VIP.
 
 use catena_api::Status;
-use catena_e2e::{pod_yaml, service_yaml, write_manifest};
+use catena_e2e::{pod_yaml, service_yaml, write_manifest, TestCgroup};
 use catena_lab::{CallArgs, CniRunner, Node};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::process::Command;
-
-/// A private cgroup v2 directory, removed on drop.
-struct TestCgroup(PathBuf);
-
-impl TestCgroup {
-    fn new(tag: &str) -> anyhow::Result<Self> {
-        let out = Command::new("findmnt")
-            .args(["-n", "-t", "cgroup2", "-o", "TARGET"])
-            .output()?;
-        let root = String::from_utf8(out.stdout)?;
-        let root = root.lines().next().map(str::trim).filter(|s| !s.is_empty());
-        let root = root.ok_or_else(|| anyhow::anyhow!("no cgroup2 mount on this machine"))?;
-        let dir = PathBuf::from(root).join(format!("catena-e2e-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        Ok(TestCgroup(dir))
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        // Processes are gone by now (each client exits); rmdir needs it empty.
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.0).is_ok() || !self.0.exists() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-    }
-}
 
 /// Runs `socat` as a node process in `cgroup`, returns what the server said.
 fn node_request(node: &Node, cgroup: Option<&TestCgroup>, target: &str) -> anyhow::Result<String> {
