@@ -57,13 +57,9 @@ pub fn run(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
     Ok(raw.get().to_string())
 }
 
-/// PUT the endpoint. The agent attaches before it answers, so a refused PUT
-/// leaves nothing behind; a PUT that timed out may still complete, so it is
-/// withdrawn with a best-effort DELETE. The timeout budget is split so both
-/// fit in `agentTimeoutMs`.
 /// Fails fast (code 11) when the agent is down, hung or not ready, before
-/// anything is registered: the registration itself may then take the rest of
-/// the budget on a busy but healthy agent.
+/// anything is registered: the registration itself may then take its own
+/// budget on a busy but healthy agent.
 fn probe_ready(conf: &NetConf) -> Result<(), CniError> {
     let budget = conf.agent_timeout.min(crate::config::PROBE_TIMEOUT);
     agent::client(conf, budget)
@@ -72,6 +68,11 @@ fn probe_ready(conf: &NetConf) -> Result<(), CniError> {
         .map_err(|e| agent::failure(conf, "the readiness probe", &e))
 }
 
+/// PUT the endpoint. The agent attaches before it answers, so a refused PUT
+/// leaves nothing behind; a PUT that timed out may still complete, so it is
+/// withdrawn with a best-effort DELETE. `agentTimeoutMs` is split so the PUT
+/// and the DELETE both fit in it (the readiness probe comes before, with its
+/// own sub-second budget).
 fn register(conf: &NetConf, spec: &EndpointSpec) -> Result<Endpoint, CniError> {
     let path = agent::endpoint_path(&spec.container_id, &spec.ifname);
     let put_budget = conf.agent_timeout * 4 / 5;
