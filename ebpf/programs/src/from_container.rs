@@ -25,45 +25,23 @@ use catena_common::{
     policy::{DIR_EGRESS, POLICY_EP_EGRESS},
 };
 
+use crate::endpoint::{self, Packet4};
 use crate::{
-    ct, events, lb,
-    maps::{ENDPOINTS, LB4_REVNAT},
-    metrics::count,
-    nat,
-    parse::{self, Flow4, Packet},
-    policy, reject, VERDICT_PASS,
+    ct, events, lb, maps::LB4_REVNAT, metrics::count, nat, parse::Flow4, policy, reject,
+    VERDICT_PASS,
 };
 
 #[classifier]
 pub fn from_container(ctx: TcContext) -> i32 {
     count(Counter::FromContainer);
-    let ifindex = events::ifindex(&ctx);
-    // SAFETY: copied out at once.
-    let Some(ep) = (unsafe { ENDPOINTS.get(ifindex) }).copied() else {
-        let ev = events::base(DIR_EGRESS, ifindex, &EndpointInfo::default(), None);
-        return events::drop(ev, Reason::UnknownEndpoint);
-    };
-    let flags = policy::endpoint_flags(ep.endpoint_id);
-    let enforced = flags & POLICY_EP_EGRESS != 0;
-    let flow = match parse::parse(&ctx) {
-        Ok(Packet::Ipv4(flow)) => flow,
-        Ok(Packet::Other) => return VERDICT_PASS,
-        Ok(Packet::Ipv6) => {
-            if enforced && !parse::is_ipv6_nd(&ctx) {
-                let ev = events::base(DIR_EGRESS, ifindex, &ep, None);
-                return events::drop(ev, Reason::UnsupportedL3);
-            }
-            return VERDICT_PASS;
-        }
-        Err(()) => {
-            if enforced {
-                let ev = events::base(DIR_EGRESS, ifindex, &ep, None);
-                return events::drop(ev, Reason::Invalid);
-            }
-            // Not ours to judge: a malformed packet is the stack's business
-            // and we have not touched it.
-            return VERDICT_PASS;
-        }
+    let Packet4 {
+        ifindex,
+        ep,
+        flags,
+        flow,
+    } = match endpoint::start(&ctx, DIR_EGRESS, POLICY_EP_EGRESS) {
+        Ok(p) => p,
+        Err(verdict) => return verdict,
     };
     if ep.flags & EP_FLAG_ANTI_SPOOF != 0 && flow.saddr != ep.ipv4 {
         let ev = events::base(DIR_EGRESS, ifindex, &ep, Some(&flow));

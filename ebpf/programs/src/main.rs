@@ -15,6 +15,7 @@
 #![no_main]
 
 mod ct;
+mod endpoint;
 mod events;
 mod from_container;
 mod lb;

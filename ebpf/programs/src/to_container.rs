@@ -19,43 +19,22 @@ use catena_common::{
     policy::{DIR_INGRESS, POLICY_EP_INGRESS},
 };
 
+use crate::endpoint::{self, Packet4};
 use crate::{
-    ct, events,
-    maps::{ENDPOINTS, LB4_REVNAT},
-    metrics::count,
-    nat,
-    parse::{self, Flow4, Packet},
-    policy, VERDICT_PASS,
+    ct, events, maps::LB4_REVNAT, metrics::count, nat, parse::Flow4, policy, VERDICT_PASS,
 };
 
 #[classifier]
 pub fn to_container(ctx: TcContext) -> i32 {
     count(Counter::ToContainer);
-    let ifindex = events::ifindex(&ctx);
-    // SAFETY: copied out at once.
-    let Some(ep) = (unsafe { ENDPOINTS.get(ifindex) }).copied() else {
-        let ev = events::base(DIR_INGRESS, ifindex, &EndpointInfo::default(), None);
-        return events::drop(ev, Reason::UnknownEndpoint);
-    };
-    let flags = policy::endpoint_flags(ep.endpoint_id);
-    let enforced = flags & POLICY_EP_INGRESS != 0;
-    let flow = match parse::parse(&ctx) {
-        Ok(Packet::Ipv4(flow)) => flow,
-        Ok(Packet::Other) => return VERDICT_PASS,
-        Ok(Packet::Ipv6) => {
-            if enforced && !parse::is_ipv6_nd(&ctx) {
-                let ev = events::base(DIR_INGRESS, ifindex, &ep, None);
-                return events::drop(ev, Reason::UnsupportedL3);
-            }
-            return VERDICT_PASS;
-        }
-        Err(()) => {
-            if enforced {
-                let ev = events::base(DIR_INGRESS, ifindex, &ep, None);
-                return events::drop(ev, Reason::Invalid);
-            }
-            return VERDICT_PASS;
-        }
+    let Packet4 {
+        ifindex,
+        ep,
+        flags,
+        flow,
+    } = match endpoint::start(&ctx, DIR_INGRESS, POLICY_EP_INGRESS) {
+        Ok(p) => p,
+        Err(verdict) => return verdict,
     };
     match try_to_container(&ctx, &ep, flags, &flow) {
         Ok(verdict) => verdict,
