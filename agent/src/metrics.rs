@@ -217,11 +217,8 @@ fn counter_family(name: &str) -> (&'static str, String) {
             "catena_drop_count_total",
             r#"reason="ct_full",direction="egress""#.into(),
         ),
-        // Counted by both programs: the map does not say which.
-        "drop_invalid" => (
-            "catena_drop_count_total",
-            r#"reason="invalid",direction="any""#.into(),
-        ),
+        // The rest (drop_invalid among them) are counted by both programs:
+        // the map does not say which direction.
         other => match other.strip_prefix("drop_") {
             Some(reason) => (
                 "catena_drop_count_total",

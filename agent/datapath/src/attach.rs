@@ -392,14 +392,14 @@ pub fn gc_links(layout: &Layout, live: &BTreeSet<u32>) -> anyhow::Result<usize> 
             continue;
         };
         let path = entry.path();
-        let defunct = match sys::obj_get(&path) {
-            Ok(fd) => sys::link_info(fd.as_fd())
+        let fd = sys::obj_get(&path).ok();
+        let defunct = fd.as_ref().is_none_or(|fd| {
+            sys::link_info(fd.as_fd())
                 .map(|l| l.tcx_ifindex == 0)
-                .unwrap_or(true),
-            Err(_) => true,
-        };
+                .unwrap_or(true)
+        });
         if defunct || !live.contains(&ifindex) {
-            if let Ok(fd) = sys::obj_get(&path) {
+            if let Some(fd) = &fd {
                 let _ = sys::link_detach(fd.as_fd());
             }
             remove_pin(&path)?;

@@ -233,16 +233,10 @@ pub fn load(layout: &Layout) -> anyhow::Result<Ebpf> {
             .with_context(|| format!("program {name} is not a tc classifier"))?;
         prog.load()
             .with_context(|| format!("loading program {name} (verifier)"))?;
-        let pin = layout.program(name);
-        // Replace the pin of a previous agent run: links keep their own
-        // reference to the old program, and attach() upgrades them.
-        match fs::remove_file(&pin) {
-            Ok(()) => debug!(path = %pin.display(), "replaced stale program pin"),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("removing {}", pin.display())),
-        }
-        prog.pin(&pin)
-            .with_context(|| format!("pinning {name} at {}", pin.display()))?;
+        replace_pin(&layout.program(name), |pin| {
+            prog.pin(pin)
+                .with_context(|| format!("pinning {name} at {}", pin.display()))
+        })?;
     }
     for name in SOCK_PROGRAMS {
         let prog: &mut CgroupSockAddr = ebpf

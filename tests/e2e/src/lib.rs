@@ -205,12 +205,15 @@ impl TestCgroup {
 
 impl Drop for TestCgroup {
     fn drop(&mut self) {
-        // rmdir needs the cgroup empty: give exiting processes a moment.
+        // rmdir needs the cgroup empty: kill what is left (a client of a
+        // failed test), then give the processes a moment to exit.
+        let _ = std::fs::write(self.0.join("cgroup.kill"), "1");
         for _ in 0..50 {
             if std::fs::remove_dir(&self.0).is_ok() || !self.0.exists() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        eprintln!("warning: could not remove test cgroup {}", self.0.display());
     }
 }

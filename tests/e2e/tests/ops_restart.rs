@@ -141,13 +141,29 @@ impl Load {
         *self.phase.lock().unwrap() = name.to_string();
     }
 
-    fn finish(self) -> anyhow::Result<Arc<Tally>> {
+    fn finish(mut self) -> anyhow::Result<Arc<Tally>> {
         self.stop.store(true, Ordering::SeqCst);
-        for t in self.threads {
+        for t in std::mem::take(&mut self.threads) {
             t.join()
                 .map_err(|_| anyhow::anyhow!("load thread panicked"))???;
         }
-        Ok(self.tally)
+        Ok(self.tally.clone())
+    }
+}
+
+/// A failed assertion before `finish` must not leave the load running.
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Raises a stop flag when dropped (the echo servers on an early failure).
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
     }
 }
 
@@ -286,6 +302,7 @@ fn sustained_traffic_survives_kill_restart_and_upgrade() -> anyhow::Result<()> {
         cni.add(pod, "eth0", &CallArgs::default())?;
     }
     let server_stop = Arc::new(AtomicBool::new(false));
+    let _stop_servers = StopOnDrop(server_stop.clone());
     let servers: Vec<_> = backends
         .iter()
         .map(|b| echo_server(b, server_stop.clone()))
