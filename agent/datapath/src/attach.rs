@@ -161,7 +161,8 @@ fn pinned_link_alive(
     Ok(false)
 }
 
-fn remove_pin(pin: &std::path::Path) -> anyhow::Result<()> {
+/// Unpins `pin`; an absent pin is fine (idempotent detach and GC).
+pub(crate) fn remove_pin(pin: &std::path::Path) -> anyhow::Result<()> {
     match fs::remove_file(pin) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),

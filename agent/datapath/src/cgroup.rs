@@ -128,13 +128,7 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut CgroupS
         .with_context(|| format!("program {name} is not a cgroup sock_addr program"))
 }
 
-fn remove_pin(pin: &Path) -> anyhow::Result<()> {
-    match fs::remove_file(pin) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("removing {}", pin.display())),
-    }
-}
+use crate::attach::remove_pin;
 
 /// Detaches the link pinned at `pin` (even if others hold it) and unpins it.
 fn destroy_pin(pin: &Path) -> anyhow::Result<()> {
