@@ -486,7 +486,18 @@ fn installer_end_to_end_install_pods_uninstall() -> Result<()> {
     let installed = bin_dir.join("catena-cni");
     std::fs::copy("/bin/sleep", &installed)?;
     let old_inode = std::fs::metadata(&installed)?.ino();
-    let running = KillOnDrop(Command::new(&installed).arg("60").spawn()?);
+    // A fork by another test thread while `copy` held the file open for
+    // writing makes exec fail with ETXTBSY until that child execs: retry.
+    let mut tries = 0;
+    let running = KillOnDrop(loop {
+        match Command::new(&installed).arg("60").spawn() {
+            Err(e) if e.raw_os_error() == Some(ETXTBSY) && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => break other?,
+        }
+    });
 
     let source = bin_path("catena-cni")?;
     let socket = node.agent_socket().display().to_string();
@@ -704,3 +715,6 @@ fn custom_conf_from_the_kube_ovn_configmap() -> Result<()> {
     }
     Ok(())
 }
+
+/// `ETXTBSY` (Linux): "Text file busy".
+const ETXTBSY: i32 = 26;
