@@ -26,6 +26,13 @@ pub struct AgentConfig {
     #[arg(long, conflicts_with = "manifests")]
     pub kubeconfig: Option<PathBuf>,
 
+    /// This node's name as Kubernetes knows it: Events about policies name it
+    /// as their reporting instance and CiliumNetworkPolicy status is written
+    /// under `status.nodes.<name>`. The chart sets NODE_NAME from the downward
+    /// API; without either, the machine's hostname.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+
     /// Agent API socket (HTTP/JSON, mode 0600).
     #[arg(long, default_value = catena_api::DEFAULT_SOCKET)]
     pub socket: PathBuf,
@@ -68,11 +75,22 @@ pub struct AgentConfig {
     #[arg(long)]
     pub healthz_bind_address: Option<std::net::SocketAddr>,
 
-    /// External devices for NodePort/LoadBalancer traffic (comma-separated).
-    /// Recorded and reported by `catena status`; external-traffic services are
-    /// not translated yet.
+    /// External devices for NodePort / externalIP / LoadBalancer traffic
+    /// (comma-separated), used with --kube-proxy-replacement. Without it they
+    /// are detected (up, a global IPv4 address, not loopback, a pod veth, a
+    /// bridge or an overlay device; veths only with the default route) and
+    /// followed as addresses change. Name every device a flow SNATed to a
+    /// remote backend may leave through.
     #[arg(long, value_delimiter = ',')]
     pub devices: Vec<String>,
+
+    /// How a Service picks a backend for a new flow (Cilium's
+    /// `loadBalancer.algorithm`): `random`, or `maglev` consistent hashing of
+    /// the 5-tuple (the same flow picks the same backend on every node; a
+    /// backend change moves ~1/N of the flows' choices). A Service's
+    /// `service.cilium.io/lb-algorithm` annotation overrides it.
+    #[arg(long, value_enum, default_value_t = crate::compile::maglev::LbAlgorithm::Random, alias = "bpf-lb-algorithm")]
+    pub lb_algorithm: crate::compile::maglev::LbAlgorithm,
 
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -101,6 +119,22 @@ pub struct AgentConfig {
     /// Idle timeout of UDP, SCTP and other flows.
     #[arg(long, default_value = "60s", alias = "bpf-ct-timeout-regular-any")]
     pub ct_any_timeout: humantime::Duration,
+}
+
+impl AgentConfig {
+    /// `--node-name`, else `$NODE_NAME` (both via clap), else the hostname.
+    pub fn node_name(&self) -> String {
+        if let Some(name) = self.node_name.as_deref().map(str::trim) {
+            if !name.is_empty() {
+                return name.to_string();
+            }
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".to_string())
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -1,6 +1,9 @@
 //! The agent's state and every operation on it. Operations are synchronous
 //! (short syscalls on maps and links) and serialised by one mutex, so an ADD,
-//! a DEL and a reconcile never interleave half-way.
+//! a DEL and a reconcile never interleave half-way. The one exception: an
+//! ADD's attach and a DEL's detach (each waits on the kernel for RCU grace
+//! periods) and the ADD's fsync of the endpoint record run outside that
+//! mutex, under per-endpoint [`Claims`]; see [`AgentCore::add_endpoint`].
 
 use crate::compile::policy::{compile_policy, known_pods, PolicyInput, PolicyReport, RuleOrigin};
 use crate::config::AgentConfig;
@@ -19,7 +22,7 @@ use catena_datapath::Datapath;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 /// Errors the API maps to HTTP statuses.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +87,8 @@ struct PolicyProgram {
 pub struct AgentCore {
     config: AgentConfig,
     inner: Mutex<Option<Inner>>,
+    /// Endpoints with an ADD or DEL between its locked phases.
+    claims: Claims,
     ready: AtomicBool,
     source: RwLock<SourceInfo>,
 }
@@ -93,6 +98,7 @@ impl AgentCore {
         AgentCore {
             config,
             inner: Mutex::new(None),
+            claims: Claims::default(),
             ready: AtomicBool::new(false),
             source: RwLock::new(SourceInfo::new("none".into())),
         }
@@ -224,7 +230,13 @@ impl AgentCore {
             identities: IdentityAllocator::default(),
             cluster: Arc::new(ClusterState::default()),
             programmed: None,
-            services: Default::default(),
+            services: crate::compile::services::ServiceCompiler::new(
+                crate::compile::services::ServiceOptions {
+                    node_name: Some(self.config.node_name()),
+                    lb_algorithm: self.config.lb_algorithm,
+                    north_south: Default::default(),
+                },
+            ),
             policy_inputs: None,
             programmed_at: None,
             policy: PolicyProgram::default(),
@@ -296,21 +308,55 @@ impl AgentCore {
         Ok(adopted)
     }
 
+    /// An ADD in three phases, so the slow parts (two TCX links, each an RCU
+    /// grace period in the kernel, and the fsync of the record) do not hold
+    /// the state lock that every other request needs:
+    ///
+    /// 1. state lock: claim the endpoint's key and interface, replace stale
+    ///    records, compile and write its identity and policy, write its
+    ///    `ENDPOINTS` entry, and put the record in the registry (memory);
+    /// 2. no lock: attach the programs while the record is written to disk;
+    /// 3. state lock: commit (services, the final record) or undo all of it.
+    ///
+    /// Why this is safe. Pods never run unenforced: the programs see no
+    /// packet before phase 2 attaches them, and by then phase 1 has written
+    /// the endpoint's `ENDPOINTS` entry and its policy. While the lock is
+    /// released, the endpoint is an ordinary registry entry to everyone else,
+    /// so a reconcile in between (a cluster change, another pod's ADD or DEL)
+    /// compiles policy *with* it and keeps its identity and `ENDPOINTS` entry
+    /// current instead of withdrawing them. Nothing else touches its links,
+    /// entry or record meanwhile: every ADD and DEL claims the key and the
+    /// interfaces it works on (waiting while another holds one), and CNI GC
+    /// skips claimed endpoints. A failed attach or write removes the links,
+    /// the entry, the policy and the record in phase 3, before the claim is
+    /// released. The endpoint may be selected as a Service backend by a
+    /// reconcile before its programs are attached; its sandbox has no
+    /// process serving anything before the ADD returns, so that is harmless.
     fn register(&self, spec: EndpointSpec) -> Result<Endpoint, AgentError> {
         let started = std::time::Instant::now();
         validate_spec(&spec)?;
-        let mut guard = self.lock()?;
-        let inner = guard.as_mut().expect("checked by lock");
         let key = EndpointKey {
             container_id: spec.container_id.clone(),
             ifname: spec.ifname.clone(),
         };
+        let ifindex = spec.host_ifindex;
+
+        // Phase 1.
+        let (mut guard, _claim) = self.lock_claiming(|inner| {
+            let mut claims = vec![Claim::Key(key.clone()), Claim::Interface(ifindex)];
+            if let Some(old) = inner.registry.get(&key) {
+                claims.push(Claim::Interface(old.spec.host_ifindex));
+            }
+            claims
+        })?;
+        let claimed = started.elapsed();
+        let inner = guard.as_mut().expect("checked by lock");
         // A record holding the same host interface under another key is stale
         // (a pod deleted without DEL whose ifindex was reused).
         let stale: Vec<EndpointKey> = inner
             .registry
             .all()
-            .filter(|e| e.spec.host_ifindex == spec.host_ifindex && key_of(e) != key)
+            .filter(|e| e.spec.host_ifindex == ifindex && key_of(e) != key)
             .map(key_of)
             .collect();
         for k in stale {
@@ -318,10 +364,11 @@ impl AgentCore {
             remove_endpoint(inner, &k)?;
         }
         if let Some(old) = inner.registry.get(&key).cloned() {
-            if old.spec.host_ifindex != spec.host_ifindex {
+            if old.spec.host_ifindex != ifindex {
                 remove_endpoint(inner, &key)?;
             }
         }
+        let attacher = inner.datapath.attacher();
         let id = inner
             .registry
             .get(&key)
@@ -331,46 +378,131 @@ impl AgentCore {
             id,
             spec,
             identity: inner.registry.get(&key).map_or(0, |e| e.identity),
-            attach_mode: String::new(),
+            // Written to disk before the attach says which mode it used; the
+            // commit rewrites the record in the rare case it guessed wrong.
+            attach_mode: attacher.expected_mode().as_str().to_string(),
             created: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         };
-        // A pod never runs unenforced: its identity, its ipcache entry and
-        // its policy are in the maps before the programs can see a packet.
         let identities = match reconcile_policy(inner, std::slice::from_ref(&ep)) {
             Ok(ids) => ids,
             Err(e) => return Err(AgentError::Internal(e.context("programming policy"))),
         };
         ep.identity = identities.get(&ep.id).copied().unwrap_or(ep.identity);
-        match program_endpoint(&mut inner.datapath, &ep) {
-            Ok(mode) => ep.attach_mode = mode.as_str().to_string(),
+        if let Err(e) = inner.datapath.upsert_endpoint(ifindex, endpoint_info(&ep)) {
+            abandon_endpoint(inner, &key, &ep);
+            return Err(AgentError::Internal(
+                e.context("writing the endpoint map entry"),
+            ));
+        }
+        inner.registry.insert_unsaved(ep.clone());
+        let records = inner.registry.dir().to_path_buf();
+        drop(guard);
+        let prepared = started.elapsed();
+
+        // Phase 2. The attach stays on this thread (it must run in the
+        // agent's network namespace); the record is written beside it.
+        let (attached, persisted) = std::thread::scope(|scope| {
+            let persist = scope.spawn(|| crate::model::endpoints::write_record(&records, &ep));
+            let attached = attacher.attach(ifindex, &ep.spec.host_ifname, None);
+            let persisted = persist
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("writing the endpoint record panicked")));
+            (attached, persisted)
+        });
+        let attached_at = started.elapsed();
+
+        // Phase 3.
+        let mut guard = self.lock()?;
+        let inner = guard.as_mut().expect("checked by lock");
+        let committed = attached
+            .and_then(|mode| {
+                persisted
+                    .context("persisting the endpoint record")
+                    .map(|()| mode)
+            })
+            .and_then(|mode| commit_endpoint(inner, &key, &ep, mode));
+        let ep = match committed {
+            Ok(ep) => ep,
             Err(e) => {
                 // Fail closed and leave nothing behind.
-                let _ = inner.datapath.detach(ep.spec.host_ifindex);
-                let _ = inner.datapath.remove_endpoint(ep.spec.host_ifindex);
-                if let Err(e) = reconcile_policy(inner, &[]) {
-                    tracing::warn!(error = %format!("{e:#}"), "cannot withdraw the policy of a failed endpoint");
-                }
+                abandon_endpoint(inner, &key, &ep);
                 return Err(AgentError::Internal(e));
             }
-        }
-        inner.registry.save(ep.clone())?;
-        reconcile_services(inner)?;
+        };
+        drop(guard);
         let took = started.elapsed();
         crate::metrics::global().policy_implementation("endpoint", took);
         crate::metrics::global().service_implementation("endpoint", took);
         tracing::info!(endpoint = ep.id, container = %ep.spec.container_id, veth = %ep.spec.host_ifname, ifindex = ep.spec.host_ifindex, mode = %ep.attach_mode, "endpoint added");
+        tracing::debug!(
+            endpoint = ep.id,
+            claim_us = claimed.as_micros() as u64,
+            prepare_us = (prepared - claimed).as_micros() as u64,
+            attach_us = (attached_at - prepared).as_micros() as u64,
+            commit_us = (took - attached_at).as_micros() as u64,
+            "endpoint add timing"
+        );
         Ok(ep)
     }
 
-    /// Idempotent: an unknown endpoint is not an error.
+    /// Idempotent: an unknown endpoint is not an error. The endpoint's map
+    /// entry, policy and record go under the state lock (from then on its
+    /// programs drop every packet: no entry, fail closed); the detach, which
+    /// waits on the kernel, runs after the lock is released, with the key and
+    /// interface still claimed so no ADD reuses them half-way.
     pub fn delete_endpoint(&self, key: &EndpointKey) -> Result<(), AgentError> {
-        let mut guard = self.lock()?;
+        let (mut guard, _claim) = self.lock_claiming(|inner| {
+            let mut claims = vec![Claim::Key(key.clone())];
+            if let Some(ep) = inner.registry.get(key) {
+                claims.push(Claim::Interface(ep.spec.host_ifindex));
+            }
+            claims
+        })?;
         let inner = guard.as_mut().expect("checked by lock");
-        if remove_endpoint(inner, key)?.is_some() {
-            reconcile_services(inner)?;
-            reconcile_policy(inner, &[])?;
+        let Some(ep) = withdraw_endpoint(inner, key)? else {
+            return Ok(());
+        };
+        let reconciled =
+            reconcile_services(inner).and_then(|()| reconcile_policy(inner, &[]).map(|_| ()));
+        let attacher = inner.datapath.attacher();
+        drop(guard);
+        let ifindex = ep.spec.host_ifindex;
+        if let Err(e) = attacher.detach(ifindex) {
+            // Only an interface that is still the one we attached to matters;
+            // a vanished one took its links with it (pins are collected).
+            if interface_index(&ep.spec.host_ifname) == Some(ifindex) {
+                return Err(AgentError::Internal(e.context("detaching the programs")));
+            }
+            tracing::debug!(ifindex, error = %format!("{e:#}"), "detach of a vanished interface");
         }
+        reconciled?;
         Ok(())
+    }
+
+    /// Takes the state lock with every claim `wanted` computes (from the
+    /// state, under the lock) held by this caller; while another caller holds
+    /// one of them, waits without the state lock and tries again.
+    fn lock_claiming(
+        &self,
+        wanted: impl Fn(&Inner) -> Vec<Claim>,
+    ) -> Result<(MutexGuard<'_, Option<Inner>>, ClaimGuard<'_>), AgentError> {
+        loop {
+            let guard = self.lock()?;
+            let claims = wanted(guard.as_ref().expect("checked by lock"));
+            let held = self.claims.held.lock().unwrap_or_else(|p| p.into_inner());
+            if claims.iter().all(|c| !held.contains(c)) {
+                return Ok((guard, ClaimGuard::take(&self.claims, held, claims)));
+            }
+            // Lock order is state, then claims; waiting releases both, and a
+            // release cannot slip in between (it needs `held`).
+            drop(guard);
+            drop(
+                self.claims
+                    .released
+                    .wait(held)
+                    .unwrap_or_else(|p| p.into_inner()),
+            );
+        }
     }
 
     pub fn endpoint(&self, key: &EndpointKey) -> Result<Endpoint, AgentError> {
@@ -447,6 +579,8 @@ impl AgentCore {
             .filter(|e| network.is_empty() || e.spec.network == network)
             .map(key_of)
             .filter(|k| !valid.contains(k))
+            // An ADD or DEL in flight owns it; the next GC sees how it ended.
+            .filter(|k| !self.claims.holds_key(k))
             .collect();
         for key in &doomed {
             remove_endpoint(inner, key)?;
@@ -466,8 +600,21 @@ impl AgentCore {
         // Policy first: pods new to the cluster get their identities before
         // a Service can send them traffic. A policy failure must not keep
         // services stale (and vice versa): both run, the first error wins.
+        let started = std::time::Instant::now();
+        let first = inner.programmed.is_none();
         let policy = reconcile_policy(inner, &[]).map(|_| ());
+        let policy_done = started.elapsed();
         let services = reconcile_services(inner);
+        tracing::debug!(
+            policy_us = policy_done.as_micros() as u64,
+            services_us = (started.elapsed() - policy_done).as_micros() as u64,
+            "cluster snapshot applied"
+        );
+        if first {
+            let before = crate::memory::resident_bytes();
+            crate::memory::release_free_heap();
+            tracing::info!(before = ?before, after = ?crate::memory::resident_bytes(), "TEMP trim");
+        }
         policy.and(services)
     }
 
@@ -507,6 +654,103 @@ impl AgentCore {
         Ok(done)
     }
 
+    /// Attaches the north-south programs to the external devices (`--devices`,
+    /// else detected; see `nodeport::devices`), detaches devices no longer
+    /// external, and recompiles the Services when the node's external
+    /// addresses changed. A no-op unless catena replaces kube-proxy. Returns
+    /// the devices now attached.
+    pub fn sync_devices(&self) -> Result<Vec<crate::nodeport::devices::ExternalDevice>> {
+        if !self.config.kube_proxy_replacement.enabled() {
+            return Ok(Vec::new());
+        }
+        let mut guard = self.lock().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let inner = guard.as_mut().expect("checked by lock");
+        let veths: std::collections::BTreeSet<String> = inner
+            .registry
+            .all()
+            .map(|e| e.spec.host_ifname.clone())
+            .collect();
+        let devices = crate::nodeport::devices::select(&self.config.devices, &veths)?;
+        let programmed = inner.datapath.devices()?;
+        for (ifindex, _) in &programmed {
+            if !devices.iter().any(|d| d.ifindex == *ifindex) {
+                inner.datapath.detach_device(*ifindex)?;
+                tracing::info!(ifindex, "external device detached");
+            }
+        }
+        for d in &devices {
+            let addr = d.addresses[0];
+            if !programmed.contains(&(d.ifindex, addr)) {
+                let mode = inner
+                    .datapath
+                    .attach_device(d.ifindex, &d.name, addr)
+                    .with_context(|| format!("attaching to external device {}", d.name))?;
+                tracing::info!(device = %d.name, ifindex = d.ifindex, snat = %addr, mode = mode.as_str(), "external device attached");
+            }
+        }
+        let ns = crate::compile::external::NorthSouth {
+            enabled: true,
+            node_addresses: crate::nodeport::devices::node_addresses(&devices),
+        };
+        if *inner.services.north_south() != ns {
+            tracing::info!(addresses = ?ns.node_addresses, "NodePort addresses changed");
+            inner.services.set_north_south(ns);
+            reconcile_services(inner)?;
+        }
+        Ok(devices)
+    }
+
+    /// The health-check node ports to serve: Services with
+    /// `externalTrafficPolicy: Local` and a `healthCheckNodePort`, with how
+    /// many of their endpoints (distinct addresses of their external
+    /// frontends' backends, which are local-only) are on this node.
+    pub fn health_checks(&self) -> Vec<crate::nodeport::health::HealthCheck> {
+        if !self.config.kube_proxy_replacement.enabled() {
+            return Vec::new();
+        }
+        let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(inner) = guard.as_ref() else {
+            return Vec::new();
+        };
+        let mut wanted: BTreeMap<String, (u16, &crate::sources::ObjectKey)> = BTreeMap::new();
+        for (key, svc) in &inner.cluster.services {
+            if let Some(port) = svc
+                .spec
+                .as_ref()
+                .and_then(crate::compile::external::health_check_node_port)
+            {
+                wanted.insert(key.to_string(), (port, key));
+            }
+        }
+        if wanted.is_empty() {
+            return Vec::new();
+        }
+        let mut local: BTreeMap<&str, std::collections::BTreeSet<Ipv4Addr>> = BTreeMap::new();
+        for (fe, svc) in &inner.services.desired().services {
+            let Some((name, _)) = wanted.get_key_value(&svc.name) else {
+                continue;
+            };
+            let Some(service) = inner.cluster.services.get(wanted[name].1) else {
+                continue;
+            };
+            if crate::compile::external::kind_of(service, fe).is_some() {
+                local
+                    .entry(name.as_str())
+                    .or_default()
+                    .extend(svc.backends.iter().map(|b| b.address));
+            }
+        }
+        wanted
+            .iter()
+            .map(|(name, (port, key))| crate::nodeport::health::HealthCheck {
+                port: *port,
+                namespace: key.namespace.clone(),
+                name: key.name.clone(),
+                local_endpoints: local.get(name.as_str()).map_or(0, |s| s.len()),
+            })
+            .collect()
+    }
+
     pub fn services(&self) -> Result<Vec<ServiceStatus>, AgentError> {
         let guard = self.lock()?;
         let inner = guard.as_ref().expect("checked by lock");
@@ -530,6 +774,16 @@ impl AgentCore {
                 rev_nat_index: s.rev_nat_index,
             })
             .collect())
+    }
+
+    /// The reports of the last successful policy compile together with the
+    /// snapshot they were compiled from (so a reporter can name each policy's
+    /// uid and generation exactly as compiled). None before the first compile.
+    pub fn policy_reports(&self) -> Option<(Arc<ClusterState>, Vec<PolicyReport>)> {
+        let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let inner = guard.as_ref()?;
+        let inputs = inner.policy_inputs.as_ref()?;
+        Some((inputs.cluster.clone(), inner.policy.reports.clone()))
     }
 
     pub fn status(&self) -> Status {
@@ -754,9 +1008,130 @@ fn remove_endpoint(inner: &mut Inner, key: &EndpointKey) -> Result<Option<Endpoi
     Ok(Some(ep))
 }
 
+/// Phase 3 of an ADD that attached and persisted: the record gets the mode
+/// the attach used (rewritten on disk if that or, through a reconcile in
+/// between, its identity differs from what phase 2 wrote), and Services see
+/// the endpoint. Returns the record as it now stands.
+fn commit_endpoint(
+    inner: &mut Inner,
+    key: &EndpointKey,
+    written: &Endpoint,
+    mode: catena_datapath::AttachMode,
+) -> Result<Endpoint> {
+    let Some(mut ep) = inner
+        .registry
+        .get(key)
+        .filter(|e| e.id == written.id)
+        .cloned()
+    else {
+        anyhow::bail!(
+            "endpoint {} was removed while it was being attached",
+            written.id
+        );
+    };
+    ep.attach_mode = mode.as_str().to_string();
+    if ep != *written {
+        inner.registry.save(ep.clone())?;
+    }
+    reconcile_services(inner)?;
+    Ok(ep)
+}
+
+/// Undoes an ADD that failed after phase 1: links, map entry, policy and
+/// record of `ep` go (each step best effort, so one failure does not keep
+/// the others from running).
+fn abandon_endpoint(inner: &mut Inner, key: &EndpointKey, ep: &Endpoint) {
+    let ifindex = ep.spec.host_ifindex;
+    if let Err(e) = inner.datapath.detach(ifindex) {
+        tracing::warn!(ifindex, error = %format!("{e:#}"), "cannot detach a failed endpoint");
+    }
+    if let Err(e) = inner.datapath.remove_endpoint(ifindex) {
+        tracing::warn!(ifindex, error = %format!("{e:#}"), "cannot remove the map entry of a failed endpoint");
+    }
+    if inner.registry.get(key).is_some_and(|e| e.id == ep.id) {
+        if let Err(e) = inner.registry.remove(key) {
+            tracing::warn!(endpoint = ep.id, error = %format!("{e:#}"), "cannot remove the record of a failed endpoint");
+        }
+    }
+    if let Err(e) = reconcile_policy(inner, &[]) {
+        tracing::warn!(error = %format!("{e:#}"), "cannot withdraw the policy of a failed endpoint");
+    }
+    if let Err(e) = reconcile_services(inner) {
+        tracing::warn!(error = %format!("{e:#}"), "cannot withdraw a failed endpoint from Services");
+    }
+}
+
+/// Removes the endpoint's map entry and record but leaves its programs
+/// attached (the caller detaches without the state lock). Without a map
+/// entry the programs drop every packet of the interface.
+fn withdraw_endpoint(inner: &mut Inner, key: &EndpointKey) -> Result<Option<Endpoint>> {
+    let Some(ep) = inner.registry.get(key).cloned() else {
+        return Ok(None);
+    };
+    inner.datapath.remove_endpoint(ep.spec.host_ifindex)?;
+    inner.registry.remove(key)?;
+    tracing::info!(endpoint = ep.id, container = %key.container_id, "endpoint removed");
+    Ok(Some(ep))
+}
+
+/// What an ADD or DEL works on while it has released the state lock.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Claim {
+    Key(EndpointKey),
+    /// A host interface (ifindex): its links, link pins and map entry.
+    Interface(u32),
+}
+
+/// Claims in force. Taken only together with the state lock (state lock
+/// first), released without it.
+#[derive(Default)]
+struct Claims {
+    held: Mutex<std::collections::BTreeSet<Claim>>,
+    released: Condvar,
+}
+
+impl Claims {
+    fn holds_key(&self, key: &EndpointKey) -> bool {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&Claim::Key(key.clone()))
+    }
+}
+
+/// Releases its claims when dropped (also when the operation fails or panics).
+struct ClaimGuard<'a> {
+    claims: &'a Claims,
+    mine: Vec<Claim>,
+}
+
+impl<'a> ClaimGuard<'a> {
+    fn take(
+        claims: &'a Claims,
+        mut held: MutexGuard<'_, std::collections::BTreeSet<Claim>>,
+        mine: Vec<Claim>,
+    ) -> Self {
+        held.extend(mine.iter().cloned());
+        ClaimGuard { claims, mine }
+    }
+}
+
+impl Drop for ClaimGuard<'_> {
+    fn drop(&mut self) {
+        let mut held = self.claims.held.lock().unwrap_or_else(|p| p.into_inner());
+        for c in &self.mine {
+            held.remove(c);
+        }
+        drop(held);
+        self.claims.released.notify_all();
+    }
+}
+
 fn reconcile_services(inner: &mut Inner) -> Result<()> {
+    let started = std::time::Instant::now();
     let registered: Vec<Endpoint> = inner.registry.all().cloned().collect();
     let changes = inner.services.update(&inner.cluster, &registered);
+    let compiled = started.elapsed();
     for w in &changes.warnings {
         tracing::warn!(warning = %w, "service compile");
     }
@@ -765,10 +1140,20 @@ fn reconcile_services(inner: &mut Inner) -> Result<()> {
         return Ok(());
     }
     let desired = inner.services.desired();
-    let stats = inner.datapath.apply_services(desired)?;
+    // Once the maps hold a compile's result, only what changed is diffed.
+    let stats = if inner.programmed.is_some() {
+        inner
+            .datapath
+            .apply_services_changed(desired, &changes.frontends)?
+    } else {
+        inner.datapath.apply_services(desired)?
+    };
     tracing::info!(
         services = desired.services.len(),
         recompiled = changes.recompiled,
+        frontends = changes.frontends.len(),
+        compile_us = compiled.as_micros() as u64,
+        apply_us = (started.elapsed() - compiled).as_micros() as u64,
         ?stats,
         "service maps updated"
     );

@@ -5,6 +5,7 @@
 use crate::api;
 use crate::config::AgentConfig;
 use crate::core::{AgentCore, SourceInfo};
+use crate::report::PolicyReporter;
 use crate::sources::watch::{watch_manifest_dir, SourceUpdate};
 use anyhow::{Context, Result};
 use std::sync::Arc;
@@ -37,9 +38,6 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         tracing::info!(%addr, "serving Prometheus metrics");
     }
 
-    if !config.devices.is_empty() {
-        tracing::warn!(devices = ?config.devices, "NodePort/LoadBalancer/externalIPs on external devices are not translated yet; only ClusterIP is");
-    }
     if let Some(addr) = config.healthz_bind_address {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -51,10 +49,21 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         .await
         .context("restore task panicked")??;
     ops.start_events();
+    // Devices before the first compile, so NodePort frontends come with it.
+    // A `--devices` naming a missing interface stops the agent here.
+    let devices = blocking(&core, |c| c.sync_devices()).await?;
+    if !devices.is_empty() {
+        let names: Vec<&str> = devices.iter().map(|d| d.name.as_str()).collect();
+        tracing::info!(devices = ?names, "north-south traffic on external devices");
+    }
 
-    let mut updates = start_source(&config, &core).await?;
+    let (mut updates, kube_client) = start_source(&config, &core).await?;
+    // Kubernetes mode only: standalone mode has no API server to report to
+    // (`catena status` is the place there).
+    let reporter = kube_client.map(|client| PolicyReporter::start(client, config.node_name()));
     let first = updates.borrow_and_update().clone();
     apply_update(&core, first).await?;
+    report_policies(&core, reporter.as_ref()).await;
     let drained = blocking(&core, |c| c.drain_delete_queue()).await?;
     if drained > 0 {
         tracing::info!(drained, "processed deletes queued while the agent was down");
@@ -85,9 +94,15 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                 if let Err(e) = apply_update(&core, update).await {
                     tracing::error!(error = %format!("{e:#}"), "reconcile failed; will retry on the next change");
                 }
+                report_policies(&core, reporter.as_ref()).await;
             }
         })
     };
+
+    let north_south = config
+        .kube_proxy_replacement
+        .enabled()
+        .then(|| tokio::spawn(north_south_loop(core.clone())));
 
     let ct_gc = {
         let ops = ops.clone();
@@ -107,26 +122,56 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     tracing::info!("shutting down; pinned programs and maps keep the datapath running");
     ops.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     ct_gc.abort();
+    if let Some(task) = north_south {
+        task.abort();
+    }
     reconciler.abort();
     server.abort();
     let _ = std::fs::remove_file(&config.socket);
     Ok(())
 }
 
+/// The source's updates, and in Kubernetes mode the client it uses (the
+/// policy reporter writes through the same one).
+/// Keeps the external devices in line with the node's interfaces (address
+/// changes, devices coming and going) and the health-check node ports in
+/// line with the Services, by polling: both are cheap to recompute, and the
+/// period bounds how stale either can be.
+async fn north_south_loop(core: Arc<AgentCore>) {
+    let mut servers = crate::nodeport::health::HealthServers::default();
+    let mut tick = tokio::time::interval(NORTH_SOUTH_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = blocking(&core, |c| c.sync_devices()).await {
+            tracing::warn!(error = %format!("{e:#}"), "external devices not synced; retrying");
+        }
+        let checks = match blocking(&core, |c| Ok(c.health_checks())).await {
+            Ok(c) => c,
+            Err(_) => continue,
+        };
+        servers.reconcile(checks).await;
+    }
+}
+
+/// How often devices and health-check ports are re-synced.
+const NORTH_SOUTH_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
+
 async fn start_source(
     config: &AgentConfig,
     core: &Arc<AgentCore>,
-) -> Result<watch::Receiver<SourceUpdate>> {
+) -> Result<(watch::Receiver<SourceUpdate>, Option<kube::Client>)> {
     match &config.manifests {
         Some(dir) => {
             core.set_source(SourceInfo::new(format!("manifests:{}", dir.display())));
-            watch_manifest_dir(dir.clone()).await
+            Ok((watch_manifest_dir(dir.clone()).await?, None))
         }
         None if config.kubeconfig.is_some() || in_cluster() => {
             core.set_source(SourceInfo::new("kubernetes".to_string()));
             let client = crate::sources::kube::client(config.kubeconfig.as_deref()).await?;
             tracing::info!("waiting for the first list of every Kubernetes kind");
-            crate::sources::kube::watch_kubernetes(client).await
+            let updates = crate::sources::kube::watch_kubernetes(client.clone()).await?;
+            Ok((updates, Some(client)))
         }
         None => {
             tracing::warn!("no --manifests, no --kubeconfig and not in a cluster: no services or policies will be programmed");
@@ -134,7 +179,7 @@ async fn start_source(
             core.set_source(SourceInfo::new("none".to_string()));
             let (tx, rx) = watch::channel(SourceUpdate::default());
             std::mem::forget(tx); // keep the channel open for the life of the process
-            Ok(rx)
+            Ok((rx, None))
         }
     }
 }
@@ -164,6 +209,15 @@ async fn apply_update(core: &Arc<AgentCore>, update: SourceUpdate) -> Result<()>
         Err(_) => metrics.reconcile_failed(),
     }
     result
+}
+
+/// Hands the last compile's policy reports to the reporter. Whatever the
+/// reporter does with them (API writes, retries) happens on its own task.
+async fn report_policies(core: &Arc<AgentCore>, reporter: Option<&PolicyReporter>) {
+    let Some(reporter) = reporter else { return };
+    if let Ok(Some((cluster, reports))) = blocking(core, |c| Ok(c.policy_reports())).await {
+        reporter.submit(cluster, reports);
+    }
 }
 
 async fn blocking<T: Send + 'static>(

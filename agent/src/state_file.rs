@@ -16,7 +16,11 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
         .file_name()
         .and_then(|n| n.to_str())
         .with_context(|| format!("bad file name {}", path.display()))?;
-    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    // Unique per write, not just per process: two threads may write the same
+    // record at once (an ADD persists outside the state lock).
+    static NEXT_TMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT_TMP.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{file_name}.tmp-{}-{n}", std::process::id()));
     let mut file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     file.write_all(contents)
         .and_then(|_| file.sync_all())

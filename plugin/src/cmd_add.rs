@@ -11,6 +11,7 @@ use crate::veth;
 use crate::{diag, version};
 use catena_api::{Endpoint, EndpointSpec, PodRef};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// Returns what to print on stdout: the `prevResult` text exactly as received.
 pub fn run(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
@@ -48,8 +49,11 @@ pub fn run(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
         },
         labels: Default::default(),
     };
-    probe_ready(conf)?;
-    register(conf, &spec)?;
+    // One budget for everything the ADD asks the agent: what the probe spent
+    // is no longer there for the registration.
+    let deadline = Instant::now() + conf.agent_timeout;
+    probe_ready(conf, deadline)?;
+    register(conf, &spec, deadline)?;
     let raw = conf
         .prev_result
         .as_ref()
@@ -60,8 +64,8 @@ pub fn run(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
 /// Fails fast (code 11) when the agent is down, hung or not ready, before
 /// anything is registered: the registration itself may then take its own
 /// budget on a busy but healthy agent.
-fn probe_ready(conf: &NetConf) -> Result<(), CniError> {
-    let budget = conf.agent_timeout.min(crate::config::PROBE_TIMEOUT);
+fn probe_ready(conf: &NetConf, deadline: Instant) -> Result<(), CniError> {
+    let budget = remaining(deadline).min(crate::config::PROBE_TIMEOUT);
     agent::client(conf, budget)
         .get::<catena_api::Health>("/v1/healthz")
         .map(|_| ())
@@ -70,13 +74,12 @@ fn probe_ready(conf: &NetConf) -> Result<(), CniError> {
 
 /// PUT the endpoint. The agent attaches before it answers, so a refused PUT
 /// leaves nothing behind; a PUT that timed out may still complete, so it is
-/// withdrawn with a best-effort DELETE. `agentTimeoutMs` is split so the PUT
-/// and the DELETE both fit in it (the readiness probe comes before, with its
-/// own sub-second budget).
-fn register(conf: &NetConf, spec: &EndpointSpec) -> Result<Endpoint, CniError> {
+/// withdrawn with a best-effort DELETE. What is left of `agentTimeoutMs`
+/// after the readiness probe is split so the PUT and the DELETE both fit in
+/// it: the whole ADD never talks to the agent for longer than the budget.
+fn register(conf: &NetConf, spec: &EndpointSpec, deadline: Instant) -> Result<Endpoint, CniError> {
     let path = agent::endpoint_path(&spec.container_id, &spec.ifname);
-    let put_budget = conf.agent_timeout * 4 / 5;
-    let rollback_budget = conf.agent_timeout - put_budget;
+    let (put_budget, rollback_budget) = split_budget(remaining(deadline));
     match agent::client(conf, put_budget).put::<_, Endpoint>(&path, spec) {
         Ok(ep) => {
             diag!(
@@ -92,6 +95,8 @@ fn register(conf: &NetConf, spec: &EndpointSpec) -> Result<Endpoint, CniError> {
         }
         Err(err) => {
             if agent::timed_out(&err) || matches!(err, catena_api::ClientError::Protocol(_)) {
+                // The rollback's share, plus whatever the PUT left unused.
+                let rollback_budget = rollback_budget.max(remaining(deadline));
                 match agent::client(conf, rollback_budget).delete(&path) {
                     Ok(()) => diag!("{path}: withdrew the unanswered registration"),
                     Err(e) => diag!("{path}: could not withdraw the unanswered registration: {e}"),
@@ -99,5 +104,41 @@ fn register(conf: &NetConf, spec: &EndpointSpec) -> Result<Endpoint, CniError> {
             }
             Err(agent::failure(conf, "register the pod's endpoint", &err))
         }
+    }
+}
+
+/// Time left until `deadline` (zero once it has passed: a request with a zero
+/// budget fails at once as timed out).
+fn remaining(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}
+
+/// PUT and rollback DELETE shares of `left`: four fifths for the PUT.
+fn split_budget(left: Duration) -> (Duration, Duration) {
+    let put = left * 4 / 5;
+    (put, left - put)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_split_fits_what_is_left() {
+        let (put, rollback) = split_budget(Duration::from_millis(9_100));
+        assert_eq!(put, Duration::from_millis(7_280));
+        assert_eq!(put + rollback, Duration::from_millis(9_100));
+        assert_eq!(
+            split_budget(Duration::ZERO),
+            (Duration::ZERO, Duration::ZERO)
+        );
+    }
+
+    #[test]
+    fn a_passed_deadline_leaves_nothing() {
+        let past = Instant::now() - Duration::from_millis(5);
+        assert_eq!(remaining(past), Duration::ZERO);
+        let future = Instant::now() + Duration::from_secs(60);
+        assert!(remaining(future) > Duration::from_secs(59));
     }
 }

@@ -2,7 +2,7 @@
 //! no ids: the datapath allocates backend ids and reverse-NAT indices itself and
 //! keeps them stable across updates so live flows keep their translation.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -70,4 +70,8 @@ pub struct LbService {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LbDesired {
     pub services: BTreeMap<Frontend, LbService>,
+    /// Frontends (keys of `services`) that pick backends by Maglev
+    /// consistent hashing of the flow's 5-tuple instead of at random
+    /// (`--lb-algorithm maglev`, annotation `service.cilium.io/lb-algorithm`).
+    pub maglev: BTreeSet<Frontend>,
 }

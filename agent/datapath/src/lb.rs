@@ -111,7 +111,7 @@ fn revnat_value(fe: &Frontend) -> RevNat4 {
     }
 }
 
-fn is_not_found(e: &MapError) -> bool {
+pub(crate) fn is_not_found(e: &MapError) -> bool {
     matches!(e, MapError::KeyNotFound)
         || matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::ENOENT))
 }
@@ -128,6 +128,15 @@ pub(crate) struct LbState {
     stray_service_keys: Vec<Service4Key>,
     stray_revnat: Vec<u16>,
     stray_backends: Vec<u32>,
+    /// Backend id -> how many slots of programmed frontends name it, so a
+    /// partial apply knows which backends its removals left unused.
+    backend_refs: StdHashMap<u32, u32>,
+    /// Reverse-NAT indices of programmed frontends.
+    rev_nats: BTreeSet<u16>,
+    /// Whether the mirror matches the maps for every frontend: a full apply
+    /// succeeded since open and no apply failed since. Only then may an
+    /// apply look at the changed frontends alone.
+    in_sync: bool,
     /// Map writes and deletes done so far (observability and tests).
     pub writes: u64,
 }
@@ -248,6 +257,7 @@ impl LbState {
             stray = st.stray_service_keys.len() + st.stray_revnat.len() + st.stray_backends.len(),
             "rebuilt service state from pinned maps"
         );
+        st.recount();
         Ok(st)
     }
 
@@ -264,6 +274,14 @@ impl LbState {
             .collect()
     }
 
+    /// A programmed frontend's rev_nat_index, backends and their ids
+    /// (aligned), for the Maglev tables (`maglev.rs`).
+    pub(crate) fn frontend(&self, fe: &Frontend) -> Option<(u16, &[BackendAddr], &[u32])> {
+        self.services
+            .get(fe)
+            .map(|p| (p.rev_nat_index, p.backends.as_slice(), p.ids.as_slice()))
+    }
+
     fn alloc_backend_id(&mut self) -> anyhow::Result<u32> {
         // Monotonic (wrapping, skipping live ids): a freed id is not reused
         // soon, so a conntrack entry naming a removed backend does not
@@ -278,15 +296,50 @@ impl LbState {
         bail!("no free backend id")
     }
 
-    fn alloc_rev_nat(&mut self, used: &BTreeSet<u16>) -> anyhow::Result<u16> {
+    fn alloc_rev_nat(&mut self) -> anyhow::Result<u16> {
         for _ in 0..=u16::MAX {
             let idx = self.next_rev_nat.max(1);
             self.next_rev_nat = idx.wrapping_add(1);
-            if !used.contains(&idx) {
+            if !self.rev_nats.contains(&idx) {
+                self.rev_nats.insert(idx);
                 return Ok(idx);
             }
         }
         bail!("no free reverse-NAT index (65535 frontends)")
+    }
+
+    /// Recomputes the backend reference counts and the reverse-NAT indices
+    /// in use from the mirror (after open, and before a full apply: a failed
+    /// apply may have left counts for writes that never happened).
+    fn recount(&mut self) {
+        self.backend_refs.clear();
+        self.rev_nats.clear();
+        for p in self.services.values() {
+            for id in &p.ids {
+                *self.backend_refs.entry(*id).or_default() += 1;
+            }
+            if p.rev_nat_index != 0 {
+                self.rev_nats.insert(p.rev_nat_index);
+            }
+        }
+    }
+
+    /// Drops one slot's reference; whether the backend is now unreferenced.
+    fn unref(&mut self, id: u32) -> bool {
+        match self.backend_refs.get_mut(&id) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            _ => {
+                self.backend_refs.remove(&id);
+                true
+            }
+        }
+    }
+
+    fn referenced(&self, id: u32) -> bool {
+        self.backend_refs.contains_key(&id)
     }
 
     fn put<K: aya::Pod, V: aya::Pod>(
@@ -315,21 +368,69 @@ impl LbState {
         }
     }
 
+    /// Makes the maps hold exactly `desired`, looking at every frontend.
     pub fn apply(&mut self, maps: &mut LbMaps, desired: &LbDesired) -> anyhow::Result<ApplyStats> {
+        let all: BTreeSet<Frontend> = desired
+            .services
+            .keys()
+            .chain(self.services.keys())
+            .copied()
+            .collect();
+        self.apply_frontends(maps, desired, &all, true)
+    }
+
+    /// Like [`LbState::apply`] when `desired` differs from what the last
+    /// apply was given only at the `changed` frontends (added, edited or
+    /// removed): only those are looked at, so one EndpointSlice edit at 10k
+    /// Services costs one frontend, not a walk of all of them. Falls back to
+    /// a full apply until one has succeeded since open, and after any failed
+    /// apply (the mirror may then disagree with the maps anywhere).
+    pub fn apply_changed(
+        &mut self,
+        maps: &mut LbMaps,
+        desired: &LbDesired,
+        changed: &BTreeSet<Frontend>,
+    ) -> anyhow::Result<ApplyStats> {
+        if !self.in_sync {
+            return self.apply(maps, desired);
+        }
+        self.apply_frontends(maps, desired, changed, false)
+    }
+
+    fn apply_frontends(
+        &mut self,
+        maps: &mut LbMaps,
+        desired: &LbDesired,
+        touched: &BTreeSet<Frontend>,
+        full: bool,
+    ) -> anyhow::Result<ApplyStats> {
+        self.in_sync = false;
+        let stats = self.write_frontends(maps, desired, touched, full)?;
+        self.in_sync = true;
+        Ok(stats)
+    }
+
+    /// Brings the `touched` frontends in line with `desired` (every frontend
+    /// when `full`, which also collects every unreferenced backend).
+    fn write_frontends(
+        &mut self,
+        maps: &mut LbMaps,
+        desired: &LbDesired,
+        touched: &BTreeSet<Frontend>,
+        full: bool,
+    ) -> anyhow::Result<ApplyStats> {
         let mut stats = ApplyStats::default();
+        if full {
+            self.recount();
+        }
 
         // 1. Ids: existing ones are kept, new ones allocated.
-        let mut used_revnat: BTreeSet<u16> = self
-            .services
-            .iter()
-            .filter(|(fe, _)| desired.services.contains_key(fe))
-            .map(|(_, p)| p.rev_nat_index)
-            .filter(|i| *i != 0)
-            .collect();
-        let mut plan = Vec::with_capacity(desired.services.len());
+        let mut plan = Vec::new();
         let mut new_backends = Vec::new();
-        let mut referenced = BTreeSet::new();
-        for (fe, svc) in &desired.services {
+        for fe in touched {
+            let Some(svc) = desired.services.get(fe) else {
+                continue;
+            };
             if svc.backends.len() > u16::MAX as usize {
                 bail!(
                     "service {} has {} backends (max {})",
@@ -340,11 +441,7 @@ impl LbState {
             }
             let rev = match self.services.get(fe).map(|p| p.rev_nat_index) {
                 Some(i) if i != 0 => i,
-                _ => {
-                    let i = self.alloc_rev_nat(&used_revnat)?;
-                    used_revnat.insert(i);
-                    i
-                }
+                _ => self.alloc_rev_nat()?,
             };
             let mut ids = Vec::with_capacity(svc.backends.len());
             for b in &svc.backends {
@@ -365,7 +462,6 @@ impl LbState {
                         id
                     }
                 };
-                referenced.insert(id);
                 ids.push(id);
             }
             plan.push((*fe, svc, rev, ids));
@@ -392,6 +488,7 @@ impl LbState {
 
         // 3. Per frontend: rev-NAT, slots, then the master (which publishes the
         //    new count), then surplus slots.
+        let mut released = Vec::new();
         for (fe, svc, rev, ids) in plan {
             let old = self.services.get(&fe);
             let fresh = old.is_none_or(|o| o.dirty);
@@ -449,7 +546,11 @@ impl LbState {
                 Some(_) if changed => stats.services_updated += 1,
                 Some(_) => {}
             }
-            self.services.insert(
+            for id in &ids {
+                *self.backend_refs.entry(*id).or_default() += 1;
+            }
+            self.rev_nats.insert(rev);
+            let previous = self.services.insert(
                 fe,
                 Programmed {
                     name: svc.name.clone(),
@@ -460,25 +561,30 @@ impl LbState {
                     dirty: false,
                 },
             );
+            for id in previous.map(|p| p.ids).unwrap_or_default() {
+                if self.unref(id) {
+                    released.push(id);
+                }
+            }
         }
 
         // 4. Removed frontends: master first (stops new flows), then slots and
-        //    the rev-NAT entry.
-        let removed: Vec<Frontend> = self
-            .services
-            .keys()
-            .filter(|fe| !desired.services.contains_key(fe))
+        //    the rev-NAT entry; forgotten only once all of that is gone.
+        let removed: Vec<Frontend> = touched
+            .iter()
+            .filter(|fe| !desired.services.contains_key(fe) && self.services.contains_key(fe))
             .copied()
             .collect();
         for fe in removed {
-            let p = self.services.remove(&fe).expect("listed above");
+            let p = &self.services[&fe];
+            let (slots, rev_nat_index) = (p.ids.len() as u16, p.rev_nat_index);
             Self::del(
                 &mut self.writes,
                 &mut maps.services,
                 "LB4_SERVICES",
                 &master_key(&fe, 0),
             )?;
-            for slot in 1..=p.ids.len() as u16 {
+            for slot in 1..=slots {
                 Self::del(
                     &mut self.writes,
                     &mut maps.services,
@@ -486,13 +592,20 @@ impl LbState {
                     &master_key(&fe, slot),
                 )?;
             }
-            if p.rev_nat_index != 0 {
+            if rev_nat_index != 0 {
                 Self::del(
                     &mut self.writes,
                     &mut maps.revnat,
                     "LB4_REVNAT",
-                    &p.rev_nat_index,
+                    &rev_nat_index,
                 )?;
+            }
+            let p = self.services.remove(&fe).expect("listed above");
+            self.rev_nats.remove(&p.rev_nat_index);
+            for id in p.ids {
+                if self.unref(id) {
+                    released.push(id);
+                }
             }
             stats.services_removed += 1;
         }
@@ -502,23 +615,31 @@ impl LbState {
             Self::del(&mut self.writes, &mut maps.services, "LB4_SERVICES", &key)?;
         }
         for idx in std::mem::take(&mut self.stray_revnat) {
-            if !used_revnat.contains(&idx) {
+            if !self.rev_nats.contains(&idx) {
                 Self::del(&mut self.writes, &mut maps.revnat, "LB4_REVNAT", &idx)?;
             }
         }
         for id in std::mem::take(&mut self.stray_backends) {
-            if !referenced.contains(&id) {
+            if !self.referenced(id) {
                 Self::del(&mut self.writes, &mut maps.backends, "LB4_BACKENDS", &id)?;
             }
         }
 
-        // 6. Backends no service names any more.
-        let unused: Vec<u32> = self
-            .backends
-            .keys()
-            .filter(|id| !referenced.contains(id))
-            .copied()
-            .collect();
+        // 6. Backends no service names any more: every one on a full apply
+        //    (also those a failed apply wrote but never named), else those
+        //    this apply released.
+        let mut unused: Vec<u32> = if full {
+            self.backends
+                .keys()
+                .filter(|id| !self.referenced(**id))
+                .copied()
+                .collect()
+        } else {
+            released.retain(|id| !self.referenced(*id));
+            released
+        };
+        unused.sort_unstable();
+        unused.dedup();
         for id in unused {
             Self::del(&mut self.writes, &mut maps.backends, "LB4_BACKENDS", &id)?;
             if let Some(key) = self.backends.remove(&id) {

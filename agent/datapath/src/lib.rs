@@ -7,10 +7,13 @@ mod attach;
 mod cgroup;
 mod ct;
 mod desired;
+mod devices;
 mod endpoints;
 pub mod events;
 mod lb;
 mod loader;
+/// Maglev lookup tables; `populate` is public for tests and benchmarks.
+pub mod maglev;
 mod metrics;
 mod netlink;
 pub mod policy;
@@ -18,9 +21,10 @@ pub mod policy;
 /// public so the agent's inspection tools reuse them instead of copying them.
 pub mod sys;
 
-pub use attach::AttachError;
+pub use attach::{AttachError, Attacher};
 pub use cgroup::cgroup2_root;
 pub use desired::{BackendAddr, Frontend, LbDesired, LbService, Proto};
+pub use devices::Device;
 
 use anyhow::Context;
 use aya::maps::lpm_trie::LpmTrie;
@@ -30,6 +34,7 @@ use catena_common::ct::{Ct4Key, Ct4Value};
 use catena_common::endpoint::EndpointInfo;
 use catena_common::map_names;
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use tracing::info;
 
@@ -75,9 +80,14 @@ pub struct Datapath {
     layout: loader::Layout,
     /// Owns the loaded programs (their fds; the pins keep them alive too).
     ebpf: Ebpf,
+    /// Attaches to host veths without `&mut self` (see [`Datapath::attacher`]).
+    attacher: Attacher,
     lb_maps: lb::LbMaps,
     lb: lb::LbState,
+    maglev: maglev::Maglev,
     endpoints: endpoints::Endpoints,
+    /// External devices and local endpoint addresses (north-south traffic).
+    devices: devices::DeviceMaps,
     conntrack: ct::Conntrack,
     metrics: metrics::Metrics,
     policy: policy::Policy,
@@ -104,6 +114,7 @@ impl Datapath {
     pub fn open(bpffs_dir: &Path) -> anyhow::Result<Datapath> {
         let layout = loader::prepare(bpffs_dir)?;
         let mut ebpf = loader::load(&layout)?;
+        let attacher = Attacher::new(&ebpf, &layout)?;
         let lb_maps = lb::LbMaps {
             services: hash_map(&mut ebpf, map_names::LB4_SERVICES)?,
             backends: hash_map(&mut ebpf, map_names::LB4_BACKENDS)?,
@@ -111,8 +122,13 @@ impl Datapath {
         };
         let lb = lb::LbState::rebuild(&lb_maps)?;
         lb::warn_dirty(&lb);
+        let maglev = maglev::Maglev::open(hash_map(&mut ebpf, map_names::LB4_MAGLEV)?)?;
         let endpoints = endpoints::Endpoints {
             map: hash_map(&mut ebpf, map_names::ENDPOINTS)?,
+        };
+        let devices = devices::DeviceMaps {
+            devices: hash_map(&mut ebpf, map_names::DEVICES4)?,
+            local: hash_map(&mut ebpf, map_names::LOCAL_EP4)?,
         };
         let conntrack = ct::Conntrack {
             map: hash_map::<Ct4Key, Ct4Value>(&mut ebpf, map_names::CT4)?,
@@ -140,9 +156,12 @@ impl Datapath {
         Ok(Datapath {
             layout,
             ebpf,
+            attacher,
             lb_maps,
             lb,
+            maglev,
             endpoints,
+            devices,
             conntrack,
             metrics,
             policy,
@@ -172,7 +191,15 @@ impl Datapath {
     /// replaces a qdisc or another program; TCX links are pinned under
     /// `<bpffs_dir>/links/`.
     pub fn attach(&mut self, ifindex: u32, ifname: &str) -> anyhow::Result<AttachMode> {
-        attach::attach(&mut self.ebpf, &self.layout, ifindex, ifname, None)
+        self.attacher.attach(ifindex, ifname, None)
+    }
+
+    /// A handle that attaches and detaches like [`Datapath::attach`] and
+    /// [`Datapath::detach`] without borrowing the datapath, so a caller can
+    /// attach while other threads use the maps. The caller keeps two attaches
+    /// or detaches of one interface from running at once.
+    pub fn attacher(&self) -> Attacher {
+        self.attacher.clone()
     }
 
     /// Like `attach`, but only in `mode` (no fallback). For tests and for
@@ -183,7 +210,7 @@ impl Datapath {
         ifname: &str,
         mode: AttachMode,
     ) -> anyhow::Result<AttachMode> {
-        attach::attach(&mut self.ebpf, &self.layout, ifindex, ifname, Some(mode))
+        self.attacher.attach(ifindex, ifname, Some(mode))
     }
 
     /// Removes catena's programs from the interface and their link pins.
@@ -229,8 +256,19 @@ impl Datapath {
     }
 
     /// Writes the per-endpoint config read by the programs.
+    /// Also records the pod's address as local (`LOCAL_EP4`), which is how
+    /// external traffic knows a backend needs no SNAT.
     pub fn upsert_endpoint(&mut self, ifindex: u32, info: EndpointInfo) -> anyhow::Result<()> {
-        self.endpoints.upsert(ifindex, info)
+        if let Some(old) = self.endpoints.get(ifindex)? {
+            if old.ipv4 != info.ipv4 && old.ipv4 != 0 {
+                self.devices.remove_local(old.ipv4, ifindex)?;
+            }
+        }
+        self.endpoints.upsert(ifindex, info)?;
+        if info.ipv4 != 0 {
+            self.devices.set_local(info.ipv4, ifindex)?;
+        }
+        Ok(())
     }
 
     /// Removes the interface's endpoint entry (its packets are dropped from
@@ -240,12 +278,59 @@ impl Datapath {
     pub fn remove_endpoint(&mut self, ifindex: u32) -> anyhow::Result<()> {
         let old = self.endpoints.get(ifindex)?;
         self.endpoints.remove(ifindex)?;
+        if let Some(old) = old.filter(|o| o.ipv4 != 0) {
+            self.devices.remove_local(old.ipv4, ifindex)?;
+        }
         if let Some(old) = old {
             if !self.endpoints.has_endpoint_id(old.endpoint_id)? {
                 self.policy.clear_endpoint(old.endpoint_id)?;
             }
         }
         Ok(())
+    }
+
+    /// Attaches `from_netdev` / `to_netdev` to an external device and
+    /// records `ipv4` as the address flows SNATed out of it leave with.
+    /// Idempotent (a changed address is rewritten). Pins:
+    /// `<bpffs_dir>/links/dev-<ifindex>-ingress|egress`.
+    pub fn attach_device(
+        &mut self,
+        ifindex: u32,
+        ifname: &str,
+        ipv4: Ipv4Addr,
+    ) -> anyhow::Result<AttachMode> {
+        let mode = devices::attach(&mut self.ebpf, &self.layout, ifindex, ifname)?;
+        self.devices.set_device(ifindex, ipv4)?;
+        Ok(mode)
+    }
+
+    /// Detaches an external device and forgets it. Idempotent.
+    pub fn detach_device(&mut self, ifindex: u32) -> anyhow::Result<()> {
+        self.devices.remove_device(ifindex)?;
+        devices::detach(&self.layout, ifindex)
+    }
+
+    /// External devices as programmed (ifindex, SNAT address), plus any that
+    /// only have link pins (left by a previous run) with 0.0.0.0.
+    pub fn devices(&self) -> anyhow::Result<Vec<(u32, Ipv4Addr)>> {
+        let mut out = self.devices.devices()?;
+        for ifindex in devices::pinned(&self.layout)? {
+            if !out.iter().any(|(i, _)| *i == ifindex) {
+                out.push((ifindex, Ipv4Addr::UNSPECIFIED));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Drops `LOCAL_EP4` entries of interfaces not in `live` (a previous
+    /// run's endpoints). Returns how many.
+    pub fn gc_local_addresses(&mut self, live: &BTreeSet<u32>) -> anyhow::Result<usize> {
+        let stale = self.devices.stale_locals(live)?;
+        for (addr, ifindex) in &stale {
+            self.devices.remove_local(*addr, *ifindex)?;
+        }
+        Ok(stale.len())
     }
 
     pub fn endpoint(&self, ifindex: u32) -> anyhow::Result<Option<EndpointInfo>> {
@@ -255,8 +340,59 @@ impl Datapath {
     /// Makes the service maps hold exactly `desired`, changing only what
     /// differs, in an order that never exposes a half-written service to
     /// packets (backends, then slots, then the master entry; removals last).
+    /// Maglev frontends get their lookup table after the service maps (their
+    /// backend ids exist by then); tables no longer wanted go first. In
+    /// between such a frontend selects at random, never a missing backend.
     pub fn apply_services(&mut self, desired: &LbDesired) -> anyhow::Result<ApplyStats> {
-        self.lb.apply(&mut self.lb_maps, desired)
+        self.apply_services_with(desired, None)
+    }
+
+    /// [`Datapath::apply_services`] for a `desired` that differs from the
+    /// last one applied only at the `changed` frontends (added, edited or
+    /// removed): only those are diffed and written. The caller must name
+    /// every frontend that changed; the first apply after open, and any apply
+    /// after a failed one, still looks at every frontend.
+    pub fn apply_services_changed(
+        &mut self,
+        desired: &LbDesired,
+        changed: &BTreeSet<Frontend>,
+    ) -> anyhow::Result<ApplyStats> {
+        self.apply_services_with(desired, Some(changed))
+    }
+
+    fn apply_services_with(
+        &mut self,
+        desired: &LbDesired,
+        changed: Option<&BTreeSet<Frontend>>,
+    ) -> anyhow::Result<ApplyStats> {
+        let keep: BTreeSet<u16> = desired
+            .maglev
+            .iter()
+            .filter(|fe| desired.services.contains_key(fe))
+            .filter_map(|fe| self.lb.frontend(fe).map(|(rev_nat, _, _)| rev_nat))
+            .collect();
+        self.maglev.retain(&keep)?;
+        let stats = match changed {
+            Some(changed) => self.lb.apply_changed(&mut self.lb_maps, desired, changed)?,
+            None => self.lb.apply(&mut self.lb_maps, desired)?,
+        };
+        let frontends: Vec<maglev::MaglevFrontend<'_>> = desired
+            .maglev
+            .iter()
+            .filter_map(|fe| self.lb.frontend(fe))
+            .map(|(rev_nat_index, backends, ids)| maglev::MaglevFrontend {
+                rev_nat_index,
+                backends,
+                ids,
+            })
+            .collect();
+        self.maglev.write(&frontends)?;
+        Ok(stats)
+    }
+
+    /// Maglev table writes and deletes done by this instance.
+    pub fn maglev_table_writes(&self) -> u64 {
+        self.maglev.writes
     }
 
     pub fn services(&self) -> Vec<ProgrammedService> {

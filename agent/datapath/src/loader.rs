@@ -17,11 +17,13 @@ use crate::sys;
 /// The object built by build.rs from ebpf/programs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/catena-ebpf.o"));
 
-/// Every tc classifier loaded and pinned: the two attached to host veths plus
-/// `noop`, the baseline for per-packet cost measurements (never attached).
-const TC_PROGRAMS: [&str; 3] = [
+/// Every tc classifier loaded and pinned: the two attached to host veths, the
+/// two attached to external devices, and `noop`, the baseline for per-packet cost measurements (never attached).
+const TC_PROGRAMS: [&str; 5] = [
     program_names::FROM_CONTAINER,
     program_names::TO_CONTAINER,
+    program_names::FROM_NETDEV,
+    program_names::TO_NETDEV,
     program_names::NOOP,
 ];
 
@@ -83,7 +85,7 @@ pub fn prepare(dir: &Path) -> anyhow::Result<Layout> {
 }
 
 /// (name, type, key size, value size) the programs expect of every map.
-fn expected_maps() -> [(&'static str, MapType, usize, usize); 13] {
+fn expected_maps() -> [(&'static str, MapType, usize, usize); 14] {
     [
         (
             map_names::LB4_SERVICES,
@@ -134,6 +136,12 @@ fn expected_maps() -> [(&'static str, MapType, usize, usize); 13] {
             size_of::<lb::Affinity4Value>(),
         ),
         (
+            map_names::LB4_MAGLEV,
+            MapType::Hash,
+            size_of::<u16>(),
+            size_of::<catena_common::maglev::MaglevTable>(),
+        ),
+        (
             map_names::IPCACHE,
             MapType::LpmTrie,
             size_of::<aya::maps::lpm_trie::Key<policy::Ipcache4Key>>(),
@@ -179,7 +187,10 @@ fn min_entries(name: &str) -> u32 {
 /// layout, so such pins are replaced (their state is lost, which is the lesser
 /// evil) before loading.
 fn drop_incompatible_pins(layout: &Layout) -> anyhow::Result<()> {
-    for (name, ty, key, value) in expected_maps() {
+    for (name, ty, key, value) in expected_maps()
+        .into_iter()
+        .chain(crate::devices::expected_maps())
+    {
         let path = layout.maps().join(name);
         if !path.exists() {
             continue;
@@ -220,7 +231,10 @@ pub fn load(layout: &Layout) -> anyhow::Result<Ebpf> {
         .default_map_pin_directory(layout.maps())
         .load(OBJECT)
         .context("loading the catena eBPF object")?;
-    for (name, ..) in expected_maps() {
+    for (name, ..) in expected_maps()
+        .into_iter()
+        .chain(crate::devices::expected_maps())
+    {
         if ebpf.map(name).is_none() {
             bail!("the eBPF object has no map {name}");
         }

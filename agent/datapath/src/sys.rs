@@ -1,6 +1,8 @@
-//! The few bpf(2) commands aya 0.14 does not expose for our needs: reading a
-//! TCX link's target (ifindex, attach type) from a pin, swapping a link's
-//! program, and forcing a link's detach.
+//! The few bpf(2) commands aya 0.14 does not expose for our needs: creating
+//! a TCX link by ifindex from any thread (aya's attach needs `&mut` program
+//! and an interface name), pinning it, reading a TCX link's target (ifindex,
+//! attach type) from a pin, swapping a link's program, and forcing a link's
+//! detach.
 
 use std::ffi::CString;
 use std::io;
@@ -8,8 +10,10 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
 
@@ -50,6 +54,38 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let mut attr = [0u64; 4];
     attr[0] = path.as_ptr() as u64;
     let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: the kernel returned a new file descriptor we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Pins `fd` (a map, program or link) at `path` on a bpffs; fails with
+/// `EEXIST` if something is pinned there already.
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // union bpf_attr { __aligned_u64 pathname; __u32 bpf_fd; __u32 file_flags; }
+    let mut attr = [0u64; 4];
+    attr[0] = path.as_ptr() as u64;
+    attr[1] = fd.as_raw_fd() as u32 as u64;
+    bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
+}
+
+/// Creates a TCX link running `prog` at `attach_type` ([`BPF_TCX_INGRESS`]
+/// or [`BPF_TCX_EGRESS`]) of the device `ifindex` in the calling thread's
+/// network namespace, appended after the programs already there (no
+/// ordering flags). The link lives as long as the returned fd or a pin.
+pub fn tcx_link_create(
+    prog: BorrowedFd<'_>,
+    ifindex: u32,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
+    // struct { __u32 prog_fd; __u32 target_ifindex; __u32 attach_type;
+    //          __u32 flags; struct { __u32 relative_fd; __u64 expected_revision; } tcx; }
+    // (expected_revision 0: no revision check).
+    let mut attr = [0u64; 8];
+    attr[0] = (prog.as_raw_fd() as u32 as u64) | ((ifindex as u64) << 32);
+    attr[1] = attach_type as u64; // flags (high half) 0
+    let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
     // SAFETY: the kernel returned a new file descriptor we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }

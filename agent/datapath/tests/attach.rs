@@ -217,3 +217,79 @@ fn foreign_ingress_qdisc_is_never_replaced() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("qdisc ingress"));
 }
+
+#[test]
+fn failed_tcx_attach_leaves_nothing_attached() {
+    let ns = Netns::new();
+    veth(&ns, "veth-h", "veth-p");
+    let dir = BpffsDir::new();
+    let path = dir.path().to_path_buf();
+    ns.run(move || {
+        let mut dp = Datapath::open(&path).unwrap();
+        let idx = ifindex("veth-h");
+        // A directory where the egress link pin goes: the ingress link is
+        // created and pinned first, then the egress side fails.
+        let blocker = path.join("links").join(format!("{idx}-egress"));
+        std::fs::create_dir(&blocker).unwrap();
+        let err = dp.attach(idx, "veth-h").unwrap_err();
+        assert!(format!("{err:#}").contains("egress"), "{err:#}");
+        assert_eq!(dp.attachment(idx).unwrap(), None);
+        for hook in [
+            aya::programs::TcAttachType::Ingress,
+            aya::programs::TcAttachType::Egress,
+        ] {
+            let (_, progs) = aya::programs::SchedClassifier::query_tcx("veth-h", hook).unwrap();
+            assert!(progs.is_empty(), "{hook:?} left attached: {progs:?}");
+        }
+        std::fs::remove_dir(&blocker).unwrap();
+        assert!(
+            link_pins(&path).is_empty(),
+            "the ingress pin was left behind"
+        );
+        // Nothing half-done blocks the next attempt.
+        assert_eq!(dp.attach(idx, "veth-h").unwrap(), AttachMode::Tcx);
+        dp.detach(idx).unwrap();
+    });
+}
+
+#[test]
+fn attacher_works_from_several_threads_at_once() {
+    let ns = Netns::new();
+    let names: Vec<String> = (0..4).map(|i| format!("veth-t{i}")).collect();
+    for (i, n) in names.iter().enumerate() {
+        veth(&ns, n, &format!("veth-u{i}"));
+    }
+    let dir = BpffsDir::new();
+    let path = dir.path().to_path_buf();
+    let ns_path = format!("/run/netns/{}", ns.name);
+    ns.run(move || {
+        let dp = Datapath::open(&path).unwrap();
+        let attacher = dp.attacher();
+        let handles: Vec<_> = names
+            .iter()
+            .map(|name| {
+                let (attacher, name, ns_path) = (attacher.clone(), name.clone(), ns_path.clone());
+                std::thread::spawn(move || {
+                    use std::os::fd::AsRawFd;
+                    let f = std::fs::File::open(&ns_path).unwrap();
+                    // SAFETY: setns on a valid netns fd, this thread only.
+                    assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+                    let idx = ifindex(&name);
+                    (idx, attacher.attach(idx, &name, None).unwrap())
+                })
+            })
+            .collect();
+        let attached: Vec<(u32, AttachMode)> =
+            handles.into_iter().map(|h| h.join().unwrap()).collect();
+        for (idx, mode) in &attached {
+            assert_eq!(*mode, AttachMode::Tcx);
+            assert_eq!(dp.attachment(*idx).unwrap(), Some(AttachMode::Tcx));
+        }
+        assert_eq!(link_pins(&path).len(), 2 * attached.len());
+        for (idx, _) in &attached {
+            attacher.detach(*idx).unwrap();
+            assert_eq!(dp.attachment(*idx).unwrap(), None);
+        }
+        assert!(link_pins(&path).is_empty());
+    });
+}

@@ -309,3 +309,91 @@ fn reopen_cleans_stray_entries() {
     dp.apply_services(&d).unwrap();
     assert_maps_match(dir.path(), &dp, &d);
 }
+
+/// Frontends whose entry differs between two desired states.
+fn changed_between(a: &LbDesired, b: &LbDesired) -> BTreeSet<Frontend> {
+    a.services
+        .keys()
+        .chain(b.services.keys())
+        .filter(|f| a.services.get(f) != b.services.get(f))
+        .copied()
+        .collect()
+}
+
+/// Partial applies (only the changed frontends) leave the maps exactly as a
+/// full apply would: shared backends live while any frontend names them and
+/// go with the last one; untouched frontends are not rewritten.
+#[test]
+fn partial_applies_match_full_applies() {
+    let dir = BpffsDir::new();
+    let mut dp = Datapath::open(dir.path()).unwrap();
+    let mut d = LbDesired::default();
+    for i in 0..20u8 {
+        d.services.insert(
+            fe(i, 80, Proto::Tcp),
+            svc(&format!("a/s{i}"), vec![be(i, 80), be(i + 1, 80)]),
+        );
+    }
+    // The first apply after open is full whatever the changed set says.
+    dp.apply_services_changed(&d, &BTreeSet::new()).unwrap();
+    assert_maps_match(dir.path(), &dp, &d);
+    let ids1 = backend_ids(dir.path());
+
+    let steps: Vec<Box<dyn Fn(&mut LbDesired)>> = vec![
+        // One frontend loses a backend that its neighbour still names.
+        Box::new(|d| {
+            d.services
+                .insert(fe(5, 80, Proto::Tcp), svc("a/s5", vec![be(5, 80)]));
+        }),
+        // The neighbour drops it too: now nothing names be(6).
+        Box::new(|d| {
+            d.services
+                .insert(fe(6, 80, Proto::Tcp), svc("a/s6", vec![be(7, 80)]));
+        }),
+        // Remove one, add one sharing a live backend, add one with a new one.
+        Box::new(|d| {
+            d.services.remove(&fe(10, 80, Proto::Tcp));
+            d.services
+                .insert(fe(30, 80, Proto::Tcp), svc("a/s30", vec![be(3, 80)]));
+            d.services
+                .insert(fe(31, 53, Proto::Udp), svc("a/s31", vec![be(99, 53)]));
+        }),
+        // Emptied, then given backends again.
+        Box::new(|d| {
+            d.services
+                .insert(fe(12, 80, Proto::Tcp), svc("a/s12", vec![]));
+        }),
+        Box::new(|d| {
+            d.services.insert(
+                fe(12, 80, Proto::Tcp),
+                svc("a/s12", vec![be(12, 80), be(200, 80)]),
+            );
+        }),
+    ];
+    for step in steps {
+        let before = d.clone();
+        step(&mut d);
+        let changed = changed_between(&before, &d);
+        let writes = dp.service_map_writes();
+        let st = dp.apply_services_changed(&d, &changed).unwrap();
+        assert_ne!(st, ApplyStats::default());
+        assert_maps_match(dir.path(), &dp, &d);
+        // A full apply right after finds nothing left to do.
+        let partial_writes = dp.service_map_writes() - writes;
+        assert!(
+            partial_writes < 12,
+            "{partial_writes} writes for {changed:?}"
+        );
+        assert_eq!(dp.apply_services(&d).unwrap(), ApplyStats::default());
+    }
+    // Kept backends kept their ids throughout.
+    for (k, id) in backend_ids(dir.path()) {
+        if let Some(old) = ids1.get(&k) {
+            assert_eq!(*old, id);
+        }
+    }
+    // An empty changed set changes nothing.
+    let writes = dp.service_map_writes();
+    dp.apply_services_changed(&d, &BTreeSet::new()).unwrap();
+    assert_eq!(dp.service_map_writes(), writes);
+}

@@ -3,7 +3,9 @@
 //! its own endpoints controller over the pods it knows (Pod manifests and
 //! endpoints the CNI plugin registered).
 
+use super::maglev::{service_algorithm, LbAlgorithm};
 use super::selector::service_selects;
+use super::traffic_policy::{internal_local, NodeLocality};
 use crate::sources::{ClusterState, ObjectKey};
 use catena_datapath::{BackendAddr, Frontend, LbDesired, LbService, Proto};
 use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
@@ -30,14 +32,50 @@ pub struct Compiled {
     pub warnings: Vec<String>,
 }
 
+/// Agent-wide inputs of the service compile (fixed for the agent's life).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceOptions {
+    /// This node's name (`internalTrafficPolicy: Local` endpoint placement).
+    pub node_name: Option<String>,
+    /// `--lb-algorithm`: the default for Services without the annotation.
+    pub lb_algorithm: LbAlgorithm,
+    /// NodePort / externalIP / LoadBalancer frontends (see `external`).
+    pub north_south: super::external::NorthSouth,
+}
+
 pub fn compile_services(state: &ClusterState, pods: &[PodEndpoint]) -> Compiled {
+    compile_services_with(state, pods, &ServiceOptions::default(), &[])
+}
+
+/// [`compile_services`] with the agent's options and the endpoints
+/// registered with it (which decide what is local to this node).
+pub fn compile_services_with(
+    state: &ClusterState,
+    pods: &[PodEndpoint],
+    options: &ServiceOptions,
+    registered: &[catena_api::Endpoint],
+) -> Compiled {
+    let locality = NodeLocality::new(options.node_name.clone(), registered);
     let mut out = Compiled::default();
     let slices_by_service = slices_by_service(state);
     for (key, svc) in &state.services {
         let slices: Option<Vec<&EndpointSlice>> = slices_by_service
             .get(key)
             .map(|v| v.iter().map(|s| s.as_ref()).collect());
-        let (entries, warnings) = compile_service(key, svc, slices.as_deref(), pods);
+        let (mut entries, mut warnings) =
+            compile_service(key, svc, slices.as_deref(), pods, &locality);
+        entries.extend(super::external::external_frontends(
+            key,
+            svc,
+            slices.as_deref(),
+            pods,
+            &locality,
+            &options.north_south,
+            &mut warnings,
+        ));
+        if service_algorithm(key, svc, options.lb_algorithm, &mut warnings) == LbAlgorithm::Maglev {
+            out.desired.maglev.extend(entries.iter().map(|(f, _)| *f));
+        }
         out.desired.services.extend(entries);
         out.warnings.extend(warnings);
     }
@@ -45,12 +83,14 @@ pub fn compile_services(state: &ClusterState, pods: &[PodEndpoint]) -> Compiled 
 }
 
 /// One Service's frontends. Backends come from its EndpointSlices when it has
-/// any (`slices` is `Some`), else from the pods its selector picks.
+/// any (`slices` is `Some`), else from the pods its selector picks; with
+/// `internalTrafficPolicy: Local` only those on this node (`locality`).
 pub fn compile_service(
     key: &ObjectKey,
     svc: &Service,
     slices: Option<&[&EndpointSlice]>,
     pods: &[PodEndpoint],
+    locality: &NodeLocality,
 ) -> (Vec<(Frontend, LbService)>, Vec<String>) {
     let mut entries = Vec::new();
     let mut warnings = Vec::new();
@@ -66,6 +106,9 @@ pub fn compile_service(
     }
     let selector = spec.selector.clone().unwrap_or_default();
     let affinity_timeout = session_affinity(key, spec, &mut warnings);
+    // ClusterIP frontends carry only in-cluster traffic, so the internal
+    // policy alone decides their endpoints.
+    let local_only = internal_local(spec).then_some(locality);
     for port in spec.ports.as_deref().unwrap_or_default() {
         let Some(proto) = parse_proto(port.protocol.as_deref()) else {
             warnings.push(format!(
@@ -79,10 +122,15 @@ pub fn compile_service(
             continue;
         };
         let backends = match slices {
-            Some(slices) => backends_from_slices(slices, port, proto),
-            None if !selector.is_empty() => {
-                backends_from_pods(&key.namespace, &selector, port, pods, &mut warnings)
-            }
+            Some(slices) => backends_from_slices(slices, port, proto, local_only),
+            None if !selector.is_empty() => backends_from_pods(
+                &key.namespace,
+                &selector,
+                port,
+                pods,
+                local_only,
+                &mut warnings,
+            ),
             None => Vec::new(),
         };
         for address in &cluster_ips {
@@ -114,6 +162,10 @@ pub fn compile_service(
 /// equality is sound: a freed object's address cannot be reused while held.
 #[derive(Default)]
 pub struct ServiceCompiler {
+    options: ServiceOptions,
+    /// Every Service must be recompiled on the next update (an input all of
+    /// them share changed: the node's external addresses).
+    all_dirty: bool,
     /// The snapshot the current result was computed from.
     prev: Arc<ClusterState>,
     registered: Vec<catena_api::Endpoint>,
@@ -136,9 +188,32 @@ pub struct ServiceChanges {
     pub changed: bool,
     /// Warnings of the recompiled Services.
     pub warnings: Vec<String>,
+    /// Frontends whose entry in `desired` was added, changed or removed:
+    /// all the service maps need to look at (`apply_services_changed`).
+    pub frontends: BTreeSet<Frontend>,
 }
 
 impl ServiceCompiler {
+    pub fn new(options: ServiceOptions) -> ServiceCompiler {
+        ServiceCompiler {
+            options,
+            ..Default::default()
+        }
+    }
+
+    /// New external-device addresses (or north-south switched): every
+    /// Service is recompiled on the next `update` if they differ.
+    pub fn set_north_south(&mut self, ns: super::external::NorthSouth) {
+        if self.options.north_south != ns {
+            self.options.north_south = ns;
+            self.all_dirty = true;
+        }
+    }
+
+    pub fn north_south(&self) -> &super::external::NorthSouth {
+        &self.options.north_south
+    }
+
     /// The desired service-map contents after the last `update`.
     pub fn desired(&self) -> &LbDesired {
         &self.desired
@@ -152,6 +227,9 @@ impl ServiceCompiler {
     ) -> ServiceChanges {
         let prev = std::mem::replace(&mut self.prev, state.clone());
         let mut dirty: BTreeSet<ObjectKey> = BTreeSet::new();
+        if std::mem::take(&mut self.all_dirty) {
+            dirty.extend(state.services.keys().cloned());
+        }
         for (key, _, _) in diff_arcs(&prev.services, &state.services) {
             dirty.insert(key.clone());
         }
@@ -174,9 +252,15 @@ impl ServiceCompiler {
             || !crate::sources::same_arcs(&prev.pods, &state.pods)
             || self.registered.as_slice() != registered;
         if pods_changed {
-            // Selector-based Services (no slices) follow the pods.
-            for key in state.services.keys() {
-                if !self.index.contains_key(key) {
+            // Selector-based Services (no slices) follow the pods; Services
+            // with internalTrafficPolicy: Local follow what is local.
+            for (key, svc) in &state.services {
+                let local = svc.spec.as_ref().is_some_and(|spec| {
+                    internal_local(spec)
+                        || (self.options.north_south.enabled
+                            && super::external::external_local(spec))
+                });
+                if local || !self.index.contains_key(key) {
                     dirty.insert(key.clone());
                 }
             }
@@ -188,7 +272,9 @@ impl ServiceCompiler {
 
         let mut changes = ServiceChanges::default();
         let mut pods: Option<Vec<PodEndpoint>> = None;
+        let mut locality: Option<NodeLocality> = None;
         for key in dirty {
+            let mut maglev = false;
             let (entries, warnings) = match state.services.get(&key) {
                 Some(svc) => {
                     let slices: Option<Vec<&EndpointSlice>> = self.index.get(&key).map(|keys| {
@@ -202,7 +288,23 @@ impl ServiceCompiler {
                     } else {
                         &[]
                     };
-                    compile_service(&key, svc, slices.as_deref(), pods)
+                    let locality = locality.get_or_insert_with(|| {
+                        NodeLocality::new(self.options.node_name.clone(), registered)
+                    });
+                    let (mut entries, mut warnings) =
+                        compile_service(&key, svc, slices.as_deref(), pods, locality);
+                    entries.extend(super::external::external_frontends(
+                        &key,
+                        svc,
+                        slices.as_deref(),
+                        pods,
+                        locality,
+                        &self.options.north_south,
+                        &mut warnings,
+                    ));
+                    maglev = service_algorithm(&key, svc, self.options.lb_algorithm, &mut warnings)
+                        == LbAlgorithm::Maglev;
+                    (entries, warnings)
                 }
                 None => (Vec::new(), Vec::new()),
             };
@@ -212,8 +314,17 @@ impl ServiceCompiler {
                 .iter()
                 .filter_map(|f| self.desired.services.remove(f).map(|s| (*f, s)))
                 .collect();
-            if before != entries {
+            let mut was_maglev = false;
+            for f in &old {
+                was_maglev |= self.desired.maglev.remove(f);
+            }
+            if before != entries || (was_maglev != maglev && !entries.is_empty()) {
                 changes.changed = true;
+                changes.frontends.extend(old.iter().copied());
+                changes.frontends.extend(entries.iter().map(|(f, _)| *f));
+            }
+            if maglev {
+                self.desired.maglev.extend(entries.iter().map(|(f, _)| *f));
             }
             if !entries.is_empty() {
                 self.frontends
@@ -293,7 +404,7 @@ const MAX_AFFINITY_TIMEOUT: i32 = 86_400;
 /// `spec.sessionAffinity: ClientIP` -> the timeout in seconds; `None` for
 /// `None` (the default) and anything else. An out-of-range timeout (the API
 /// server allows 1..=86400) falls back to the default with a warning.
-fn session_affinity(
+pub(super) fn session_affinity(
     key: &ObjectKey,
     spec: &k8s_openapi::api::core::v1::ServiceSpec,
     warnings: &mut Vec<String>,
@@ -319,7 +430,7 @@ fn session_affinity(
     }
 }
 
-fn parse_proto(p: Option<&str>) -> Option<Proto> {
+pub(super) fn parse_proto(p: Option<&str>) -> Option<Proto> {
     match p.unwrap_or("TCP") {
         "TCP" => Some(Proto::Tcp),
         "UDP" => Some(Proto::Udp),
@@ -358,10 +469,13 @@ fn slices_by_service(state: &ClusterState) -> BTreeMap<ObjectKey, Vec<&Arc<Endpo
 
 /// Ready endpoints of the slices, on the slice port matching the Service port by
 /// name and protocol. Terminating endpoints serve only when nothing is ready.
-fn backends_from_slices(
+/// With `local_only`, endpoints elsewhere are not considered at all (so local
+/// terminating endpoints serve when no local one is ready, as kube-proxy does).
+pub(super) fn backends_from_slices(
     slices: &[&EndpointSlice],
     port: &ServicePort,
     proto: Proto,
+    local_only: Option<&NodeLocality>,
 ) -> Vec<BackendAddr> {
     let mut ready = BTreeSet::new();
     let mut serving_terminating = BTreeSet::new();
@@ -381,6 +495,9 @@ fn backends_from_slices(
             continue;
         };
         for ep in slice.endpoints.iter().flatten() {
+            if local_only.is_some_and(|l| !l.slice_endpoint(ep)) {
+                continue;
+            }
             let cond = ep.conditions.as_ref();
             // Per the EndpointSlice API, an unset `ready` means ready.
             let is_ready = cond.and_then(|c| c.ready).unwrap_or(true);
@@ -409,16 +526,20 @@ fn backends_from_slices(
     }
 }
 
-fn backends_from_pods(
+pub(super) fn backends_from_pods(
     namespace: &str,
     selector: &BTreeMap<String, String>,
     port: &ServicePort,
     pods: &[PodEndpoint],
+    local_only: Option<&NodeLocality>,
     warnings: &mut Vec<String>,
 ) -> Vec<BackendAddr> {
     let mut out = BTreeSet::new();
     for pod in pods {
         if pod.key.namespace != namespace || !service_selects(selector, &pod.labels) {
+            continue;
+        }
+        if local_only.is_some_and(|l| !l.pod(pod)) {
             continue;
         }
         if pod.pod.as_deref().is_some_and(pod_is_gone) {
@@ -758,6 +879,181 @@ spec:
         assert_eq!(timeout("10.96.0.23", 80, Proto::Tcp), Some(10_800));
         assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
         assert!(c.warnings[0].contains("shop/bad"), "{:?}", c.warnings);
+    }
+
+    fn registered(name: &str, ip: &str) -> catena_api::Endpoint {
+        catena_api::Endpoint {
+            id: 1,
+            spec: catena_api::EndpointSpec {
+                container_id: name.into(),
+                ifname: "eth0".into(),
+                ips: vec![format!("{ip}/24")],
+                pod: catena_api::PodRef {
+                    namespace: "shop".into(),
+                    name: name.into(),
+                    uid: String::new(),
+                },
+                ..Default::default()
+            },
+            identity: 256,
+            attach_mode: "tcx".into(),
+            created: String::new(),
+        }
+    }
+
+    const LOCAL_SVC: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: local, namespace: shop}
+spec:
+  clusterIP: 10.96.0.30
+  internalTrafficPolicy: Local
+  ports: [{name: http, port: 80}]
+"#;
+
+    fn local_slice(endpoints: &str) -> String {
+        format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: local-1, namespace: shop, labels: {{kubernetes.io/service-name: local}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n{endpoints}"
+        )
+    }
+
+    fn options(node: &str) -> ServiceOptions {
+        ServiceOptions {
+            node_name: Some(node.into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_keeps_only_this_nodes_endpoints() {
+        let s = state(&format!(
+            "{LOCAL_SVC}{}",
+            local_slice(
+                "- {addresses: [10.0.0.1], nodeName: n1}\n- {addresses: [10.0.0.2], nodeName: n2}\n- {addresses: [10.0.0.3]}\n"
+            )
+        ));
+        let frontend = fe("10.96.0.30", 80, Proto::Tcp);
+        // By node name: only n1's endpoint.
+        let c = compile_services_with(&s, &[], &options("n1"), &[]);
+        assert_eq!(
+            c.desired.services[&frontend].backends,
+            vec![be("10.0.0.1", 8080)]
+        );
+        // The endpoint without a node name is local when registered here.
+        let c = compile_services_with(&s, &[], &options("n1"), &[registered("c", "10.0.0.3")]);
+        assert_eq!(
+            c.desired.services[&frontend].backends,
+            vec![be("10.0.0.1", 8080), be("10.0.0.3", 8080)]
+        );
+        // Another node: none local, the frontend stays with no backends (it
+        // refuses), it does not fall back to remote endpoints.
+        let c = compile_services_with(&s, &[], &options("n3"), &[]);
+        assert!(c.desired.services[&frontend].backends.is_empty());
+        // Cluster policy (the default) keeps all three.
+        let cluster = state(&format!(
+            "{}{}",
+            LOCAL_SVC.replace("  internalTrafficPolicy: Local\n", ""),
+            local_slice("- {addresses: [10.0.0.1], nodeName: n1}\n- {addresses: [10.0.0.2], nodeName: n2}\n- {addresses: [10.0.0.3]}\n")
+        ));
+        let c = compile_services_with(&cluster, &[], &options("n3"), &[]);
+        assert_eq!(c.desired.services[&frontend].backends.len(), 3);
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_prefers_local_terminating_over_remote_ready() {
+        let s = state(&format!(
+            "{LOCAL_SVC}{}",
+            local_slice(
+                "- {addresses: [10.0.0.1], nodeName: n1, conditions: {ready: false, serving: true, terminating: true}}\n- {addresses: [10.0.0.2], nodeName: n2}\n"
+            )
+        ));
+        let c = compile_services_with(&s, &[], &options("n1"), &[]);
+        assert_eq!(
+            c.desired.services[&fe("10.96.0.30", 80, Proto::Tcp)].backends,
+            vec![be("10.0.0.1", 8080)]
+        );
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_over_selected_pods() {
+        let s = state(
+            r#"apiVersion: v1
+kind: Service
+metadata: {name: local, namespace: shop}
+spec: {clusterIP: 10.96.0.31, internalTrafficPolicy: Local, selector: {app: l}, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: here, namespace: shop, labels: {app: l}}
+spec: {nodeName: n1, containers: [{name: c}]}
+status: {podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: there, namespace: shop, labels: {app: l}}
+spec: {nodeName: n2, containers: [{name: c}]}
+status: {podIP: 10.0.0.2}
+"#,
+        );
+        let regs = [registered("plugin-only", "10.0.0.9")];
+        let mut reg_labels = regs[0].clone();
+        reg_labels.spec.labels = [("app".to_string(), "l".to_string())].into();
+        let regs = [reg_labels];
+        let pods = pod_endpoints(&s, &regs);
+        let c = compile_services_with(&s, &pods, &options("n1"), &regs);
+        assert_eq!(
+            c.desired.services[&fe("10.96.0.31", 80, Proto::Tcp)].backends,
+            vec![be("10.0.0.1", 80), be("10.0.0.9", 80)]
+        );
+    }
+
+    #[test]
+    fn incremental_compile_follows_registrations_and_the_lb_algorithm() {
+        let text = format!(
+            "{LOCAL_SVC}{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: hashed, namespace: shop, annotations: {{service.cilium.io/lb-algorithm: maglev}}}}\nspec: {{clusterIP: 10.96.0.32, ports: [{{port: 53, protocol: UDP}}, {{port: 80}}]}}\n",
+            local_slice("- {addresses: [10.0.0.3]}\n")
+        );
+        let s = Arc::new(state(&text));
+        let mut compiler = ServiceCompiler::new(options("n1"));
+        compiler.update(&s, &[]);
+        let frontend = fe("10.96.0.30", 80, Proto::Tcp);
+        assert!(compiler.desired().services[&frontend].backends.is_empty());
+        // Registering the endpoint's pod here makes it local: recompiled
+        // although no Kubernetes object changed.
+        let regs = [registered("c", "10.0.0.3")];
+        let changes = compiler.update(&s, &regs);
+        assert!(changes.changed);
+        assert_eq!(
+            compiler.desired().services[&frontend].backends,
+            vec![be("10.0.0.3", 8080)]
+        );
+        let reference = compile_services_with(&s, &pod_endpoints(&s, &regs), &options("n1"), &regs);
+        assert_eq!(compiler.desired(), &reference.desired);
+        // Both frontends of the annotated Service use Maglev, nothing else does.
+        let maglev: Vec<Frontend> = compiler.desired().maglev.iter().copied().collect();
+        assert_eq!(
+            maglev,
+            vec![
+                fe("10.96.0.32", 53, Proto::Udp),
+                fe("10.96.0.32", 80, Proto::Tcp)
+            ]
+        );
+        // The agent default applies to Services without the annotation; an
+        // annotation edit alone is a change.
+        let mut all = ServiceCompiler::new(ServiceOptions {
+            lb_algorithm: LbAlgorithm::Maglev,
+            ..options("n1")
+        });
+        all.update(&s, &regs);
+        assert_eq!(all.desired().maglev.len(), 3);
+        let random = Arc::new(state(
+            &text.replace("lb-algorithm: maglev", "lb-algorithm: random"),
+        ));
+        let changes = all.update(&random, &regs);
+        assert!(changes.changed);
+        assert_eq!(
+            all.desired().maglev.iter().collect::<Vec<_>>(),
+            vec![&frontend]
+        );
     }
 
     #[test]

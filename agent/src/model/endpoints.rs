@@ -86,11 +86,21 @@ impl EndpointRegistry {
     }
 
     pub fn save(&mut self, ep: Endpoint) -> Result<()> {
-        let bytes = serde_json::to_vec_pretty(&ep)?;
-        let key = key_of(&ep);
-        state_file::write_atomic(&self.path_of(&key), &bytes)?;
-        self.endpoints.insert(key, ep);
+        write_record(&self.dir, &ep)?;
+        self.endpoints.insert(key_of(&ep), ep);
         Ok(())
+    }
+
+    /// Adds or replaces `ep` in memory only; the caller persists it with
+    /// [`write_record`] into [`EndpointRegistry::dir`] (an ADD does that
+    /// while the programs attach, outside the agent's state lock).
+    pub fn insert_unsaved(&mut self, ep: Endpoint) {
+        self.endpoints.insert(key_of(&ep), ep);
+    }
+
+    /// Where the records live.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     pub fn remove(&mut self, key: &EndpointKey) -> Result<Option<Endpoint>> {
@@ -104,8 +114,18 @@ impl EndpointRegistry {
     }
 
     fn path_of(&self, key: &EndpointKey) -> PathBuf {
-        self.dir.join(format!("{}.json", file_stem(key)))
+        record_path(&self.dir, key)
     }
+}
+
+fn record_path(dir: &Path, key: &EndpointKey) -> PathBuf {
+    dir.join(format!("{}.json", file_stem(key)))
+}
+
+/// Persists `ep` as its record under `dir` (crash-safe, fsynced).
+pub fn write_record(dir: &Path, ep: &Endpoint) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(ep)?;
+    state_file::write_atomic(&record_path(dir, &key_of(ep)), &bytes)
 }
 
 /// `<container_id>_<ifname>` with anything outside `[A-Za-z0-9.-]` escaped, so

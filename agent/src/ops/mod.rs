@@ -233,15 +233,9 @@ impl Ops {
             None => "not started yet".into(),
         };
         let config = core.config();
-        let mut unsupported = vec![
-            "IPv6: the datapath translates IPv4 only".to_string(),
-            "NodePort, LoadBalancer and externalIPs: only ClusterIP is translated".to_string(),
-        ];
-        if !config.devices.is_empty() {
-            unsupported.push(format!(
-                "--devices {} are recorded but not used",
-                config.devices.join(",")
-            ));
+        let mut unsupported = vec!["IPv6: the datapath translates IPv4 only".to_string()];
+        if !config.kube_proxy_replacement.enabled() {
+            unsupported.push("NodePort, LoadBalancer and externalIPs: left to kube-proxy (--kube-proxy-replacement=false)".into());
         }
         if !config.kube_proxy_replacement.enabled() {
             unsupported.push("node processes reaching ClusterIPs: left to kube-proxy (--kube-proxy-replacement=false)".into());

@@ -1,34 +1,49 @@
-//! The Kubernetes source: one kube-rs watcher + reflector store per kind,
-//! aggregated into [`ClusterState`] snapshots.
+//! The Kubernetes source: one kube-rs watcher per kind, feeding one
+//! persistent [`ClusterState`] that each event changes in place.
 //!
-//! Why the datapath never sees a half-listed cluster: the reflector buffers a
-//! (re-)list (`Init` .. `InitApply` .. `InitDone`) and swaps the store only when
-//! it is complete, and nothing is published until every required kind has
-//! finished its first list. Watch errors (dropped connections, `410 Gone`)
-//! back off and resume inside the watcher while the last state stays in force.
+//! Why the datapath never sees a half-listed cluster: each kind's watcher task
+//! buffers a (re-)list (`Init` .. `InitApply` .. `InitDone`) into a map of its
+//! own and hands it over only when it is complete, where it replaces that
+//! kind's objects in one swap; and nothing is published until every required
+//! kind has finished its first list (Cilium kinds too, unless their CRD is
+//! not installed). Watch errors (dropped connections, `410 Gone`) back off and
+//! resume inside the watcher while the last state stays in force: a re-list
+//! never flushes.
+//!
+//! Why a change costs little: there is no reflector store to rebuild
+//! snapshots from. Watch events are applied to the persistent state (one map
+//! insert), each kind's map is copied only when that kind changes (see
+//! [`super::KindMap`]), and a snapshot is a handful of pointers. Objects are
+//! converted once, on arrival, and trimmed of what catena never reads, so the
+//! same `Arc` stays in every snapshot until the object changes; the compilers
+//! find changes by pointer comparison.
+//!
+//! Publishing is immediate when idle and coalescing when busy: everything
+//! that queued up while one change was applied goes out as one snapshot, and
+//! the agent's reconciler (a `watch` channel) always takes the newest.
 
 use super::watch::SourceUpdate;
 use super::{CiliumPolicy, ClusterState, Object};
 use anyhow::{Context, Result};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Container, Namespace, Pod, PodSpec, PodStatus, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
-use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
 use std::fmt::Debug;
-use std::hash::Hash;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 
-/// Coalesces bursts of events (a re-list, a rollout) into one snapshot.
-const DEBOUNCE: Duration = Duration::from_millis(20);
+/// Objects per list page. kube-rs defaults to 500, which at 10k Services and
+/// 10k EndpointSlices is 40 round trips before the first snapshot; the API
+/// server serves a list from its watch cache either way.
+const LIST_PAGE_SIZE: u32 = 5000;
 
 /// Builds a client from `--kubeconfig`, or in-cluster config / `KUBECONFIG`.
 pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
@@ -47,25 +62,69 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
     Client::try_from(config).context("creating the Kubernetes client")
 }
 
-/// Per-kind watch problems, newest last; cleared when the kind lists again.
-type Problems = Arc<Mutex<BTreeMap<&'static str, String>>>;
-
-struct Stores {
-    services: Store<Service>,
-    slices: Store<EndpointSlice>,
-    pods: Store<Pod>,
-    namespaces: Store<Namespace>,
-    network_policies: Store<NetworkPolicy>,
-    cnps: Store<DynamicObject>,
-    ccnps: Store<DynamicObject>,
+/// The kinds catena watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Service,
+    EndpointSlice,
+    Pod,
+    Namespace,
+    NetworkPolicy,
+    CiliumNetworkPolicy,
+    CiliumClusterwideNetworkPolicy,
 }
 
-/// Starts every watcher, waits for the first complete list of the core kinds
-/// (Cilium CRDs may be absent: they join when they appear), publishes the first
-/// snapshot and keeps publishing on change.
+const KINDS: [Kind; 7] = [
+    Kind::Service,
+    Kind::EndpointSlice,
+    Kind::Pod,
+    Kind::Namespace,
+    Kind::NetworkPolicy,
+    Kind::CiliumNetworkPolicy,
+    Kind::CiliumClusterwideNetworkPolicy,
+];
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Pod => "Pod",
+            Kind::Namespace => "Namespace",
+            Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::CiliumNetworkPolicy => "CiliumNetworkPolicy",
+            Kind::CiliumClusterwideNetworkPolicy => "CiliumClusterwideNetworkPolicy",
+        }
+    }
+
+    /// Cilium's CRDs may not be installed: those kinds join when they appear.
+    fn is_crd(self) -> bool {
+        matches!(
+            self,
+            Kind::CiliumNetworkPolicy | Kind::CiliumClusterwideNetworkPolicy
+        )
+    }
+}
+
+/// What a kind's watcher task hands to the aggregator.
+enum Change {
+    /// A complete (re-)list of one kind: a state holding only that kind.
+    Listed(Kind, ClusterState),
+    Applied(Object),
+    Deleted(Object),
+    Failed {
+        kind: Kind,
+        error: String,
+        /// The API answered 404 on the list: the kind (a CRD) is not installed.
+        missing: bool,
+    },
+}
+
+/// Starts every watcher, waits for the first complete list of every kind
+/// (a Cilium kind whose CRD is not installed is not waited for), publishes
+/// the first snapshot and keeps publishing on change.
 pub async fn watch_kubernetes(client: Client) -> Result<watch::Receiver<SourceUpdate>> {
-    let (changed_tx, mut changed_rx) = mpsc::unbounded_channel::<()>();
-    let problems: Problems = Default::default();
+    let (changes_tx, mut changes) = mpsc::unbounded_channel::<Change>();
     let cnp = ApiResource::from_gvk(&GroupVersionKind::gvk(
         "cilium.io",
         "v2",
@@ -76,47 +135,92 @@ pub async fn watch_kubernetes(client: Client) -> Result<watch::Receiver<SourceUp
         "v2",
         "CiliumClusterwideNetworkPolicy",
     ));
-    let ctx = (&changed_tx, &problems);
-    let stores = Stores {
-        services: reflect("Service", Api::all(client.clone()), (), ctx),
-        slices: reflect("EndpointSlice", Api::all(client.clone()), (), ctx),
-        pods: reflect("Pod", Api::all(client.clone()), (), ctx),
-        namespaces: reflect("Namespace", Api::all(client.clone()), (), ctx),
-        network_policies: reflect("NetworkPolicy", Api::all(client.clone()), (), ctx),
-        cnps: reflect(
-            "CiliumNetworkPolicy",
-            Api::all_with(client.clone(), &cnp),
-            cnp.clone(),
-            ctx,
-        ),
-        ccnps: reflect(
-            "CiliumClusterwideNetworkPolicy",
-            Api::all_with(client.clone(), &ccnp),
-            ccnp.clone(),
-            ctx,
-        ),
-    };
-    let wait = async {
-        stores.services.wait_until_ready().await?;
-        stores.slices.wait_until_ready().await?;
-        stores.pods.wait_until_ready().await?;
-        stores.namespaces.wait_until_ready().await?;
-        stores.network_policies.wait_until_ready().await
-    };
-    wait.await
-        .context("a Kubernetes watcher stopped before its first list")?;
-    while changed_rx.try_recv().is_ok() {}
+    let tx = &changes_tx;
+    watch_kind(Kind::Service, Api::all(client.clone()), tx, |s: Service| {
+        Object::Service(Arc::new(trim_service(s)))
+    });
+    watch_kind(
+        Kind::EndpointSlice,
+        Api::all(client.clone()),
+        tx,
+        |s: EndpointSlice| Object::EndpointSlice(Arc::new(trim_slice(s))),
+    );
+    watch_kind(Kind::Pod, Api::all(client.clone()), tx, |p: Pod| {
+        Object::Pod(Arc::new(trim_pod(p)))
+    });
+    watch_kind(
+        Kind::Namespace,
+        Api::all(client.clone()),
+        tx,
+        |mut n: Namespace| {
+            trim_meta(&mut n.metadata);
+            Object::Namespace(Arc::new(n))
+        },
+    );
+    watch_kind(
+        Kind::NetworkPolicy,
+        Api::all(client.clone()),
+        tx,
+        |mut n: NetworkPolicy| {
+            trim_meta(&mut n.metadata);
+            Object::NetworkPolicy(Arc::new(n))
+        },
+    );
+    watch_kind(
+        Kind::CiliumNetworkPolicy,
+        Api::all_with(client.clone(), &cnp),
+        tx,
+        |o: DynamicObject| cilium_policy(Kind::CiliumNetworkPolicy, o),
+    );
+    watch_kind(
+        Kind::CiliumClusterwideNetworkPolicy,
+        Api::all_with(client, &ccnp),
+        tx,
+        |o: DynamicObject| cilium_policy(Kind::CiliumClusterwideNetworkPolicy, o),
+    );
+    drop(changes_tx);
 
-    let (tx, rx) = watch::channel(snapshot(&stores, &problems, 1));
+    let mut source = Aggregator::default();
+    while !source.complete() {
+        let change = changes
+            .recv()
+            .await
+            .context("every Kubernetes watcher stopped before its first list")?;
+        source.apply(change);
+        while let Ok(change) = changes.try_recv() {
+            source.apply(change);
+        }
+    }
+    tracing::info!(
+        services = source.state.services.len(),
+        endpoint_slices = source.state.endpoint_slices.len(),
+        pods = source.state.pods.len(),
+        namespaces = source.state.namespaces.len(),
+        network_policies = source.state.network_policies.len(),
+        cilium_policies = source.state.cilium_policies.len(),
+        "every Kubernetes kind listed"
+    );
+    let (tx, rx) = watch::channel(source.publish());
     tokio::spawn(async move {
-        let mut generation = 1;
-        while changed_rx.recv().await.is_some() {
-            tokio::time::sleep(DEBOUNCE).await;
-            while changed_rx.try_recv().is_ok() {}
-            generation += 1;
-            // No deep "did anything change" comparison here: at 10k Services
-            // it costs more than the compilers' own no-op detection.
-            if tx.send(snapshot(&stores, &problems, generation)).is_err() {
+        // Leading edge: the first change after a quiet spell goes out at once.
+        // Trailing coalescing: whatever queued meanwhile goes out together.
+        while let Some(change) = changes.recv().await {
+            let started = std::time::Instant::now();
+            let mut applied = usize::from(source.apply(change));
+            while let Ok(change) = changes.try_recv() {
+                applied += usize::from(source.apply(change));
+            }
+            if applied == 0 && !source.errors_changed {
+                continue;
+            }
+            let update = source.publish();
+            tracing::debug!(
+                generation = update.generation,
+                changes = applied,
+                took_us = started.elapsed().as_micros() as u64,
+                "published a cluster snapshot"
+            );
+            if tx.send(update).is_err() {
                 break;
             }
         }
@@ -124,89 +228,507 @@ pub async fn watch_kubernetes(client: Client) -> Result<watch::Receiver<SourceUp
     Ok(rx)
 }
 
-/// Runs one watcher feeding one store; every event and error pings `changed`.
-fn reflect<K>(
-    kind: &'static str,
+/// Runs one kind's watcher in its own task (so the kinds deserialize in
+/// parallel) and sends its changes, converted, to the aggregator.
+fn watch_kind<K>(
+    kind: Kind,
     api: Api<K>,
-    dyntype: K::DynamicType,
-    (changed, problems): (&mpsc::UnboundedSender<()>, &Problems),
-) -> Store<K>
-where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-    K::DynamicType: Eq + Hash + Clone + Send + Sync,
+    changes: &mpsc::UnboundedSender<Change>,
+    convert: impl Fn(K) -> Object + Send + 'static,
+) where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
 {
-    let writer = reflector::store::Writer::new(dyntype);
-    let reader = writer.as_reader();
-    let changed = changed.clone();
-    let problems = problems.clone();
-    let stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        // managedFields are most of an object's bytes and catena never reads them.
-        .modify(|obj: &mut K| obj.managed_fields_mut().clear())
-        .reflect(writer);
+    let changes = changes.clone();
+    let config = watcher::Config::default().page_size(LIST_PAGE_SIZE);
+    let stream = watcher(api, config).default_backoff();
     tokio::spawn(async move {
         futures::pin_mut!(stream);
+        // The list in progress; swapped in whole at InitDone.
+        let mut listing = ClusterState::default();
         while let Some(event) = stream.next().await {
-            match event {
-                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
+            let change = match event {
+                Ok(watcher::Event::Init) => {
+                    listing = ClusterState::default();
+                    continue;
+                }
+                Ok(watcher::Event::InitApply(object)) => {
+                    listing.insert(convert(object));
+                    continue;
+                }
                 Ok(watcher::Event::InitDone) => {
-                    problems.lock().unwrap().remove(kind);
-                    tracing::debug!(kind, "listed");
+                    tracing::debug!(kind = kind.name(), "listed");
+                    Change::Listed(kind, std::mem::take(&mut listing))
                 }
-                Ok(_) => {}
+                Ok(watcher::Event::Apply(object)) => Change::Applied(convert(object)),
+                Ok(watcher::Event::Delete(object)) => Change::Deleted(convert(object)),
                 Err(e) => {
-                    tracing::warn!(kind, error = %e, "watch failed; backing off and resuming with the last state");
-                    problems
-                        .lock()
-                        .unwrap()
-                        .insert(kind, format!("{kind} watch: {e}"));
+                    let missing = matches!(
+                        &e,
+                        watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 404
+                    );
+                    if missing && kind.is_crd() {
+                        tracing::debug!(kind = kind.name(), "not installed; watching for it");
+                    } else {
+                        tracing::warn!(kind = kind.name(), error = %e, "watch failed; backing off and resuming with the last state");
+                    }
+                    Change::Failed {
+                        kind,
+                        error: format!("{} watch: {e}", kind.name()),
+                        missing,
+                    }
                 }
-            }
-            if changed.send(()).is_err() {
+            };
+            if changes.send(change).is_err() {
                 break;
             }
         }
     });
-    reader
 }
 
-fn snapshot(stores: &Stores, problems: &Problems, generation: u64) -> SourceUpdate {
-    let mut state = ClusterState::default();
-    // The stores hand out Arcs: the snapshot shares every object with them.
-    for s in stores.services.state() {
-        state.insert(Object::Service(s));
+/// The persistent state every change is applied to.
+#[derive(Default)]
+struct Aggregator {
+    state: ClusterState,
+    /// Kinds that completed at least one list.
+    listed: Vec<Kind>,
+    /// Cilium kinds whose list answered 404 (CRD not installed).
+    missing: Vec<Kind>,
+    /// Per-kind watch problems, newest last; cleared when the kind lists again.
+    problems: BTreeMap<Kind, String>,
+    errors_changed: bool,
+    generation: u64,
+}
+
+impl Aggregator {
+    /// Whether every kind is listed (or, for a CRD, known to be absent).
+    fn complete(&self) -> bool {
+        KINDS
+            .iter()
+            .all(|k| self.listed.contains(k) || (k.is_crd() && self.missing.contains(k)))
     }
-    for s in stores.slices.state() {
-        state.insert(Object::EndpointSlice(s));
-    }
-    for p in stores.pods.state() {
-        state.insert(Object::Pod(p));
-    }
-    for n in stores.namespaces.state() {
-        state.insert(Object::Namespace(n));
-    }
-    for n in stores.network_policies.state() {
-        state.insert(Object::NetworkPolicy(n));
-    }
-    for (kind, store) in [
-        ("CiliumNetworkPolicy", &stores.cnps),
-        ("CiliumClusterwideNetworkPolicy", &stores.ccnps),
-    ] {
-        for p in store.state() {
-            let mut object = serde_json::to_value(&*p).unwrap_or_default();
-            object["kind"] = kind.into();
-            if p.namespace().is_none() && kind == "CiliumNetworkPolicy" {
-                object["metadata"]["namespace"] = "default".into();
+
+    /// Applies one change; whether the state changed.
+    fn apply(&mut self, change: Change) -> bool {
+        match change {
+            Change::Listed(kind, listed) => {
+                if !self.listed.contains(&kind) {
+                    self.listed.push(kind);
+                }
+                self.missing.retain(|k| *k != kind);
+                self.errors_changed |= self.problems.remove(&kind).is_some();
+                replace_kind(&mut self.state, kind, listed);
+                true
             }
-            state.insert(Object::CiliumPolicy(Arc::new(CiliumPolicy {
-                kind: kind.to_string(),
-                object,
-            })));
+            Change::Applied(object) => {
+                self.state.insert(object);
+                true
+            }
+            Change::Deleted(object) => self.state.remove(&object),
+            Change::Failed {
+                kind,
+                error,
+                missing,
+            } => {
+                if missing && kind.is_crd() {
+                    if !self.missing.contains(&kind) {
+                        self.missing.push(kind);
+                    }
+                    // An absent optional CRD is not a problem to report.
+                    return false;
+                }
+                self.errors_changed |= self.problems.insert(kind, error.clone()) != Some(error);
+                false
+            }
         }
     }
-    SourceUpdate {
-        state: Arc::new(state),
-        errors: problems.lock().unwrap().values().cloned().collect(),
-        generation,
+
+    fn publish(&mut self) -> SourceUpdate {
+        self.generation += 1;
+        self.errors_changed = false;
+        SourceUpdate {
+            // Six map pointers: the snapshot shares everything with the state.
+            state: Arc::new(self.state.clone()),
+            errors: self.problems.values().cloned().collect(),
+            generation: self.generation,
+        }
+    }
+}
+
+/// Swaps in a kind's complete list. Objects whose `resourceVersion` did not
+/// change keep their old `Arc`, so a re-list after `410 Gone` looks to the
+/// compilers like the few changes it really brought, not like a new cluster.
+fn replace_kind(state: &mut ClusterState, kind: Kind, mut listed: ClusterState) {
+    fn keep<K: Ord + Clone, T>(
+        old: &BTreeMap<K, Arc<T>>,
+        new: &mut BTreeMap<K, Arc<T>>,
+        rv: impl Fn(&T) -> Option<&str>,
+    ) {
+        if old.is_empty() {
+            return;
+        }
+        for (key, object) in new.iter_mut() {
+            if let Some(previous) = old.get(key) {
+                if rv(previous).is_some() && rv(previous) == rv(object) {
+                    *object = previous.clone();
+                }
+            }
+        }
+    }
+    fn meta_rv(m: &ObjectMeta) -> Option<&str> {
+        m.resource_version.as_deref()
+    }
+    match kind {
+        Kind::Service => {
+            keep(&state.services, listed.services.make_mut(), |o| {
+                meta_rv(&o.metadata)
+            });
+            state.services = listed.services;
+        }
+        Kind::EndpointSlice => {
+            keep(
+                &state.endpoint_slices,
+                listed.endpoint_slices.make_mut(),
+                |o| meta_rv(&o.metadata),
+            );
+            state.endpoint_slices = listed.endpoint_slices;
+        }
+        Kind::Pod => {
+            keep(&state.pods, listed.pods.make_mut(), |o| {
+                meta_rv(&o.metadata)
+            });
+            state.pods = listed.pods;
+        }
+        Kind::Namespace => {
+            keep(&state.namespaces, listed.namespaces.make_mut(), |o| {
+                meta_rv(&o.metadata)
+            });
+            state.namespaces = listed.namespaces;
+        }
+        Kind::NetworkPolicy => {
+            keep(
+                &state.network_policies,
+                listed.network_policies.make_mut(),
+                |o| meta_rv(&o.metadata),
+            );
+            state.network_policies = listed.network_policies;
+        }
+        Kind::CiliumNetworkPolicy | Kind::CiliumClusterwideNetworkPolicy => {
+            // Both Cilium kinds share one map: replace only this kind's part.
+            let name = kind.name();
+            keep(
+                &state.cilium_policies,
+                listed.cilium_policies.make_mut(),
+                |p| p.object["metadata"]["resourceVersion"].as_str(),
+            );
+            let all = state.cilium_policies.make_mut();
+            all.retain(|(k, _), _| k != name);
+            all.extend(
+                listed
+                    .cilium_policies
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone())),
+            );
+        }
+    }
+}
+
+/// What no compiler reads and can be large: `managedFields` (most of an
+/// object's bytes) and kubectl's copy of the whole last-applied object.
+fn trim_meta(meta: &mut ObjectMeta) {
+    meta.managed_fields = None;
+    if let Some(annotations) = &mut meta.annotations {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+        if annotations.is_empty() {
+            meta.annotations = None;
+        }
+    }
+}
+
+fn trim_service(mut s: Service) -> Service {
+    trim_meta(&mut s.metadata);
+    s
+}
+
+/// Endpoints keep what the service compiler reads (addresses, conditions,
+/// node name, zone and hints); `targetRef`, `hostname` and the deprecated
+/// topology map are one allocation-heavy copy per endpoint, 100k of them in a
+/// large cluster, and nothing reads them.
+fn trim_slice(mut s: EndpointSlice) -> EndpointSlice {
+    trim_meta(&mut s.metadata);
+    for ep in s.endpoints.iter_mut().flatten() {
+        ep.target_ref = None;
+        ep.hostname = None;
+        ep.deprecated_topology = None;
+    }
+    s
+}
+
+/// A Pod as the compilers read it: metadata, the node, the service account,
+/// containers' named ports, phase and addresses. Real pod specs (env,
+/// volumes, probes, images, statuses) are kilobytes each and none of it
+/// matters to load balancing or policy.
+fn trim_pod(mut p: Pod) -> Pod {
+    trim_meta(&mut p.metadata);
+    let ports_only = |c: Container| Container {
+        name: c.name,
+        ports: c.ports,
+        ..Default::default()
+    };
+    p.spec = p.spec.map(|s| PodSpec {
+        containers: s.containers.into_iter().map(ports_only).collect(),
+        init_containers: s
+            .init_containers
+            .map(|cs| cs.into_iter().map(ports_only).collect()),
+        node_name: s.node_name,
+        service_account_name: s.service_account_name,
+        host_network: s.host_network,
+        ..Default::default()
+    });
+    p.status = p.status.map(|s| PodStatus {
+        phase: s.phase,
+        pod_ip: s.pod_ip,
+        pod_ips: s.pod_ips,
+        host_ip: s.host_ip,
+        host_ips: s.host_ips,
+        ..Default::default()
+    });
+    p
+}
+
+/// A Cilium policy as the policy compiler reads it: the raw object with its
+/// `kind` (and, for a namespaced one listed without it, the `default`
+/// namespace the API server would have given it). Built once per object
+/// version, so unchanged policies keep their `Arc` across snapshots.
+fn cilium_policy(kind: Kind, o: DynamicObject) -> Object {
+    let DynamicObject {
+        types,
+        mut metadata,
+        data,
+    } = o;
+    trim_meta(&mut metadata);
+    if kind == Kind::CiliumNetworkPolicy && metadata.namespace.is_none() {
+        metadata.namespace = Some("default".into());
+    }
+    let mut object = match data {
+        serde_json::Value::Object(map) => map,
+        _ => serde_json::Map::new(),
+    };
+    object.insert(
+        "apiVersion".into(),
+        types
+            .map(|t| t.api_version)
+            .unwrap_or_else(|| "cilium.io/v2".into())
+            .into(),
+    );
+    object.insert("kind".into(), kind.name().into());
+    object.insert(
+        "metadata".into(),
+        serde_json::to_value(&metadata).unwrap_or_default(),
+    );
+    Object::CiliumPolicy(Arc::new(CiliumPolicy {
+        kind: kind.name().to_string(),
+        object: serde_json::Value::Object(object),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn slice(name: &str, rv: &str, address: &str) -> Object {
+        let s: EndpointSlice = serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "a", "resourceVersion": rv,
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [address], "hostname": "h",
+                           "targetRef": {"kind": "Pod", "name": "p", "namespace": "a"}}]
+        }))
+        .unwrap();
+        Object::EndpointSlice(Arc::new(trim_slice(s)))
+    }
+
+    fn listed(kind: Kind, objects: Vec<Object>) -> Change {
+        let mut state = ClusterState::default();
+        for o in objects {
+            state.insert(o);
+        }
+        Change::Listed(kind, state)
+    }
+
+    fn list_every_core_kind(agg: &mut Aggregator) {
+        for kind in KINDS.iter().filter(|k| !k.is_crd()) {
+            agg.apply(listed(*kind, vec![]));
+        }
+    }
+
+    #[test]
+    fn nothing_is_complete_before_every_kind_listed_or_missing() {
+        let mut agg = Aggregator::default();
+        list_every_core_kind(&mut agg);
+        assert!(!agg.complete(), "Cilium kinds neither listed nor missing");
+        agg.apply(listed(Kind::CiliumNetworkPolicy, vec![]));
+        assert!(!agg.complete());
+        // A transient error on a CRD kind is not "missing": still waiting.
+        agg.apply(Change::Failed {
+            kind: Kind::CiliumClusterwideNetworkPolicy,
+            error: "boom".into(),
+            missing: false,
+        });
+        assert!(!agg.complete());
+        agg.apply(Change::Failed {
+            kind: Kind::CiliumClusterwideNetworkPolicy,
+            error: "404".into(),
+            missing: true,
+        });
+        assert!(agg.complete());
+        // A missing core kind is never skipped.
+        let mut agg = Aggregator::default();
+        agg.apply(Change::Failed {
+            kind: Kind::Service,
+            error: "404".into(),
+            missing: true,
+        });
+        assert!(!agg.complete());
+    }
+
+    #[test]
+    fn relist_swaps_whole_and_keeps_unchanged_objects_shared() {
+        let mut agg = Aggregator::default();
+        agg.apply(listed(
+            Kind::EndpointSlice,
+            vec![slice("s1", "1", "10.0.0.1"), slice("s2", "2", "10.0.0.2")],
+        ));
+        let before = agg.publish();
+        // A re-list (after 410 Gone): s1 unchanged, s2 edited, s3 new.
+        agg.apply(listed(
+            Kind::EndpointSlice,
+            vec![
+                slice("s1", "1", "10.0.0.1"),
+                slice("s2", "5", "10.0.0.9"),
+                slice("s3", "6", "10.0.0.3"),
+            ],
+        ));
+        let after = agg.publish();
+        let (b, a) = (&before.state.endpoint_slices, &after.state.endpoint_slices);
+        let k = |n: &str| super::super::ObjectKey::new("a", n);
+        assert!(Arc::ptr_eq(&b[&k("s1")], &a[&k("s1")]));
+        assert!(!Arc::ptr_eq(&b[&k("s2")], &a[&k("s2")]));
+        assert_eq!(a.len(), 3);
+        // The earlier snapshot is untouched (copy-on-write).
+        assert_eq!(b.len(), 2);
+        assert_eq!(after.generation, before.generation + 1);
+    }
+
+    #[test]
+    fn events_change_one_kind_and_share_the_others() {
+        let mut agg = Aggregator::default();
+        list_every_core_kind(&mut agg);
+        agg.apply(listed(
+            Kind::EndpointSlice,
+            vec![slice("s1", "1", "10.0.0.1")],
+        ));
+        let first = agg.publish();
+        assert!(agg.apply(Change::Applied(slice("s2", "3", "10.0.0.2"))));
+        let second = agg.publish();
+        assert!(second.state.services.same_map(&first.state.services));
+        assert!(!second
+            .state
+            .endpoint_slices
+            .same_map(&first.state.endpoint_slices));
+        assert_eq!(first.state.endpoint_slices.len(), 1);
+        assert_eq!(second.state.endpoint_slices.len(), 2);
+        assert!(agg.apply(Change::Deleted(slice("s1", "4", "10.0.0.1"))));
+        assert!(!agg.apply(Change::Deleted(slice("gone", "5", "10.0.0.1"))));
+        assert_eq!(agg.publish().state.endpoint_slices.len(), 1);
+    }
+
+    #[test]
+    fn errors_are_reported_until_the_kind_lists_again() {
+        let mut agg = Aggregator::default();
+        list_every_core_kind(&mut agg);
+        agg.apply(Change::Failed {
+            kind: Kind::Pod,
+            error: "Pod watch: connection reset".into(),
+            missing: false,
+        });
+        assert!(agg.errors_changed);
+        assert_eq!(agg.publish().errors, vec!["Pod watch: connection reset"]);
+        agg.apply(listed(Kind::Pod, vec![]));
+        assert!(agg.errors_changed);
+        assert!(agg.publish().errors.is_empty());
+    }
+
+    #[test]
+    fn trimming_keeps_what_the_compilers_read() {
+        let Object::EndpointSlice(s) = slice("s1", "1", "10.0.0.1") else {
+            unreachable!()
+        };
+        let ep = &s.endpoints.as_ref().unwrap()[0];
+        assert_eq!(ep.addresses, vec!["10.0.0.1"]);
+        assert!(ep.target_ref.is_none() && ep.hostname.is_none());
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "a", "labels": {"app": "web"},
+                         "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}",
+                                         "keep": "me"},
+                         "managedFields": [{"manager": "kubectl"}]},
+            "spec": {"nodeName": "n1", "serviceAccountName": "sa",
+                     "containers": [{"name": "c", "image": "nginx", "env": [{"name": "X", "value": "1"}],
+                                     "ports": [{"name": "http", "containerPort": 8080}]}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.5", "podIPs": [{"ip": "10.0.0.5"}],
+                       "conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .unwrap();
+        let p = trim_pod(pod);
+        let spec = p.spec.as_ref().unwrap();
+        assert_eq!(spec.node_name.as_deref(), Some("n1"));
+        assert_eq!(spec.service_account_name.as_deref(), Some("sa"));
+        assert_eq!(
+            spec.containers[0].ports.as_ref().unwrap()[0].container_port,
+            8080
+        );
+        assert!(spec.containers[0].image.is_none() && spec.containers[0].env.is_none());
+        let status = p.status.as_ref().unwrap();
+        assert_eq!(status.pod_ip.as_deref(), Some("10.0.0.5"));
+        assert!(status.conditions.is_none());
+        assert!(p.metadata.managed_fields.is_none());
+        let annotations = p.metadata.annotations.as_ref().unwrap();
+        assert_eq!(annotations.len(), 1);
+        assert_eq!(annotations["keep"], "me");
+    }
+
+    #[test]
+    fn cilium_policies_carry_kind_and_default_namespace() {
+        let o: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+            "metadata": {"name": "p", "resourceVersion": "7"},
+            "spec": {"endpointSelector": {}}
+        }))
+        .unwrap();
+        let Object::CiliumPolicy(p) = cilium_policy(Kind::CiliumNetworkPolicy, o) else {
+            unreachable!()
+        };
+        assert_eq!(p.kind, "CiliumNetworkPolicy");
+        assert_eq!(p.object["kind"], "CiliumNetworkPolicy");
+        assert_eq!(p.object["metadata"]["namespace"], "default");
+        assert_eq!(p.object["spec"]["endpointSelector"], json!({}));
+        let mut state = ClusterState::default();
+        state.insert(Object::CiliumPolicy(p.clone()));
+        let ccnp = Arc::new(CiliumPolicy {
+            kind: "CiliumClusterwideNetworkPolicy".into(),
+            object: json!({"metadata": {"name": "c"}}),
+        });
+        state.insert(Object::CiliumPolicy(ccnp));
+        // A CNP re-list leaves the clusterwide ones alone.
+        replace_kind(
+            &mut state,
+            Kind::CiliumNetworkPolicy,
+            ClusterState::default(),
+        );
+        assert_eq!(state.cilium_policies.len(), 1);
+        assert!(state
+            .cilium_policies
+            .keys()
+            .all(|(k, _)| k == "CiliumClusterwideNetworkPolicy"));
     }
 }

@@ -72,41 +72,108 @@ impl Object {
     }
 }
 
+/// One kind's objects in a snapshot. Successive snapshots share the map
+/// itself (cloning a [`ClusterState`] clones six pointers) until that kind
+/// changes; a change copies only that kind's map (copy-on-write), and the
+/// objects in it stay shared. Reads go through `Deref` to the `BTreeMap`.
+#[derive(Debug)]
+pub struct KindMap<K, V>(Arc<BTreeMap<K, V>>);
+
+impl<K, V> KindMap<K, V> {
+    /// Whether both are the very same map (no change in between). Only
+    /// meaningful while both are alive, which holding them guarantees.
+    pub fn same_map(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl<K: Clone + Ord, V: Clone> KindMap<K, V> {
+    /// The map to change: copied first if a published snapshot shares it.
+    pub fn make_mut(&mut self) -> &mut BTreeMap<K, V> {
+        Arc::make_mut(&mut self.0)
+    }
+
+    pub fn insert(&mut self, key: K, value: V) -> Option<V> {
+        self.make_mut().insert(key, value)
+    }
+
+    pub fn remove(&mut self, key: &K) -> Option<V> {
+        if !self.0.contains_key(key) {
+            return None; // no copy for a no-op
+        }
+        self.make_mut().remove(key)
+    }
+}
+
+impl<K, V> Clone for KindMap<K, V> {
+    fn clone(&self) -> Self {
+        KindMap(self.0.clone())
+    }
+}
+
+impl<K, V> Default for KindMap<K, V> {
+    fn default() -> Self {
+        KindMap(Arc::new(BTreeMap::new()))
+    }
+}
+
+impl<K: PartialEq, V: PartialEq> PartialEq for KindMap<K, V> {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+    }
+}
+
+impl<K, V> std::ops::Deref for KindMap<K, V> {
+    type Target = BTreeMap<K, V>;
+    fn deref(&self) -> &BTreeMap<K, V> {
+        &self.0
+    }
+}
+
+impl<'a, K, V> IntoIterator for &'a KindMap<K, V> {
+    type Item = (&'a K, &'a V);
+    type IntoIter = std::collections::btree_map::Iter<'a, K, V>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl<K: Ord, V> FromIterator<(K, V)> for KindMap<K, V> {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        KindMap(Arc::new(iter.into_iter().collect()))
+    }
+}
+
 /// The whole cluster as one source sees it. Objects are shared (`Arc`) with
-/// the source's own stores and between successive snapshots, so a snapshot
-/// costs pointers, not copies: at 10k Services and 100k endpoints, deep copies
-/// per change were most of the agent's memory and of its update latency.
+/// the source's own maps and between successive snapshots, and so are the
+/// per-kind maps until their kind changes: a snapshot costs pointers, not
+/// copies. At 10k Services and 100k endpoints, deep copies (and later
+/// per-change rebuilds) were most of the agent's memory and update latency.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ClusterState {
-    pub services: BTreeMap<ObjectKey, Arc<Service>>,
-    pub endpoint_slices: BTreeMap<ObjectKey, Arc<EndpointSlice>>,
-    pub pods: BTreeMap<ObjectKey, Arc<Pod>>,
-    pub namespaces: BTreeMap<String, Arc<Namespace>>,
-    pub network_policies: BTreeMap<ObjectKey, Arc<NetworkPolicy>>,
-    pub cilium_policies: BTreeMap<(String, ObjectKey), Arc<CiliumPolicy>>,
+    pub services: KindMap<ObjectKey, Arc<Service>>,
+    pub endpoint_slices: KindMap<ObjectKey, Arc<EndpointSlice>>,
+    pub pods: KindMap<ObjectKey, Arc<Pod>>,
+    pub namespaces: KindMap<String, Arc<Namespace>>,
+    pub network_policies: KindMap<ObjectKey, Arc<NetworkPolicy>>,
+    pub cilium_policies: KindMap<(String, ObjectKey), Arc<CiliumPolicy>>,
 }
 
 impl ClusterState {
     /// Inserts an object; returns the key it replaced, if any (a duplicate).
     pub fn insert(&mut self, object: Object) -> Option<String> {
-        fn key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectKey {
-            ObjectKey::new(
-                meta.namespace.clone().unwrap_or_else(|| "default".into()),
-                meta.name.clone().unwrap_or_default(),
-            )
-        }
         let kind = object.kind().to_string();
         let replaced = match object {
             Object::Service(o) => {
-                let k = key(&o.metadata);
+                let k = meta_key(&o.metadata);
                 self.services.insert(k.clone(), o).map(|_| k)
             }
             Object::EndpointSlice(o) => {
-                let k = key(&o.metadata);
+                let k = meta_key(&o.metadata);
                 self.endpoint_slices.insert(k.clone(), o).map(|_| k)
             }
             Object::Pod(o) => {
-                let k = key(&o.metadata);
+                let k = meta_key(&o.metadata);
                 self.pods.insert(k.clone(), o).map(|_| k)
             }
             Object::Namespace(o) => {
@@ -116,17 +183,11 @@ impl ClusterState {
                     .map(|_| ObjectKey::new("", name))
             }
             Object::NetworkPolicy(o) => {
-                let k = key(&o.metadata);
+                let k = meta_key(&o.metadata);
                 self.network_policies.insert(k.clone(), o).map(|_| k)
             }
             Object::CiliumPolicy(p) => {
-                let meta = &p.object["metadata"];
-                let namespace = if p.kind == "CiliumClusterwideNetworkPolicy" {
-                    String::new()
-                } else {
-                    meta["namespace"].as_str().unwrap_or("default").to_string()
-                };
-                let k = ObjectKey::new(namespace, meta["name"].as_str().unwrap_or_default());
+                let k = cilium_key(&p);
                 self.cilium_policies
                     .insert((p.kind.clone(), k.clone()), p)
                     .map(|_| k)
@@ -135,10 +196,54 @@ impl ClusterState {
         replaced.map(|k| format!("{kind} {k}"))
     }
 
+    /// Removes the object stored under `object`'s key; whether there was one.
+    pub fn remove(&mut self, object: &Object) -> bool {
+        match object {
+            Object::Service(o) => self.services.remove(&meta_key(&o.metadata)).is_some(),
+            Object::EndpointSlice(o) => self
+                .endpoint_slices
+                .remove(&meta_key(&o.metadata))
+                .is_some(),
+            Object::Pod(o) => self.pods.remove(&meta_key(&o.metadata)).is_some(),
+            Object::Namespace(o) => self
+                .namespaces
+                .remove(&o.metadata.name.clone().unwrap_or_default())
+                .is_some(),
+            Object::NetworkPolicy(o) => self
+                .network_policies
+                .remove(&meta_key(&o.metadata))
+                .is_some(),
+            Object::CiliumPolicy(p) => self
+                .cilium_policies
+                .remove(&(p.kind.clone(), cilium_key(p)))
+                .is_some(),
+        }
+    }
+
     /// Pod labels by `namespace/name`, as the endpoints controller needs them.
     pub fn pod_labels(&self, key: &ObjectKey) -> Option<&BTreeMap<String, String>> {
         self.pods.get(key).and_then(|p| p.metadata.labels.as_ref())
     }
+}
+
+/// `namespace/name` of a namespaced object (`default` when the namespace is
+/// unset, as the API server would default it).
+fn meta_key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectKey {
+    ObjectKey::new(
+        meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// A Cilium policy's key: clusterwide ones have no namespace.
+fn cilium_key(p: &CiliumPolicy) -> ObjectKey {
+    let meta = &p.object["metadata"];
+    let namespace = if p.kind == "CiliumClusterwideNetworkPolicy" {
+        String::new()
+    } else {
+        meta["namespace"].as_str().unwrap_or("default").to_string()
+    };
+    ObjectKey::new(namespace, meta["name"].as_str().unwrap_or_default())
 }
 
 /// Whether two object maps hold the very same objects (same keys, same
@@ -146,8 +251,10 @@ impl ClusterState {
 /// is why callers keep the previous maps (not their addresses) to compare
 /// against: a freed object's address can be reused by a new one.
 pub fn same_arcs<K: Ord, V>(a: &BTreeMap<K, Arc<V>>, b: &BTreeMap<K, Arc<V>>) -> bool {
-    a.len() == b.len()
-        && a.iter()
-            .zip(b)
-            .all(|((ka, va), (kb, vb))| ka == kb && Arc::ptr_eq(va, vb))
+    // One map shared by both snapshots (the kind did not change): O(1).
+    std::ptr::eq(a, b)
+        || a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|((ka, va), (kb, vb))| ka == kb && Arc::ptr_eq(va, vb))
 }

@@ -10,7 +10,9 @@ pub mod endpoint;
 pub mod events;
 pub mod identity;
 pub mod lb;
+pub mod maglev;
 pub mod metrics;
+pub mod nodeport;
 pub mod policy;
 
 /// Pinned map names, declared once: the programs use them as symbol names and the
@@ -24,11 +26,15 @@ pub mod map_names {
     pub const METRICS: &str = "METRICS";
     pub const LB4_SOCK_REVNAT: &str = "LB4_SOCK_REVNAT";
     pub const LB4_AFFINITY: &str = "LB4_AFFINITY";
+    pub const LB4_MAGLEV: &str = "LB4_MAGLEV";
     pub const IPCACHE: &str = "IPCACHE";
     pub const POLICY: &str = "POLICY";
     pub const POLICY_EP: &str = "POLICY_EP";
     pub const EVENTS: &str = "EVENTS";
     pub const EVENTS_RATE: &str = "EVENTS_RATE";
+    pub const DEVICES4: &str = "DEVICES4";
+    pub const LOCAL_EP4: &str = "LOCAL_EP4";
+    pub const SNAT4: &str = "SNAT4";
 }
 
 /// Program names as they appear in the object file (one per attach point).
@@ -44,6 +50,12 @@ pub mod program_names {
     pub const SOCK_SENDMSG4: &str = "sock_sendmsg4";
     pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
     pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
+    /// tc ingress of an external device: NodePort / externalIP /
+    /// LoadBalancer frontends, and replies of flows SNATed to a remote backend.
+    pub const FROM_NETDEV: &str = "from_netdev";
+    /// tc egress of an external device: replies of local backends to
+    /// external clients get the frontend back as their source.
+    pub const TO_NETDEV: &str = "to_netdev";
     /// An empty tc classifier (returns "continue"): the baseline of per-packet
     /// cost measurements. Never attached.
     pub const NOOP: &str = "noop";
@@ -67,6 +79,7 @@ mod pod_impls {
     unsafe impl aya::Pod for lb::SockRevNat4Value {}
     unsafe impl aya::Pod for lb::Affinity4Key {}
     unsafe impl aya::Pod for lb::Affinity4Value {}
+    unsafe impl aya::Pod for maglev::MaglevTable {}
     unsafe impl aya::Pod for ct::Ct4Key {}
     unsafe impl aya::Pod for ct::Ct4Value {}
     unsafe impl aya::Pod for endpoint::EndpointInfo {}
@@ -74,4 +87,7 @@ mod pod_impls {
     unsafe impl aya::Pod for policy::PolicyValue {}
     unsafe impl aya::Pod for policy::IpcacheValue {}
     unsafe impl aya::Pod for events::Event {}
+    unsafe impl aya::Pod for nodeport::NodeDevice {}
+    unsafe impl aya::Pod for nodeport::Snat4Key {}
+    unsafe impl aya::Pod for nodeport::Snat4Value {}
 }

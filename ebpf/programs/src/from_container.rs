@@ -6,7 +6,8 @@
 //!    per flow (sticky per client with ClientIP affinity) and remembered in
 //!    conntrack; a pod reaching itself is source-NATed to the hairpin address
 //!    and its replies translated back here; a TCP SYN to a frontend without
-//!    backends is answered with a RST;
+//!    backends is answered with a RST, a UDP datagram with an ICMP port
+//!    unreachable;
 //! 4. egress policy, after translation (the backend's identity and port), for
 //!    new connections of an endpoint under policy; established connections
 //!    and replies pass on conntrack.
@@ -114,8 +115,7 @@ fn service(
             if master.count == 0 {
                 return no_backend(ctx, ep, flow);
             }
-            let Some((id, backend)) = lb::select_for_client(master_key, master, flow.saddr, now)
-            else {
+            let Some((id, backend)) = lb::select_for_flow(master_key, master, flow, now) else {
                 // The agent writes slots before raising the count, so this is a
                 // backend removed under us: treat as no backend.
                 return no_backend(ctx, ep, flow);
@@ -233,11 +233,12 @@ fn hairpin_reply(ctx: &TcContext, flow: &Flow4) -> Result<Option<i32>, ()> {
     nat::bounce(ctx).map(Some)
 }
 
-/// A new flow to a frontend without backends: a TCP SYN gets a RST (the client
-/// fails at once with ECONNREFUSED), anything else is dropped.
+/// A new flow to a frontend without backends: a TCP SYN gets a RST, a UDP
+/// datagram an ICMP port unreachable (the client fails at once with
+/// ECONNREFUSED), anything else is dropped.
 #[inline(always)]
 fn no_backend(ctx: &TcContext, ep: &EndpointInfo, flow: &Flow4) -> Result<i32, ()> {
-    if let Some(verdict) = reject::tcp_reset(ctx, flow)? {
+    if let Some(verdict) = reject::refuse(ctx, flow)? {
         count(Counter::RejectNoBackend);
         return Ok(verdict);
     }

@@ -7,7 +7,9 @@ use catena_common::lb::{
     Affinity4Key, Affinity4Value, Backend4, Service4Key, Service4Value, SVC_FLAG_AFFINITY,
 };
 
+use crate::maglev;
 use crate::maps::{LB4_AFFINITY, LB4_BACKENDS, LB4_SERVICES};
+use crate::parse::Flow4;
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
@@ -52,18 +54,54 @@ pub fn select_backend(master: &Service4Key, count: u16) -> Option<(u32, Backend4
     Some((id, backend(id)?))
 }
 
-/// Backend for a new flow of `client`: with ClientIP affinity the client's
-/// previous backend while it is fresh (and still exists), otherwise a random
-/// one, which then becomes the client's affinity backend.
+/// Backend for a flow whose 5-tuple hashes to `hash`: the entry of the
+/// frontend's Maglev table when it has one (and the backend it names still
+/// exists), else a random slot (`master.count` must be > 0). For every path
+/// that translates a new flow (pods here, external traffic alike).
 #[inline(always)]
-pub fn select_for_client(
+pub fn select_by_hash(
     key: &Service4Key,
+    master: &Service4Value,
+    hash: u32,
+) -> Option<(u32, Backend4)> {
+    if let Some(id) = maglev::lookup(master.rev_nat_index, hash) {
+        // A missing backend is the short moment between a backend's removal
+        // and the table's rewrite: fall back rather than fail the flow.
+        if let Some(b) = backend(id) {
+            return Some((id, b));
+        }
+    }
+    select_backend(key, master.count)
+}
+
+/// Backend for a new flow: with ClientIP affinity the client's previous
+/// backend while it is fresh (and still exists); otherwise
+/// [`select_by_hash`] over the flow's 5-tuple, which then becomes the
+/// client's affinity backend.
+#[inline(always)]
+pub fn select_for_flow(
+    key: &Service4Key,
+    master: &Service4Value,
+    flow: &Flow4,
+    now: u64,
+) -> Option<(u32, Backend4)> {
+    let hash = maglev::tuple_hash(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
+    sticky(master, flow.saddr, now, || {
+        select_by_hash(key, master, hash)
+    })
+}
+
+/// ClientIP affinity around a selection: the client's fresh affinity backend
+/// if any, else `pick()`, which then becomes the client's affinity backend.
+#[inline(always)]
+fn sticky(
     master: &Service4Value,
     client: u32,
     now: u64,
+    pick: impl FnOnce() -> Option<(u32, Backend4)>,
 ) -> Option<(u32, Backend4)> {
     if master.flags & SVC_FLAG_AFFINITY == 0 {
-        return select_backend(key, master.count);
+        return pick();
     }
     let aff_key = Affinity4Key {
         client,
@@ -82,7 +120,7 @@ pub fn select_for_client(
             }
         }
     }
-    let (id, b) = select_backend(key, master.count)?;
+    let (id, b) = pick()?;
     let value = Affinity4Value {
         last_used_ns: now,
         backend_id: id,

@@ -6,6 +6,11 @@
 //! and both enforce network policy (egress resp. ingress) with conntrack so
 //! replies of allowed connections pass.
 //!
+//! Two more classifiers sit on the node's external devices:
+//! - `from_netdev` (ingress): NodePort / externalIP / LoadBalancer frontends
+//!   reached from outside, and replies of flows SNATed to remote backends;
+//! - `to_netdev` (egress): replies of local backends to external clients.
+//!
 //! Four cgroup sock_addr programs (`sock.rs`) do the same load balancing at
 //! the socket level for processes of a cgroup (the node's own processes).
 //!
@@ -18,15 +23,19 @@ mod ct;
 mod endpoint;
 mod events;
 mod from_container;
+mod from_netdev;
 mod lb;
+mod maglev;
 mod maps;
 mod metrics;
 mod nat;
+mod nodeport;
 mod parse;
 mod policy;
 mod reject;
 mod sock;
 mod to_container;
+mod to_netdev;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 

@@ -3,6 +3,7 @@
 //! and all are pinned by name so the agent's `map_pin_path` reuses them across
 //! restarts.
 
+use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
@@ -15,6 +16,7 @@ use catena_common::{
         Affinity4Key, Affinity4Value, Backend4, RevNat4, Service4Key, Service4Value,
         SockRevNat4Key, SockRevNat4Value,
     },
+    maglev::MaglevTable,
     metrics::COUNTER_MAX,
     policy::{Ipcache4Key, IpcacheValue, PolicyKey, PolicyValue, POLICY_EP_MAX},
 };
@@ -56,6 +58,12 @@ pub static LB4_SOCK_REVNAT: LruHashMap<SockRevNat4Key, SockRevNat4Value> =
 #[map]
 pub static LB4_AFFINITY: LruHashMap<Affinity4Key, Affinity4Value> = LruHashMap::pinned(65_536, 0);
 
+/// Maglev lookup tables: frontend rev_nat_index -> table of backend ids
+/// (catena_common::maglev). Not preallocated: a table is 64 KiB and only
+/// Maglev services have one, so the size is a cap, not a reservation.
+#[map]
+pub static LB4_MAGLEV: HashMap<u16, MaglevTable> = HashMap::pinned(65_536, BPF_F_NO_PREALLOC);
+
 /// IPv4 prefix -> identity of the remote end (longest prefix wins; a miss is
 /// `identity::WORLD`). LPM tries are never preallocated: the size is a cap.
 #[map]
@@ -77,3 +85,21 @@ pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
 /// Per-CPU token bucket limiting event emission.
 #[map]
 pub static EVENTS_RATE: PerCpuArray<EventRate> = PerCpuArray::pinned(1, 0);
+
+/// External devices (ifindex) -> the address flows are SNATed to there.
+#[map]
+pub static DEVICES4: HashMap<u32, catena_common::nodeport::NodeDevice> = HashMap::pinned(256, 0);
+
+/// This node's endpoint addresses -> host-veth ifindex: a backend found here
+/// is local (external traffic reaches it without SNAT).
+#[map]
+pub static LOCAL_EP4: HashMap<u32, u32> = HashMap::pinned(65_536, 0);
+
+/// Source translations of external flows sent to remote backends (both
+/// directions). LRU: finished flows age out; a fresh flow never reuses a
+/// translation still present (ports are claimed with BPF_NOEXIST).
+#[map]
+pub static SNAT4: LruHashMap<
+    catena_common::nodeport::Snat4Key,
+    catena_common::nodeport::Snat4Value,
+> = LruHashMap::pinned(131_072, 0);

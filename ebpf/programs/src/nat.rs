@@ -7,7 +7,11 @@
 //! checksum of 0 means "none" and must stay 0: `BPF_F_MARK_MANGLED_0` makes the
 //! helper skip it, and write 0xffff if the new sum would be 0.
 
-use aya_ebpf::{helpers::bpf_redirect, programs::TcContext};
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
+    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    programs::TcContext,
+};
 
 use crate::parse::{Flow4, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF};
 
@@ -99,3 +103,52 @@ fn rewrite(
     }
     Ok(())
 }
+
+/// Forwards the (already rewritten) packet out of the device the kernel's
+/// routing table picks for its destination, resolving the next hop's MAC
+/// through the neighbour table (`bpf_redirect_neigh`). Returns the
+/// `TC_ACT_REDIRECT` verdict, or `None` when the destination is not routed
+/// out of a device (local, unreachable, forwarding off on `in_ifindex`).
+///
+/// Used where the stack must be bypassed: a packet whose source was
+/// translated to (or restored as) one of the node's own addresses would be
+/// dropped by the input route check as a martian ("local source arriving
+/// from outside").
+#[inline(always)]
+pub fn redirect_routed(ctx: &TcContext, in_ifindex: u32, saddr: u32, daddr: u32) -> Option<i32> {
+    let out = route_ifindex(ctx, in_ifindex, saddr, daddr)?;
+    // SAFETY: plain helper; no next-hop parameters: the kernel resolves the
+    // neighbour from the skb's own route.
+    let verdict = unsafe { bpf_redirect_neigh(out, core::ptr::null_mut(), 0, 0) };
+    Some(verdict as i32)
+}
+
+/// The device the FIB forwards `saddr -> daddr` (network order) out of, as
+/// seen from `in_ifindex`.
+#[inline(always)]
+pub fn route_ifindex(ctx: &TcContext, in_ifindex: u32, saddr: u32, daddr: u32) -> Option<u32> {
+    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) parameter block.
+    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.ifindex = in_ifindex;
+    params.__bindgen_anon_3.ipv4_src = saddr;
+    params.__bindgen_anon_4.ipv4_dst = daddr;
+    // tot_len 0: no MTU verdict (the stack's own checks apply on output).
+    // SAFETY: the program's skb and a parameter block on our stack.
+    let ret = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut params,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    // NO_NEIGH still names the output device; bpf_redirect_neigh resolves it.
+    if ret == BPF_FIB_LKUP_RET_SUCCESS as i64 || ret == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        Some(params.ifindex)
+    } else {
+        None
+    }
+}
+
+const AF_INET: u8 = 2;

@@ -9,14 +9,22 @@
 //!   a resourceVersion older than the compaction point gets an ERROR event
 //!   carrying a `410 Gone` Status, after which clients re-list.
 //!
+//! - writes an agent makes: `POST .../namespaces/{ns}/events` (core and
+//!   `events.k8s.io`) is recorded ([`ApiServer::events`]); `PATCH` (JSON merge
+//!   patch) and `PUT` of a Cilium policy's `/status` subresource change only
+//!   the stored object's `status` (its `generation` stays, as for a CRD with a
+//!   status subresource) and are seen by watchers as MODIFIED.
+//!
 //! Fault injection for resilience tests: [`ApiServer::compact`] (forces 410s),
 //! [`ApiServer::drop_watches`] (cuts every stream mid-way),
-//! [`ApiServer::set_unavailable`] (answers 503 to everything).
+//! [`ApiServer::set_unavailable`] (answers 503 to everything),
+//! [`ApiServer::fail_event_posts`] and [`ApiServer::fail_status_writes`]
+//! (answer a chosen error code to those writes only).
 
 use anyhow::{Context, Result};
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
-use axum::http::{StatusCode, Uri};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use serde_json::{json, Value};
@@ -81,6 +89,17 @@ struct Store {
     requests: Vec<String>,
     /// How many watches were answered with 410 Gone.
     gone_sent: usize,
+    /// kind -> (namespace, name) -> (resourceVersion, the object as JSON):
+    /// lists are served from here, like a real API server's watch cache,
+    /// instead of deep-copying and re-encoding every object per request.
+    /// Filled lazily and checked against the stored object's version, so
+    /// no write path has to maintain it.
+    encoded: HashMap<String, BTreeMap<(String, String), (String, Arc<str>)>>,
+    /// Events created through the API, in arrival order.
+    events: Vec<Value>,
+    /// Answer this code to event POSTs / status writes instead of storing.
+    fail_event_posts: Option<u16>,
+    fail_status_writes: Option<u16>,
 }
 
 struct Shared {
@@ -211,30 +230,66 @@ impl ApiServer {
             String::new()
         };
         let mut store = self.shared.store.lock().unwrap();
-        store.rv += 1;
-        let rv = store.rv;
-        object["metadata"]["resourceVersion"] = json!(rv.to_string());
         if object["metadata"]["uid"].is_null() {
             object["metadata"]["uid"] = json!(format!("uid-{kind}-{namespace}-{name}"));
         }
         let previous = store
             .objects
-            .entry(kind.clone())
-            .or_default()
-            .insert((namespace, name), object.clone());
-        let event = WatchEvent {
-            rv,
-            kind,
-            kind_type: if previous.is_some() {
-                "MODIFIED"
-            } else {
-                "ADDED"
-            },
-            object,
+            .get(&kind)
+            .and_then(|m| m.get(&(namespace.clone(), name.clone())));
+        // As the real server: generation counts spec edits (everything but
+        // metadata and status); a Cilium policy's status belongs to its
+        // subresource, so an update without one keeps the stored status.
+        let generation = match previous {
+            None => 1,
+            Some(p) => {
+                let g = p["metadata"]["generation"].as_i64().unwrap_or(1);
+                if same_spec(p, &object) {
+                    g
+                } else {
+                    g + 1
+                }
+            }
         };
-        store.history.push(event.clone());
-        let _ = self.shared.events.send(event);
-        Ok(rv)
+        object["metadata"]["generation"] = json!(generation);
+        if has_status_subresource(&kind) && object.get("status").is_none() {
+            if let Some(status) = previous.and_then(|p| p.get("status")).cloned() {
+                object["status"] = status;
+            }
+        }
+        Ok(store_object(
+            &self.shared,
+            &mut store,
+            kind,
+            namespace,
+            name,
+            object,
+        ))
+    }
+
+    /// A stored object (kind, namespace — empty for cluster-scoped —, name).
+    pub fn get(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
+        let store = self.shared.store.lock().unwrap();
+        store
+            .objects
+            .get(kind)?
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned()
+    }
+
+    /// Events created through the API so far, in arrival order.
+    pub fn events(&self) -> Vec<Value> {
+        self.shared.store.lock().unwrap().events.clone()
+    }
+
+    /// Answers `code` (e.g. 403, 500) to every event POST while set.
+    pub fn fail_event_posts(&self, code: Option<u16>) {
+        self.shared.store.lock().unwrap().fail_event_posts = code;
+    }
+
+    /// Answers `code` to every status subresource write while set.
+    pub fn fail_status_writes(&self, code: Option<u16>) {
+        self.shared.store.lock().unwrap().fail_status_writes = code;
     }
 
     /// Deletes an object (DELETED for watchers). Missing objects are fine.
@@ -323,6 +378,209 @@ impl Drop for ApiServer {
     }
 }
 
+/// Stores `object` under a new resourceVersion and tells watchers.
+fn store_object(
+    shared: &Shared,
+    store: &mut Store,
+    kind: String,
+    namespace: String,
+    name: String,
+    mut object: Value,
+) -> u64 {
+    store.rv += 1;
+    let rv = store.rv;
+    object["metadata"]["resourceVersion"] = json!(rv.to_string());
+    let previous = store
+        .objects
+        .entry(kind.clone())
+        .or_default()
+        .insert((namespace, name), object.clone());
+    let event = WatchEvent {
+        rv,
+        kind,
+        kind_type: if previous.is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        },
+        object,
+    };
+    store.history.push(event.clone());
+    let _ = shared.events.send(event);
+    rv
+}
+
+/// Whether two versions of an object differ only in what
+/// `metadata.generation` does not count (metadata and status). Compared in
+/// place: the benchmarks apply 100k objects through here.
+fn same_spec(a: &Value, b: &Value) -> bool {
+    let (Some(ma), Some(mb)) = (a.as_object(), b.as_object()) else {
+        return a == b;
+    };
+    let skip = |k: &String| k == "metadata" || k == "status";
+    let len = |m: &serde_json::Map<String, Value>| m.keys().filter(|k| !skip(k)).count();
+    len(ma) == len(mb)
+        && ma
+            .iter()
+            .filter(|(k, _)| !skip(k))
+            .all(|(k, v)| mb.get(k) == Some(v))
+}
+
+fn has_status_subresource(kind: &str) -> bool {
+    matches!(
+        kind,
+        "CiliumNetworkPolicy" | "CiliumClusterwideNetworkPolicy"
+    )
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Some(patch) = patch.as_object() else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    let map = target.as_object_mut().expect("made an object above");
+    for (k, v) in patch {
+        if v.is_null() {
+            map.remove(k);
+        } else {
+            merge_patch(map.entry(k.clone()).or_insert(Value::Null), v);
+        }
+    }
+}
+
+/// `POST /api/v1/namespaces/{ns}/events` or the `events.k8s.io/v1` one.
+fn create_event(shared: &Shared, path: &str, body: &[u8]) -> Option<Response> {
+    let rest = path
+        .strip_prefix("/apis/events.k8s.io/v1/namespaces/")
+        .or_else(|| path.strip_prefix("/api/v1/namespaces/"))?;
+    let (namespace, tail) = rest.split_once('/')?;
+    if tail != "events" {
+        return None;
+    }
+    let mut store = shared.store.lock().unwrap();
+    if let Some(code) = store.fail_event_posts {
+        return Some(injected_failure(code));
+    }
+    let mut event: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => {
+            return Some(answer(
+                StatusCode::BAD_REQUEST,
+                status(400, "BadRequest", &format!("event body: {e}")),
+            ))
+        }
+    };
+    if event["metadata"]["namespace"].as_str().unwrap_or(namespace) != namespace {
+        return Some(answer(
+            StatusCode::BAD_REQUEST,
+            status(
+                400,
+                "BadRequest",
+                "the namespace of the object does not match the namespace on the request",
+            ),
+        ));
+    }
+    store.rv += 1;
+    event["metadata"]["namespace"] = json!(namespace);
+    event["metadata"]["resourceVersion"] = json!(store.rv.to_string());
+    event["metadata"]["uid"] = json!(format!("uid-event-{}", store.rv));
+    store.events.push(event.clone());
+    Some(answer(StatusCode::CREATED, event))
+}
+
+/// `PATCH`/`PUT` of `.../{ciliumnetworkpolicies|ciliumclusterwidenetworkpolicies}/{name}/status`.
+fn write_status(
+    shared: &Shared,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Option<Response> {
+    let rest = path.strip_prefix("/apis/cilium.io/v2/")?;
+    let rest = rest.strip_suffix("/status")?;
+    let (kind, namespace, name) = match rest.split('/').collect::<Vec<_>>()[..] {
+        ["namespaces", ns, "ciliumnetworkpolicies", name] => ("CiliumNetworkPolicy", ns, name),
+        ["ciliumclusterwidenetworkpolicies", name] => ("CiliumClusterwideNetworkPolicy", "", name),
+        _ => return None,
+    };
+    let mut store = shared.store.lock().unwrap();
+    if let Some(code) = store.fail_status_writes {
+        return Some(injected_failure(code));
+    }
+    let key = (namespace.to_string(), name.to_string());
+    let Some(mut object) = store.objects.get(kind).and_then(|m| m.get(&key)).cloned() else {
+        return Some(answer(
+            StatusCode::NOT_FOUND,
+            status(
+                404,
+                "NotFound",
+                &format!("{kind} {namespace}/{name} not found"),
+            ),
+        ));
+    };
+    let body: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => {
+            return Some(answer(
+                StatusCode::BAD_REQUEST,
+                status(400, "BadRequest", &format!("status body: {e}")),
+            ))
+        }
+    };
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let new_status = match *method {
+        // Only the status of the body counts on the status subresource.
+        Method::PUT => body.get("status").cloned().unwrap_or(Value::Null),
+        Method::PATCH if content_type.starts_with("application/merge-patch+json") => {
+            let mut status = object.get("status").cloned().unwrap_or(json!({}));
+            merge_patch(&mut status, body.get("status").unwrap_or(&Value::Null));
+            status
+        }
+        Method::PATCH => {
+            return Some(answer(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                status(
+                    415,
+                    "UnsupportedMediaType",
+                    &format!("patch type {content_type:?} not supported here"),
+                ),
+            ))
+        }
+        _ => return None,
+    };
+    object["status"] = new_status;
+    store_object(
+        shared,
+        &mut store,
+        kind.to_string(),
+        key.0,
+        key.1,
+        object.clone(),
+    );
+    let stored = store.objects[kind][&(namespace.to_string(), name.to_string())].clone();
+    Some(answer(StatusCode::OK, stored))
+}
+
+fn injected_failure(code: u16) -> Response {
+    let code = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let reason = match code {
+        StatusCode::FORBIDDEN => "Forbidden",
+        StatusCode::TOO_MANY_REQUESTS => "TooManyRequests",
+        _ => "InternalError",
+    };
+    answer(
+        code,
+        status(code.as_u16(), reason, "injected failure (test API server)"),
+    )
+}
+
 fn resource_by_kind(kind: &str) -> Result<(&'static str, &'static str, &'static str, bool)> {
     RESOURCES
         .iter()
@@ -347,19 +605,39 @@ fn answer(code: StatusCode, body: Value) -> Response {
 
 async fn handle(
     State(shared): State<Arc<Shared>>,
+    method: Method,
     uri: Uri,
     Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
 ) -> Response {
     let path = uri.path().trim_end_matches('/');
     {
         let mut store = shared.store.lock().unwrap();
-        store.requests.push(format!("GET {uri}"));
+        store.requests.push(format!("{method} {uri}"));
         if store.unavailable {
             return answer(
                 StatusCode::SERVICE_UNAVAILABLE,
                 status(503, "ServiceUnavailable", "test server unavailable"),
             );
         }
+    }
+    if method != Method::GET {
+        let written = match method {
+            Method::POST => create_event(&shared, path, &body),
+            Method::PATCH | Method::PUT => write_status(&shared, &method, path, &headers, &body),
+            _ => None,
+        };
+        return written.unwrap_or_else(|| {
+            answer(
+                StatusCode::METHOD_NOT_ALLOWED,
+                status(
+                    405,
+                    "MethodNotAllowed",
+                    &format!("{method} {path} is not served here"),
+                ),
+            )
+        });
     }
     let Some(&(_, api_version, kind, _)) = RESOURCES.iter().find(|r| r.0 == path) else {
         return answer(
@@ -398,12 +676,10 @@ fn list_response(
     kind: &str,
     query: &HashMap<String, String>,
 ) -> Response {
-    let store = shared.store.lock().unwrap();
-    let all: Vec<&Value> = store
-        .objects
-        .get(kind)
-        .map(|m| m.values().collect())
-        .unwrap_or_default();
+    let mut guard = shared.store.lock().unwrap();
+    let store = &mut *guard;
+    let empty = BTreeMap::new();
+    let objects = store.objects.get(kind).unwrap_or(&empty);
     let offset: usize = query
         .get("continue")
         .and_then(|c| c.parse().ok())
@@ -413,20 +689,49 @@ fn list_response(
         .and_then(|l| l.parse().ok())
         .filter(|l| *l > 0)
         .unwrap_or(usize::MAX);
-    let end = offset.saturating_add(limit).min(all.len());
-    let items: Vec<Value> = all[offset.min(all.len())..end]
-        .iter()
-        .map(|o| (*o).clone())
-        .collect();
+    let total = objects.len();
+    let end = offset.saturating_add(limit).min(total);
     let mut metadata = json!({"resourceVersion": store.rv.to_string()});
-    if end < all.len() {
+    if end < total {
         metadata["continue"] = json!(end.to_string());
-        metadata["remainingItemCount"] = json!(all.len() - end);
+        metadata["remainingItemCount"] = json!(total - end);
     }
-    answer(
+    let mut body = format!(
+        r#"{{"kind":{},"apiVersion":{},"metadata":{},"items":["#,
+        json!(format!("{kind}List")),
+        json!(api_version),
+        metadata
+    );
+    let cache = store.encoded.entry(kind.to_string()).or_default();
+    for (n, (key, object)) in objects
+        .iter()
+        .skip(offset.min(total))
+        .take(end.saturating_sub(offset))
+        .enumerate()
+    {
+        let version = object["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap_or_default();
+        let encoded = match cache.get(key) {
+            Some((v, text)) if v == version => text.clone(),
+            _ => {
+                let text: Arc<str> = object.to_string().into();
+                cache.insert(key.clone(), (version.to_string(), text.clone()));
+                text
+            }
+        };
+        if n > 0 {
+            body.push(',');
+        }
+        body.push_str(&encoded);
+    }
+    body.push_str("]}");
+    (
         StatusCode::OK,
-        json!({"kind": format!("{kind}List"), "apiVersion": api_version, "metadata": metadata, "items": items}),
+        [("content-type", "application/json")],
+        body,
     )
+        .into_response()
 }
 
 fn watch_response(

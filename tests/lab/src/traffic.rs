@@ -316,3 +316,142 @@ fn count_with(
         tally
     })
 }
+
+/// Serves TCP on `0.0.0.0:port` in `ns` with an identity: each connection
+/// first gets `name\n`, then everything it sends echoed back, until the
+/// client closes or the server stops. One thread per connection, so many
+/// long-lived streams run side by side.
+pub fn serve_echo(ns: &Netns, port: u16, name: &str) -> Result<Server> {
+    let hello = format!("{name}\n").into_bytes();
+    start_server(
+        ns,
+        move || {
+            let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
+            l.set_nonblocking(true)?;
+            Ok((l.local_addr()?, l))
+        },
+        move |l: TcpListener, stop, served| {
+            let mut workers: Vec<JoinHandle<()>> = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                workers.retain(|w| !w.is_finished());
+                if !poll_readable(l.as_raw_fd(), POLL) {
+                    continue;
+                }
+                let (conn, _) = match l.accept() {
+                    Ok(x) => x,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e).context("accept"),
+                };
+                served.fetch_add(1, Ordering::SeqCst);
+                let (stop, hello) = (stop.clone(), hello.clone());
+                workers.push(std::thread::spawn(move || echo_conn(conn, &hello, &stop)));
+            }
+            for w in workers {
+                let _ = w.join();
+            }
+            Ok(())
+        },
+    )
+}
+
+fn echo_conn(mut conn: TcpStream, hello: &[u8], stop: &AtomicBool) {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(POLL * 5));
+    if conn.write_all(hello).is_err() {
+        return;
+    }
+    let mut buf = [0u8; 4096];
+    while !stop.load(Ordering::SeqCst) {
+        match conn.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if conn.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// A long-lived connection to a [`serve_echo`] server (through a service
+/// address): knows which backend it reached, and round-trips blocks.
+/// Opened and used from a thread inside the client pod's namespace.
+pub struct EchoStream {
+    stream: TcpStream,
+    /// The backend's name, as its greeting said.
+    pub backend: String,
+    seq: u64,
+}
+
+impl EchoStream {
+    pub fn connect(addr: SocketAddr, timeout: Duration) -> std::io::Result<EchoStream> {
+        let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while !line.ends_with(b"\n") {
+            if stream.read(&mut byte)? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            line.push(byte[0]);
+            if line.len() > 256 {
+                return Err(std::io::Error::other("greeting too long"));
+            }
+        }
+        let backend = String::from_utf8_lossy(&line).trim().to_string();
+        Ok(EchoStream {
+            stream,
+            backend,
+            seq: 0,
+        })
+    }
+
+    /// Writes a block that differs every call and reads it back; a wrong
+    /// echo is an error (`InvalidData`), as is anything the socket reports.
+    pub fn round_trip(&mut self, len: usize) -> std::io::Result<()> {
+        let seq = self.seq;
+        self.seq += 1;
+        let block: Vec<u8> = (0..len).map(|j| (seq as usize * 31 + j) as u8).collect();
+        self.stream.write_all(&block)?;
+        let mut back = vec![0u8; len];
+        self.stream.read_exact(&mut back)?;
+        if back != block {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("corrupted echo at block {seq}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Closes with a RST (SO_LINGER 0): no TIME_WAIT left behind.
+    pub fn abort(self) {
+        set_linger_zero(&self.stream);
+    }
+}
+
+/// One request over a *connected* UDP socket from the calling thread's
+/// namespace, as resolvers send DNS: the kernel then reports an ICMP error
+/// for the flow (port unreachable -> `ConnectionRefused`) on the next call
+/// instead of the client waiting for its timeout.
+pub fn udp_connected_request(addr: SocketAddr, timeout: Duration) -> std::io::Result<Reply> {
+    let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    s.connect(addr)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.send(b"query\n")?;
+    let mut buf = [0u8; 2048];
+    let n = s.recv(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf[..n]);
+    Ok(Reply {
+        text: text.split('\n').next().unwrap_or_default().to_string(),
+        peer: s.peer_addr()?,
+        local: s.local_addr()?,
+    })
+}

@@ -1,0 +1,368 @@
+//! Per-packet cost of service load balancing in `from_container`, measured
+//! with BPF_PROG_TEST_RUN (the kernel's own timing) against the empty tc
+//! program (`noop`, loaded from the same object), with 1, 1k, 10k and 100k
+//! services programmed through the real `Datapath::apply_services`.
+//!
+//! Two paths, both a pod's TCP packet to a ClusterIP:
+//! - established: the flow's conntrack entries exist (service lookup, CT hit,
+//!   backend lookup, DNAT). Timed over 1M repeats of one packet. The kernel
+//!   reuses one skb across repeats, so a normal DNAT would leave later
+//!   repeats looking at the backend address (not a service at all); the
+//!   measured frontend therefore has itself as its only backend, which makes
+//!   the rewrite idempotent while every repeat runs the whole established
+//!   path (same lookups, same checksum rewrite). All other services are
+//!   ordinary.
+//! - new flow (SYN): CT miss, service lookup, random backend, two CT
+//!   entries created, DNAT. Every run must be a new flow, so these are single
+//!   runs (repeat 1) of SYNs from distinct source ports to services spread
+//!   over the whole table, CT flushed before each batch; the empty program
+//!   runs on the same frames, packet by packet alternating. A single run's
+//!   kernel time carries fixed overhead (timer, cold caches) in both.
+//!
+//! Every count has its own datapath (own bpffs dir) so all are measured in
+//! the same rounds: each round runs every (count, path, program) case once,
+//! rotating the order; the table shows medians over the rounds.
+
+use anyhow::{bail, Context, Result};
+use catena_bench::{
+    interleaved, median, tcp_frame, verdict, BpffsDir, Program, TCP_ACK, TCP_SYN, TC_PASS,
+    TEST_IFINDEX,
+};
+use catena_common::endpoint::{EndpointInfo, EP_FLAG_ANTI_SPOOF};
+use catena_datapath::{BackendAddr, Datapath, Frontend, LbDesired, LbService, Proto};
+use std::net::Ipv4Addr;
+use std::time::Instant;
+
+/// Service counts asked for by issue #4.
+const COUNTS: [usize; 4] = [1, 1_000, 10_000, 100_000];
+/// Repeats of the established-path run (kernel reports total / repeat).
+const REPEAT: u32 = 1_000_000;
+/// Single-run SYNs per program per batch (new-flow path).
+const NEW_FLOWS: usize = 1_000;
+const ROUNDS: usize = 9;
+/// Issue #4: per-packet cost <= 1.5x the empty program, flat across counts.
+const TARGET_RATIO: f64 = 1.5;
+const TARGET_FLAT: f64 = 1.10;
+
+/// Capacity of LB4_SERVICES (master + one slot per backend, every frontend).
+const SERVICE_MAP_ENTRIES: usize = 262_144;
+/// rev_nat_index is a u16 and 0 means none.
+const MAX_FRONTENDS: usize = 65_535;
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+/// The established-path frontend (its own backend, see the module doc).
+const PROBE_VIP: Ipv4Addr = Ipv4Addr::new(10, 120, 0, 1);
+const NOT_A_SERVICE: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
+
+fn vip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i as u32)
+}
+
+/// 2..=10 backends per service while the service map has room for that many
+/// (6 on average); at the frontend cap the map only has room for 2..=3.
+fn backend_count(i: usize, services: usize) -> usize {
+    if services * (1 + 6) < SERVICE_MAP_ENTRIES {
+        2 + i % 9
+    } else {
+        2 + i % 2
+    }
+}
+
+fn desired(services: usize) -> LbDesired {
+    let mut d = LbDesired::default();
+    let mut next_backend = u32::from(Ipv4Addr::new(10, 128, 0, 0));
+    for i in 0..services {
+        let backends = (0..backend_count(i, services))
+            .map(|_| {
+                next_backend += 1;
+                BackendAddr {
+                    address: Ipv4Addr::from(next_backend),
+                    port: 8080,
+                }
+            })
+            .collect();
+        d.services.insert(
+            Frontend {
+                address: vip(i),
+                port: 80,
+                proto: Proto::Tcp,
+            },
+            LbService {
+                name: format!("ns-{}/svc-{i}", i % 50),
+                backends,
+                affinity_timeout: None,
+            },
+        );
+    }
+    d.services.insert(
+        Frontend {
+            address: PROBE_VIP,
+            port: 80,
+            proto: Proto::Tcp,
+        },
+        LbService {
+            name: "bench/probe".into(),
+            backends: vec![BackendAddr {
+                address: PROBE_VIP,
+                port: 80,
+            }],
+            affinity_timeout: None,
+        },
+    );
+    d
+}
+
+struct Setup {
+    services: usize,
+    note: String,
+    dp: Datapath,
+    from: Program,
+    noop: Program,
+    map_entries: usize,
+    program_secs: f64,
+    _dir: BpffsDir,
+}
+
+fn open(tag: &str) -> Result<(BpffsDir, Datapath)> {
+    let dir = BpffsDir::new(tag)?;
+    let mut dp = Datapath::open(dir.path())?;
+    dp.upsert_endpoint(
+        TEST_IFINDEX,
+        EndpointInfo {
+            ipv4: u32::from_ne_bytes(CLIENT.octets()),
+            endpoint_id: 1,
+            identity: 300,
+            flags: EP_FLAG_ANTI_SPOOF,
+        },
+    )?;
+    Ok((dir, dp))
+}
+
+fn setup(asked: usize) -> Result<Setup> {
+    let (mut dir, mut dp) = open(&format!("lb{asked}"))?;
+    let mut services = asked;
+    let mut note = String::new();
+    let mut started = Instant::now();
+    if let Err(e) = dp.apply_services(&desired(asked)) {
+        // The real API refuses what the maps cannot hold; measure at the cap
+        // and say so.
+        if asked < MAX_FRONTENDS {
+            return Err(e).context(format!("programming {asked} services"));
+        }
+        services = MAX_FRONTENDS - 1;
+        note = format!(
+            "{asked} services: refused by apply_services (\"{e:#}\"); measured at the cap, {services} + the probe"
+        );
+        // A fresh datapath: after a refused apply, LbState keeps the backend
+        // ids it planned without writing them, and a later apply on the same
+        // instance reuses them unwritten (its services then answer RST).
+        drop(dp);
+        drop(dir);
+        (dir, dp) = open(&format!("lb{asked}-cap"))?;
+        started = Instant::now();
+        dp.apply_services(&desired(services))
+            .with_context(|| format!("programming {services} services"))?;
+    }
+    let program_secs = started.elapsed().as_secs_f64();
+    let programmed = dp.services();
+    if programmed.len() != services + 1 {
+        bail!(
+            "{} frontends programmed, {} expected",
+            programmed.len(),
+            services + 1
+        );
+    }
+    let map_entries = programmed.iter().map(|s| 1 + s.backends.len()).sum();
+    Ok(Setup {
+        services,
+        note,
+        from: Program::from_pin(&dp, "from_container")?,
+        noop: Program::from_pin(&dp, "noop")?,
+        dp,
+        map_entries,
+        program_secs,
+        _dir: dir,
+    })
+}
+
+/// Per round: the median kernel time of single-run SYNs through `noop` and
+/// `from_container`, alternating packet by packet.
+fn new_flow_batch(s: &mut Setup, round: usize) -> Result<(f64, f64)> {
+    s.dp.ct_flush()?;
+    let mut noop = Vec::with_capacity(NEW_FLOWS);
+    let mut from = Vec::with_capacity(NEW_FLOWS);
+    let before = s.dp.ct_entries()?;
+    for k in 0..NEW_FLOWS {
+        // Services spread over the table (a stride coprime to most counts).
+        let svc = (k * 7919 + round * 104_729) % s.services;
+        let sport = 10_000 + k as u16;
+        let syn = tcp_frame(CLIENT, sport, vip(svc), 80, TCP_SYN);
+        let from_ns = || {
+            s.from.timed(&syn, 1, TC_PASS).with_context(|| {
+                // Which path it took instead, from the datapath's counters.
+                format!("SYN to service {svc}; counters: {:?}", s.dp.counters())
+            })
+        };
+        if k % 2 == 0 {
+            noop.push(s.noop.timed(&syn, 1, TC_PASS)?);
+            from.push(from_ns()?);
+        } else {
+            from.push(from_ns()?);
+            noop.push(s.noop.timed(&syn, 1, TC_PASS)?);
+        }
+    }
+    // Each SYN must have been a new flow: two CT entries apiece.
+    let created = s.dp.ct_entries()? - before;
+    if created != 2 * NEW_FLOWS {
+        bail!(
+            "{} services: {created} CT entries created by {NEW_FLOWS} SYNs, expected {}",
+            s.services,
+            2 * NEW_FLOWS
+        );
+    }
+    Ok((median(&noop), median(&from)))
+}
+
+fn main() -> Result<()> {
+    let mut setups = Vec::new();
+    for asked in COUNTS {
+        setups.push(setup(asked)?);
+    }
+    let established = tcp_frame(CLIENT, 40_000, PROBE_VIP, 80, TCP_ACK);
+    // Not a service: what from_container costs before any load balancing
+    // (endpoint, parse, anti-spoofing, one service-map miss).
+    let plain = tcp_frame(CLIENT, 40_001, NOT_A_SERVICE, 80, TCP_ACK);
+    // The probe must take the service path: one run creates the flow, and a
+    // DNAT to itself must leave the frame unchanged (checked via the CT).
+    for s in &setups {
+        s.from.timed(&established, 1, TC_PASS)?;
+        if s.dp.ct_entries()? != 2 {
+            bail!("the probe flow did not create its two CT entries");
+        }
+    }
+
+    // Established path: one case per (count, program).
+    let mut est_cases: Vec<Box<dyn FnMut() -> Result<f64> + '_>> = Vec::new();
+    for s in &setups {
+        let frame = established.clone();
+        est_cases.push(Box::new(move || s.noop.timed(&frame, REPEAT, TC_PASS)));
+        let frame = established.clone();
+        est_cases.push(Box::new(move || s.from.timed(&frame, REPEAT, TC_PASS)));
+        let frame = plain.clone();
+        est_cases.push(Box::new(move || s.from.timed(&frame, REPEAT, TC_PASS)));
+    }
+    // Warm-up round, not recorded.
+    for c in est_cases.iter_mut() {
+        c()?;
+    }
+    let mut refs: Vec<&mut (dyn FnMut() -> Result<f64> + '_)> =
+        est_cases.iter_mut().map(|c| c.as_mut()).collect();
+    let est = interleaved(ROUNDS, &mut refs)?;
+    drop(refs);
+    drop(est_cases);
+
+    // New-flow path: batches, counts rotated per round.
+    let n = setups.len();
+    let mut new_noop = vec![Vec::new(); n];
+    let mut new_from = vec![Vec::new(); n];
+    new_flow_batch(&mut setups[0], usize::MAX / 2)?; // warm-up
+    for round in 0..ROUNDS {
+        for k in 0..n {
+            let i = (round + k) % n;
+            let (a, b) = new_flow_batch(&mut setups[i], round)
+                .with_context(|| format!("new flows, {} services", setups[i].services))?;
+            new_noop[i].push(a);
+            new_from[i].push(b);
+        }
+    }
+
+    // ----- report -----
+    println!("catena-bench datapath-lb");
+    println!(
+        "BPF_PROG_TEST_RUN of from_container vs the empty tc program (noop) from the same object; client pod without policy; machine: {} cores",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "established: 1 packet x {REPEAT} repeats, kernel time / repeat (frontend = its own backend, so every repeat runs the full established path)"
+    );
+    println!(
+        "new flow (SYN): {NEW_FLOWS} single runs per program per round, distinct source ports, services spread over the table, CT flushed before each batch; median"
+    );
+    println!("non-service: from_container on a TCP packet to an address that is no service (its fixed cost, 1M repeats)");
+    println!("{ROUNDS} interleaved rounds (order rotated), medians over rounds; ratio = median of per-round ratios; added = ns over the empty program");
+    println!();
+    println!("| services | map entries | program s | noop ns | non-service ns | established ns | ratio | added ns | noop 1-run ns | SYN 1-run ns | ratio | added ns |");
+    println!("|---------:|------------:|----------:|--------:|---------------:|---------------:|------:|---------:|--------------:|-------------:|------:|---------:|");
+    let mut est_ratios = Vec::new();
+    let mut est_ns = Vec::new();
+    let mut syn_ns = Vec::new();
+    let mut syn_ratios = Vec::new();
+    for (i, s) in setups.iter().enumerate() {
+        let (noop, from, plain) = (
+            median(&est[3 * i]),
+            median(&est[3 * i + 1]),
+            median(&est[3 * i + 2]),
+        );
+        let per_round: Vec<f64> = est[3 * i + 1]
+            .iter()
+            .zip(&est[3 * i])
+            .map(|(f, n)| f / n)
+            .collect();
+        let ratio = median(&per_round);
+        let (n1, f1) = (median(&new_noop[i]), median(&new_from[i]));
+        let per_round: Vec<f64> = new_from[i]
+            .iter()
+            .zip(&new_noop[i])
+            .map(|(f, n)| f / n)
+            .collect();
+        let ratio1 = median(&per_round);
+        est_ratios.push(ratio);
+        est_ns.push(from);
+        syn_ns.push(f1);
+        syn_ratios.push(ratio1);
+        println!(
+            "| {:>8} | {:>11} | {:>9.2} | {noop:>7.1} | {plain:>14.1} | {from:>14.1} | {ratio:>5.2} | {:>8.1} | {n1:>13.0} | {f1:>12.0} | {ratio1:>5.2} | {:>8.0} |",
+            s.services,
+            s.map_entries,
+            s.program_secs,
+            from - noop,
+            f1 - n1
+        );
+    }
+    for s in &setups {
+        if !s.note.is_empty() {
+            println!("note: {}", s.note);
+        }
+    }
+    let spread = |v: &[f64]| {
+        v.iter().cloned().fold(f64::MIN, f64::max) / v.iter().cloned().fold(f64::MAX, f64::min)
+    };
+    let est_flat = spread(&est_ns);
+    let syn_flat = spread(&syn_ns);
+    println!();
+    println!(
+        "flatness (max/min across counts): established {est_flat:.2}x, new flow {syn_flat:.2}x"
+    );
+    println!();
+    println!("| target                                          | measured        | verdict |");
+    println!("|-------------------------------------------------|-----------------|---------|");
+    let worst_est = est_ratios.iter().cloned().fold(f64::MIN, f64::max);
+    let worst_syn = syn_ratios.iter().cloned().fold(f64::MIN, f64::max);
+    println!(
+        "| established <= {TARGET_RATIO}x empty program (worst count)   | {worst_est:>6.2}x         | {}    |",
+        verdict(worst_est <= TARGET_RATIO)
+    );
+    println!(
+        "| new flow (SYN) <= {TARGET_RATIO}x empty program, 1-run     | {worst_syn:>6.2}x         | {}    |",
+        verdict(worst_syn <= TARGET_RATIO)
+    );
+    println!(
+        "| flat across counts: max/min <= {TARGET_FLAT:.2} (established) | {est_flat:>6.2}x         | {}    |",
+        verdict(est_flat <= TARGET_FLAT)
+    );
+    println!(
+        "| flat across counts: max/min <= {TARGET_FLAT:.2} (new flow)    | {syn_flat:>6.2}x         | {}    |",
+        verdict(syn_flat <= TARGET_FLAT)
+    );
+    Ok(())
+}
