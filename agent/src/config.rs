@@ -62,6 +62,14 @@ pub struct AgentConfig {
     #[arg(long, default_value = "auto")]
     pub cgroup_root: String,
 
+    /// Expedite RCU grace periods (`/sys/kernel/rcu_expedited`) while a TCX
+    /// link is created or released, and only then: an attach then takes
+    /// ~0.1 ms instead of a 10-30 ms grace period per link, which is most of
+    /// what catena adds to a CNI ADD. Left alone if someone else set it; off
+    /// (`false`) for nodes with isolated CPUs that must not take IPIs.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub expedite_attach: bool,
+
     /// Whether catena replaces kube-proxy (the chart's `kubeProxyReplacement`;
     /// off by default, as there). `false`: kube-proxy still serves
     /// node processes and external traffic, so catena translates only pod

@@ -209,6 +209,14 @@ impl AgentCore {
             )
         })?;
         let mut datapath = datapath;
+        if self.config.expedite_attach {
+            datapath
+                .attacher()
+                .expedite_rcu(catena_datapath::rcu::RcuExpedite::new(
+                    catena_datapath::rcu::KNOB,
+                    &self.config.state_dir,
+                ));
+        }
         let cgroup_root = if self.config.kube_proxy_replacement.enabled() {
             crate::cgroup::resolve_root(&self.config.cgroup_root)?
         } else {
@@ -611,9 +619,15 @@ impl AgentCore {
             "cluster snapshot applied"
         );
         if first {
+            // The initial sync's transient allocations (list pages, first
+            // compiles) are freed by now: give their pages back.
             let before = crate::memory::resident_bytes();
             crate::memory::release_free_heap();
-            tracing::info!(before = ?before, after = ?crate::memory::resident_bytes(), "TEMP trim");
+            tracing::debug!(
+                before = ?before,
+                after = ?crate::memory::resident_bytes(),
+                "released free heap after the first sync"
+            );
         }
         policy.and(services)
     }
@@ -773,6 +787,20 @@ impl AgentCore {
                     .collect(),
                 rev_nat_index: s.rev_nat_index,
             })
+            .chain(inner.datapath.services6().into_iter().map(|s| {
+                // IPv6 as `[addr]:port`, the usual socket-address form.
+                let sock = |a, p| std::net::SocketAddr::from((a, p)).to_string();
+                ServiceStatus {
+                    name: s.name,
+                    frontend: format!(
+                        "{}/{}",
+                        sock(s.frontend.address, s.frontend.port),
+                        s.frontend.proto.as_str()
+                    ),
+                    backends: s.backends.iter().map(|b| sock(b.address, b.port)).collect(),
+                    rev_nat_index: s.rev_nat_index,
+                }
+            }))
             .collect())
     }
 

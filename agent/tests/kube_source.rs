@@ -59,13 +59,13 @@ async fn lists_watches_and_survives_410_and_dropped_streams() {
     server
         .apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop", "labels": {"team": "a"}}}))
         .unwrap();
-    // More pods than one page (kube-rs lists with limit=500).
-    for i in 0..1200 {
+    // More pods than one page (the source lists 5000 per page).
+    for i in 0..5200 {
         server
             .apply(json!({"apiVersion": "v1", "kind": "Pod",
                           "metadata": {"name": format!("p{i}"), "namespace": "shop", "labels": {"app": "web"}},
                           "spec": {"containers": [{"name": "c"}]},
-                          "status": {"podIP": format!("10.1.{}.{}", i / 250, i % 250 + 1)}}))
+                          "status": {"podIP": format!("10.{}.{}.{}", 1 + i / 62500, i / 250 % 250, i % 250 + 1)}}))
             .unwrap();
     }
     // The Cilium CRDs are not installed: the source must still become ready.
@@ -76,7 +76,7 @@ async fn lists_watches_and_survives_410_and_dropped_streams() {
     {
         let first = rx.borrow_and_update();
         assert!(has_service(&first, "web"));
-        assert_eq!(first.state.pods.len(), 1200, "all pages listed");
+        assert_eq!(first.state.pods.len(), 5200, "all pages listed");
         assert_eq!(first.state.namespaces.len(), 1);
     }
     assert!(

@@ -17,7 +17,7 @@
 //! creates a TCX link under `rtnl_lock` and waits for an RCU grace period
 //! before dropping it, so two threads creating the ingress and egress links
 //! at once take as long as one thread doing both (measured on 6.18: ~21-24 ms
-//! either way).
+//! either way). That wait is what [`crate::rcu`] shortens.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -25,7 +25,7 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::Context;
 use aya::programs::tc::{NlOptions, TcAttachOptions};
@@ -35,6 +35,7 @@ use catena_common::program_names;
 use tracing::{debug, info, warn};
 
 use crate::loader::Layout;
+use crate::rcu::{ExpediteGuard, RcuExpedite};
 use crate::{netlink, sys, AttachMode};
 
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +104,9 @@ struct AttacherInner {
     /// Set once the kernel refused TCX: a kernel property, so later
     /// attaches go to clsact at once instead of asking again.
     tcx_unavailable: AtomicBool,
+    /// Expedited RCU while a TCX link is created or released (see
+    /// [`crate::rcu`]); unset = every link waits a normal grace period.
+    expedite: OnceLock<RcuExpedite>,
 }
 
 impl Attacher {
@@ -130,8 +134,20 @@ impl Attacher {
                 layout: layout.clone(),
                 programs: [loaded(&DIRECTIONS[0])?, loaded(&DIRECTIONS[1])?],
                 tcx_unavailable: AtomicBool::new(false),
+                expedite: OnceLock::new(),
             }),
         })
+    }
+
+    /// Expedite RCU grace periods around TCX link creation and release from
+    /// now on. Set once, before the first attach; later calls are ignored.
+    pub fn expedite_rcu(&self, expedite: RcuExpedite) {
+        expedite.recover();
+        let _ = self.inner.expedite.set(expedite);
+    }
+
+    fn expedited(&self) -> Option<ExpediteGuard<'_>> {
+        self.inner.expedite.get().map(RcuExpedite::hold)
     }
 
     /// `mode`: None = TCX with clsact fallback; Some = only that mode.
@@ -174,6 +190,7 @@ impl Attacher {
 
     /// Removes catena's programs from the interface and their link pins.
     pub fn detach(&self, ifindex: u32) -> anyhow::Result<()> {
+        let _expedited = self.expedited();
         detach(&self.inner.layout, ifindex)
     }
 
@@ -182,6 +199,7 @@ impl Attacher {
     /// already pinned and alive are reused (and moved to the loaded program).
     fn attach_tcx(&self, ifindex: u32, ifname: &str) -> anyhow::Result<()> {
         let layout = &self.inner.layout;
+        let _expedited = self.expedited();
         let mut created: Vec<PathBuf> = Vec::new();
         for (dir, prog) in DIRECTIONS.iter().zip(&self.inner.programs) {
             let result = pinned_link_alive(prog, layout, ifindex, dir).and_then(|alive| {

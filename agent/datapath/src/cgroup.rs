@@ -24,14 +24,18 @@ use tracing::{debug, info};
 use crate::loader::Layout;
 use crate::sys;
 
-/// `enum bpf_attach_type` values of the four hooks (uapi/linux/bpf.h).
+/// `enum bpf_attach_type` values of the eight hooks (uapi/linux/bpf.h).
 const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+const BPF_CGROUP_INET6_CONNECT: u32 = 11;
 const BPF_CGROUP_UDP4_SENDMSG: u32 = 14;
+const BPF_CGROUP_UDP6_SENDMSG: u32 = 15;
 const BPF_CGROUP_UDP4_RECVMSG: u32 = 19;
+const BPF_CGROUP_UDP6_RECVMSG: u32 = 20;
 const BPF_CGROUP_INET4_GETPEERNAME: u32 = 29;
+const BPF_CGROUP_INET6_GETPEERNAME: u32 = 30;
 
-/// (program, pin suffix, attach type).
-const HOOKS: [(&str, &str, u32); 4] = [
+/// (program, pin suffix, attach type): IPv4 and IPv6 sockets.
+const HOOKS: [(&str, &str, u32); 8] = [
     (
         program_names::SOCK_CONNECT4,
         "connect4",
@@ -51,6 +55,26 @@ const HOOKS: [(&str, &str, u32); 4] = [
         program_names::SOCK_GETPEERNAME4,
         "getpeername4",
         BPF_CGROUP_INET4_GETPEERNAME,
+    ),
+    (
+        program_names::SOCK_CONNECT6,
+        "connect6",
+        BPF_CGROUP_INET6_CONNECT,
+    ),
+    (
+        program_names::SOCK_SENDMSG6,
+        "sendmsg6",
+        BPF_CGROUP_UDP6_SENDMSG,
+    ),
+    (
+        program_names::SOCK_RECVMSG6,
+        "recvmsg6",
+        BPF_CGROUP_UDP6_RECVMSG,
+    ),
+    (
+        program_names::SOCK_GETPEERNAME6,
+        "getpeername6",
+        BPF_CGROUP_INET6_GETPEERNAME,
     ),
 ];
 
@@ -210,7 +234,7 @@ pub fn attach(ebpf: &mut Ebpf, layout: &Layout, cgroup: &Path) -> anyhow::Result
         Ok(())
     })();
     if result.is_err() {
-        // All four hooks or none: connect without recvmsg would show clients
+        // All hooks or none: connect without recvmsg would show clients
         // the backend instead of the VIP.
         for pin in &created {
             let _ = destroy_pin(pin);
@@ -236,7 +260,7 @@ pub fn detach(layout: &Layout, cgroup: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Whether all four socket programs are attached to the cgroup at `cgroup`
+/// Whether all eight socket programs (IPv4 and IPv6) are attached to the cgroup at `cgroup`
 /// through catena's pinned links.
 pub fn attached(layout: &Layout, cgroup: &Path) -> anyhow::Result<bool> {
     let (_, cgroup_id) = open_cgroup(cgroup)?;

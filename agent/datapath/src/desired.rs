@@ -3,7 +3,7 @@
 //! keeps them stable across updates so live flows keep their translation.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub enum Proto {
@@ -39,31 +39,52 @@ impl Proto {
     }
 }
 
-/// A service frontend: `address:port/proto` (a ClusterIP port today).
+/// A service frontend: `address:port/proto`. The address family is a type
+/// parameter (IPv4 by default; [`Frontend6`] for IPv6) so the two families
+/// live in separate, equally cheap sets and never mix in one map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Frontend {
-    pub address: Ipv4Addr,
+pub struct Frontend<A = Ipv4Addr> {
+    pub address: A,
     pub port: u16,
     pub proto: Proto,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct BackendAddr {
-    pub address: Ipv4Addr,
+pub struct BackendAddr<A = Ipv4Addr> {
+    pub address: A,
     pub port: u16,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct LbService {
+/// An IPv6 frontend (`LB6_*` maps).
+pub type Frontend6 = Frontend<Ipv6Addr>;
+/// An IPv6 backend.
+pub type BackendAddr6 = BackendAddr<Ipv6Addr>;
+/// An IPv6 frontend's service.
+pub type LbService6 = LbService<Ipv6Addr>;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LbService<A = Ipv4Addr> {
     /// `namespace/name` of the Service, for status output.
     pub name: String,
     /// Ordered, de-duplicated. Empty: the frontend rejects new connections.
-    pub backends: Vec<BackendAddr>,
+    pub backends: Vec<BackendAddr<A>>,
     /// `sessionAffinity: ClientIP`: new connections from a client go to the
     /// backend its previous one used if that was at most this many seconds
     /// ago (`sessionAffinityConfig.clientIP.timeoutSeconds`). `None`: no
     /// affinity. `Some(0)` is treated as no affinity.
     pub affinity_timeout: Option<u32>,
+}
+
+// Not derived: a derive would require `A: Default`, which addresses are not
+// meant to need.
+impl<A> Default for LbService<A> {
+    fn default() -> Self {
+        LbService {
+            name: String::new(),
+            backends: Vec::new(),
+            affinity_timeout: None,
+        }
+    }
 }
 
 /// Everything the service maps should hold.
@@ -74,4 +95,7 @@ pub struct LbDesired {
     /// consistent hashing of the flow's 5-tuple instead of at random
     /// (`--lb-algorithm maglev`, annotation `service.cilium.io/lb-algorithm`).
     pub maglev: BTreeSet<Frontend>,
+    /// IPv6 frontends (dual-stack and IPv6-only Services). They always pick
+    /// backends at random (Maglev tables are IPv4-only).
+    pub services6: BTreeMap<Frontend6, LbService6>,
 }

@@ -11,26 +11,32 @@ mod devices;
 mod endpoints;
 pub mod events;
 mod lb;
+mod lb6;
 mod loader;
 /// Maglev lookup tables; `populate` is public for tests and benchmarks.
 pub mod maglev;
 mod metrics;
 mod netlink;
 pub mod policy;
+pub mod rcu;
 /// Raw bpf(2) calls aya does not expose (object pins, link info/update/detach);
 /// public so the agent's inspection tools reuse them instead of copying them.
 pub mod sys;
 
 pub use attach::{AttachError, Attacher};
 pub use cgroup::cgroup2_root;
-pub use desired::{BackendAddr, Frontend, LbDesired, LbService, Proto};
+pub use desired::{
+    BackendAddr, BackendAddr6, Frontend, Frontend6, LbDesired, LbService, LbService6, Proto,
+};
 pub use devices::Device;
+pub use lb6::ProgrammedService6;
 
 use anyhow::Context;
 use aya::maps::lpm_trie::LpmTrie;
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use aya::Ebpf;
 use catena_common::ct::{Ct4Key, Ct4Value};
+use catena_common::ct6::Ct6Key;
 use catena_common::endpoint::EndpointInfo;
 use catena_common::map_names;
 use std::collections::{BTreeMap, BTreeSet};
@@ -65,12 +71,26 @@ pub struct ApplyStats {
     pub backends_removed: usize,
 }
 
-/// One frontend as currently programmed (read back from the maps' owner state).
+impl ApplyStats {
+    /// Both families' changes together.
+    fn plus(self, o: ApplyStats) -> ApplyStats {
+        ApplyStats {
+            services_added: self.services_added + o.services_added,
+            services_updated: self.services_updated + o.services_updated,
+            services_removed: self.services_removed + o.services_removed,
+            backends_added: self.backends_added + o.backends_added,
+            backends_removed: self.backends_removed + o.backends_removed,
+        }
+    }
+}
+
+/// One frontend as currently programmed (read back from the maps' owner
+/// state); IPv4 by default, `ProgrammedService<Ipv6Addr>` for IPv6.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProgrammedService {
-    pub frontend: Frontend,
+pub struct ProgrammedService<A = Ipv4Addr> {
+    pub frontend: Frontend<A>,
     pub name: String,
-    pub backends: Vec<BackendAddr>,
+    pub backends: Vec<BackendAddr<A>>,
     pub rev_nat_index: u16,
     /// ClientIP affinity timeout in seconds, if the service has affinity.
     pub affinity_timeout: Option<u32>,
@@ -84,6 +104,11 @@ pub struct Datapath {
     attacher: Attacher,
     lb_maps: lb::LbMaps,
     lb: lb::LbState,
+    /// IPv6 frontends (`LB6_*`), apart from the IPv4 ones.
+    lb6_maps: lb6::LbMaps6,
+    lb6: lb6::LbState6,
+    /// `CT6` (IPv6 service flows).
+    conntrack6: ct::Conntrack6,
     maglev: maglev::Maglev,
     endpoints: endpoints::Endpoints,
     /// External devices and local endpoint addresses (north-south traffic).
@@ -122,6 +147,16 @@ impl Datapath {
         };
         let lb = lb::LbState::rebuild(&lb_maps)?;
         lb::warn_dirty(&lb);
+        let lb6_maps = lb6::LbMaps6 {
+            services: hash_map(&mut ebpf, map_names::LB6_SERVICES)?,
+            backends: hash_map(&mut ebpf, map_names::LB6_BACKENDS)?,
+            revnat: hash_map(&mut ebpf, map_names::LB6_REVNAT)?,
+        };
+        let lb6 = lb6::LbState6::rebuild(&lb6_maps)?;
+        lb6::warn_dirty(&lb6);
+        let conntrack6 = ct::Conntrack6 {
+            map: hash_map(&mut ebpf, map_names::CT6)?,
+        };
         let maglev = maglev::Maglev::open(hash_map(&mut ebpf, map_names::LB4_MAGLEV)?)?;
         let endpoints = endpoints::Endpoints {
             map: hash_map(&mut ebpf, map_names::ENDPOINTS)?,
@@ -151,6 +186,7 @@ impl Datapath {
         info!(
             dir = %layout.root.display(),
             services = lb.programmed().len(),
+            services6 = lb6.programmed().len(),
             "datapath open"
         );
         Ok(Datapath {
@@ -159,6 +195,9 @@ impl Datapath {
             attacher,
             lb_maps,
             lb,
+            lb6_maps,
+            lb6,
+            conntrack6,
             maglev,
             endpoints,
             devices,
@@ -239,7 +278,8 @@ impl Datapath {
     /// endpoints. One BPF link per hook (other programs on the cgroup keep
     /// running), pinned at `<bpffs_dir>/links/cgroup-<id>-<hook>` so they
     /// outlive the agent. Idempotent: links already there are kept
-    /// (and moved to the currently loaded programs). All four hooks or none.
+    /// (and moved to the currently loaded programs). All hooks or none. The
+    /// IPv6 hooks (`connect6`, ...) are attached alongside, the same way.
     pub fn attach_cgroup(&mut self, cgroup: &Path) -> anyhow::Result<()> {
         cgroup::attach(&mut self.ebpf, &self.layout, cgroup)
     }
@@ -387,7 +427,30 @@ impl Datapath {
             })
             .collect();
         self.maglev.write(&frontends)?;
-        Ok(stats)
+        let stats6 = match changed {
+            Some(_) => {
+                let changed6 = self.lb6.changed_frontends(desired);
+                self.lb6
+                    .apply_changed(&mut self.lb6_maps, desired, &changed6)?
+            }
+            None => self.lb6.apply(&mut self.lb6_maps, desired)?,
+        };
+        Ok(stats.plus(stats6))
+    }
+
+    /// The IPv6 frontends as programmed.
+    pub fn services6(&self) -> Vec<ProgrammedService6> {
+        self.lb6.programmed()
+    }
+
+    /// All IPv6 conntrack entries.
+    pub fn ct6_dump(&self) -> anyhow::Result<Vec<(Ct6Key, Ct4Value)>> {
+        self.conntrack6.dump()
+    }
+
+    /// Deletes every IPv6 conntrack entry; returns how many were deleted.
+    pub fn ct6_flush(&mut self) -> anyhow::Result<usize> {
+        self.conntrack6.flush()
     }
 
     /// Maglev table writes and deletes done by this instance.
@@ -402,7 +465,7 @@ impl Datapath {
     /// Service map writes and deletes done by this instance (a no-op apply
     /// adds none).
     pub fn service_map_writes(&self) -> u64 {
-        self.lb.writes
+        self.lb.writes + self.lb6.writes
     }
 
     /// Packet counters (name -> sum over CPUs).
@@ -410,9 +473,9 @@ impl Datapath {
         self.metrics.read()
     }
 
-    /// Number of live conntrack entries.
+    /// Number of live conntrack entries (IPv4 and IPv6).
     pub fn ct_entries(&self) -> anyhow::Result<usize> {
-        self.conntrack.count()
+        Ok(self.conntrack.count()? + self.conntrack6.count()?)
     }
 
     /// All conntrack entries.

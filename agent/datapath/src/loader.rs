@@ -6,10 +6,12 @@ use std::mem::size_of;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use aya::maps::{MapInfo, MapType};
+use aya::maps::{MapInfo, MapType, ProgramArray};
 use aya::programs::{CgroupSockAddr, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
-use catena_common::{ct, endpoint, events, lb, map_names, policy, program_names};
+use catena_common::{
+    ct, ct6, endpoint, events, lb, lb6, map_names, policy, program_names, tail_calls,
+};
 use tracing::{debug, info, warn};
 
 use crate::sys;
@@ -19,20 +21,34 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ca
 
 /// Every tc classifier loaded and pinned: the two attached to host veths, the
 /// two attached to external devices, and `noop`, the baseline for per-packet cost measurements (never attached).
-const TC_PROGRAMS: [&str; 5] = [
+const TC_PROGRAMS: [&str; 8] = [
     program_names::FROM_CONTAINER,
     program_names::TO_CONTAINER,
     program_names::FROM_NETDEV,
     program_names::TO_NETDEV,
     program_names::NOOP,
+    program_names::FROM_CONTAINER6,
+    program_names::TO_CONTAINER6,
+    program_names::REFUSE6,
+];
+
+/// The IPv6 service programs and their `TAIL_CALLS6` slots.
+const TAIL_CALLS6: [(&str, u32); 3] = [
+    (program_names::FROM_CONTAINER6, tail_calls::FROM_CONTAINER6),
+    (program_names::TO_CONTAINER6, tail_calls::TO_CONTAINER6),
+    (program_names::REFUSE6, tail_calls::REFUSE6),
 ];
 
 /// The cgroup sock_addr programs (socket-level load balancing).
-pub const SOCK_PROGRAMS: [&str; 4] = [
+pub const SOCK_PROGRAMS: [&str; 8] = [
     program_names::SOCK_CONNECT4,
     program_names::SOCK_SENDMSG4,
     program_names::SOCK_RECVMSG4,
     program_names::SOCK_GETPEERNAME4,
+    program_names::SOCK_CONNECT6,
+    program_names::SOCK_SENDMSG6,
+    program_names::SOCK_RECVMSG6,
+    program_names::SOCK_GETPEERNAME6,
 ];
 
 /// The bpffs layout under the datapath dir.
@@ -170,6 +186,54 @@ fn expected_maps() -> [(&'static str, MapType, usize, usize); 14] {
     ]
 }
 
+/// The IPv6 service and conntrack maps, checked like [`expected_maps`].
+fn expected_maps6() -> [(&'static str, MapType, usize, usize); 7] {
+    [
+        (
+            map_names::TAIL_CALLS6,
+            MapType::ProgramArray,
+            size_of::<u32>(),
+            size_of::<u32>(),
+        ),
+        (
+            map_names::LB6_SERVICES,
+            MapType::Hash,
+            size_of::<lb6::Service6Key>(),
+            size_of::<lb6::Service6Value>(),
+        ),
+        (
+            map_names::LB6_BACKENDS,
+            MapType::Hash,
+            size_of::<u32>(),
+            size_of::<lb6::Backend6>(),
+        ),
+        (
+            map_names::LB6_REVNAT,
+            MapType::Hash,
+            size_of::<u16>(),
+            size_of::<lb6::RevNat6>(),
+        ),
+        (
+            map_names::CT6,
+            MapType::LruHash,
+            size_of::<ct6::Ct6Key>(),
+            size_of::<ct6::Ct6Value>(),
+        ),
+        (
+            map_names::LB6_SOCK_REVNAT,
+            MapType::LruHash,
+            size_of::<lb6::SockRevNat6Key>(),
+            size_of::<lb6::SockRevNat6Value>(),
+        ),
+        (
+            map_names::LB6_AFFINITY,
+            MapType::LruHash,
+            size_of::<lb6::Affinity6Key>(),
+            size_of::<lb6::Affinity6Value>(),
+        ),
+    ]
+}
+
 /// Array maps are indexed up to their size: a pinned `METRICS` smaller than
 /// the object's (an older version with fewer counters) would silently lose
 /// the new counters, so it counts as incompatible too.
@@ -178,6 +242,7 @@ fn min_entries(name: &str) -> u32 {
         map_names::METRICS => catena_common::metrics::COUNTER_MAX,
         map_names::POLICY_EP => policy::POLICY_EP_MAX,
         map_names::EVENTS_RATE => 1,
+        map_names::TAIL_CALLS6 => tail_calls::COUNT,
         _ => 0,
     }
 }
@@ -190,6 +255,7 @@ fn drop_incompatible_pins(layout: &Layout) -> anyhow::Result<()> {
     for (name, ty, key, value) in expected_maps()
         .into_iter()
         .chain(crate::devices::expected_maps())
+        .chain(expected_maps6())
     {
         let path = layout.maps().join(name);
         if !path.exists() {
@@ -223,6 +289,29 @@ fn replace_pin(pin: &Path, do_pin: impl FnOnce(&Path) -> anyhow::Result<()>) -> 
     do_pin(pin)
 }
 
+/// Points every `TAIL_CALLS6` slot at the program just loaded. The array is
+/// pinned and shared with programs a previous run left attached; they call
+/// the new IPv6 programs from here on, which read the same maps.
+fn fill_tail_calls(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let mut calls = ProgramArray::try_from(
+        ebpf.take_map(map_names::TAIL_CALLS6)
+            .context("the eBPF object has no map TAIL_CALLS6")?,
+    )
+    .context("map TAIL_CALLS6 has an unexpected type")?;
+    for (name, slot) in TAIL_CALLS6 {
+        let prog: &SchedClassifier = ebpf
+            .program(name)
+            .with_context(|| format!("the eBPF object has no program {name}"))?
+            .try_into()
+            .with_context(|| format!("program {name} is not a tc classifier"))?;
+        let fd = prog.fd().with_context(|| format!("fd of {name}"))?;
+        calls
+            .set(slot, fd, 0)
+            .with_context(|| format!("TAIL_CALLS6[{slot}] = {name}"))?;
+    }
+    Ok(())
+}
+
 /// Loads the object (maps reused from or pinned to `<dir>/maps`), loads every
 /// program into the kernel and pins them under `<dir>/programs`.
 pub fn load(layout: &Layout) -> anyhow::Result<Ebpf> {
@@ -234,6 +323,7 @@ pub fn load(layout: &Layout) -> anyhow::Result<Ebpf> {
     for (name, ..) in expected_maps()
         .into_iter()
         .chain(crate::devices::expected_maps())
+        .chain(expected_maps6())
     {
         if ebpf.map(name).is_none() {
             bail!("the eBPF object has no map {name}");
@@ -252,6 +342,7 @@ pub fn load(layout: &Layout) -> anyhow::Result<Ebpf> {
                 .with_context(|| format!("pinning {name} at {}", pin.display()))
         })?;
     }
+    fill_tail_calls(&mut ebpf)?;
     for name in SOCK_PROGRAMS {
         let prog: &mut CgroupSockAddr = ebpf
             .program_mut(name)

@@ -320,6 +320,9 @@ fn changed_between(a: &LbDesired, b: &LbDesired) -> BTreeSet<Frontend> {
         .collect()
 }
 
+/// One edit of a desired state.
+type Step = Box<dyn Fn(&mut LbDesired)>;
+
 /// Partial applies (only the changed frontends) leave the maps exactly as a
 /// full apply would: shared backends live while any frontend names them and
 /// go with the last one; untouched frontends are not rewritten.
@@ -339,7 +342,7 @@ fn partial_applies_match_full_applies() {
     assert_maps_match(dir.path(), &dp, &d);
     let ids1 = backend_ids(dir.path());
 
-    let steps: Vec<Box<dyn Fn(&mut LbDesired)>> = vec![
+    let steps: Vec<Step> = vec![
         // One frontend loses a backend that its neighbour still names.
         Box::new(|d| {
             d.services

@@ -7,12 +7,12 @@ use super::maglev::{service_algorithm, LbAlgorithm};
 use super::selector::service_selects;
 use super::traffic_policy::{internal_local, NodeLocality};
 use crate::sources::{ClusterState, ObjectKey};
-use catena_datapath::{BackendAddr, Frontend, LbDesired, LbService, Proto};
+use catena_datapath::{BackendAddr, Frontend, Frontend6, LbDesired, LbService, LbService6, Proto};
 use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 /// A pod as the endpoints controller sees it: where it is and its labels.
@@ -20,9 +20,41 @@ use std::sync::Arc;
 pub struct PodEndpoint {
     pub key: ObjectKey,
     pub ipv4: Vec<Ipv4Addr>,
+    pub ipv6: Vec<Ipv6Addr>,
     pub labels: BTreeMap<String, String>,
     /// The Pod manifest, when the source has one (for named target ports).
     pub pod: Option<std::sync::Arc<Pod>>,
+}
+
+/// An address family of Service frontends and backends: which
+/// EndpointSlices and pod addresses feed it.
+pub(super) trait Family: Copy + Ord + std::str::FromStr {
+    /// `addressType` of the EndpointSlices carrying this family.
+    const SLICE_ADDRESS_TYPE: &'static str;
+    /// The pod's addresses of this family.
+    fn of_pod(pod: &PodEndpoint) -> &[Self];
+}
+
+impl Family for Ipv4Addr {
+    const SLICE_ADDRESS_TYPE: &'static str = "IPv4";
+    fn of_pod(pod: &PodEndpoint) -> &[Self] {
+        &pod.ipv4
+    }
+}
+
+impl Family for Ipv6Addr {
+    const SLICE_ADDRESS_TYPE: &'static str = "IPv6";
+    fn of_pod(pod: &PodEndpoint) -> &[Self] {
+        &pod.ipv6
+    }
+}
+
+/// One Service's ClusterIP frontends, per family (a dual-stack Service has
+/// both; `clusterIPs` order does not matter).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceFrontends {
+    pub v4: Vec<(Frontend, LbService)>,
+    pub v6: Vec<(Frontend6, LbService6)>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -62,8 +94,10 @@ pub fn compile_services_with(
         let slices: Option<Vec<&EndpointSlice>> = slices_by_service
             .get(key)
             .map(|v| v.iter().map(|s| s.as_ref()).collect());
-        let (mut entries, mut warnings) =
+        let (frontends, mut warnings) =
             compile_service(key, svc, slices.as_deref(), pods, &locality);
+        let mut entries = frontends.v4;
+        out.desired.services6.extend(frontends.v6);
         entries.extend(super::external::external_frontends(
             key,
             svc,
@@ -82,27 +116,29 @@ pub fn compile_services_with(
     out
 }
 
-/// One Service's frontends. Backends come from its EndpointSlices when it has
-/// any (`slices` is `Some`), else from the pods its selector picks; with
-/// `internalTrafficPolicy: Local` only those on this node (`locality`).
+/// One Service's ClusterIP frontends, IPv4 and IPv6. Backends come from its
+/// EndpointSlices of the frontend's family when it has any slices (`slices`
+/// is `Some`), else from the pods its selector picks (their addresses of
+/// that family); with `internalTrafficPolicy: Local` only those on this
+/// node (`locality`).
 pub fn compile_service(
     key: &ObjectKey,
     svc: &Service,
     slices: Option<&[&EndpointSlice]>,
     pods: &[PodEndpoint],
     locality: &NodeLocality,
-) -> (Vec<(Frontend, LbService)>, Vec<String>) {
-    let mut entries = Vec::new();
+) -> (ServiceFrontends, Vec<String>) {
+    let mut out = ServiceFrontends::default();
     let mut warnings = Vec::new();
     let Some(spec) = &svc.spec else {
-        return (entries, warnings);
+        return (out, warnings);
     };
     if spec.type_.as_deref() == Some("ExternalName") {
-        return (entries, warnings);
+        return (out, warnings);
     }
-    let cluster_ips = cluster_ipv4s(svc);
-    if cluster_ips.is_empty() {
-        return (entries, warnings); // headless or IPv6-only: nothing to translate (IPv6 comes later)
+    let (ipv4, ipv6) = cluster_ips(svc);
+    if ipv4.is_empty() && ipv6.is_empty() {
+        return (out, warnings); // headless: nothing to translate
     }
     let selector = spec.selector.clone().unwrap_or_default();
     let affinity_timeout = session_affinity(key, spec, &mut warnings);
@@ -121,34 +157,82 @@ pub fn compile_service(
             warnings.push(format!("service {key}: port {} out of range", port.port));
             continue;
         };
-        let backends = match slices {
-            Some(slices) => backends_from_slices(slices, port, proto, local_only),
-            None if !selector.is_empty() => backends_from_pods(
-                &key.namespace,
-                &selector,
-                port,
-                pods,
-                local_only,
-                &mut warnings,
+        let inputs = PortInputs {
+            key,
+            selector: &selector,
+            slices,
+            pods,
+            local_only,
+            port,
+            proto,
+        };
+        let name = key.to_string();
+        for (address, backends) in inputs.frontends(&ipv4, &mut warnings) {
+            let fe = Frontend {
+                address,
+                port: svc_port,
+                proto,
+            };
+            let svc = LbService {
+                name: name.clone(),
+                backends,
+                affinity_timeout,
+            };
+            out.v4.push((fe, svc));
+        }
+        for (address, backends) in inputs.frontends(&ipv6, &mut warnings) {
+            let fe = Frontend6 {
+                address,
+                port: svc_port,
+                proto,
+            };
+            let svc = LbService6 {
+                name: name.clone(),
+                backends,
+                affinity_timeout,
+            };
+            out.v6.push((fe, svc));
+        }
+    }
+    (out, warnings)
+}
+
+/// What picks one Service port's backends, whatever the family.
+struct PortInputs<'a> {
+    key: &'a ObjectKey,
+    selector: &'a BTreeMap<String, String>,
+    slices: Option<&'a [&'a EndpointSlice]>,
+    pods: &'a [PodEndpoint],
+    local_only: Option<&'a NodeLocality>,
+    port: &'a ServicePort,
+    proto: Proto,
+}
+
+impl PortInputs<'_> {
+    /// Each ClusterIP of family `A` with the port's backends of that family
+    /// (computed once, only if the Service has such a ClusterIP).
+    fn frontends<A: Family>(
+        &self,
+        cluster_ips: &[A],
+        warnings: &mut Vec<String>,
+    ) -> Vec<(A, Vec<BackendAddr<A>>)> {
+        if cluster_ips.is_empty() {
+            return Vec::new();
+        }
+        let backends = match self.slices {
+            Some(slices) => backends_from_slices(slices, self.port, self.proto, self.local_only),
+            None if !self.selector.is_empty() => backends_from_pods(
+                &self.key.namespace,
+                self.selector,
+                self.port,
+                self.pods,
+                self.local_only,
+                warnings,
             ),
             None => Vec::new(),
         };
-        for address in &cluster_ips {
-            entries.push((
-                Frontend {
-                    address: *address,
-                    port: svc_port,
-                    proto,
-                },
-                LbService {
-                    name: key.to_string(),
-                    backends: backends.clone(),
-                    affinity_timeout,
-                },
-            ));
-        }
+        cluster_ips.iter().map(|a| (*a, backends.clone())).collect()
     }
-    (entries, warnings)
 }
 
 /// [`compile_services`], incrementally. Successive cluster snapshots share
@@ -173,6 +257,8 @@ pub struct ServiceCompiler {
     index: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
     /// Service -> the frontends it contributes to `desired`.
     frontends: HashMap<ObjectKey, Vec<Frontend>>,
+    /// Service -> its IPv6 frontends in `desired.services6`.
+    frontends6: HashMap<ObjectKey, Vec<Frontend6>>,
     /// Service -> its compile warnings.
     warnings: HashMap<ObjectKey, Vec<String>>,
     desired: LbDesired,
@@ -188,8 +274,10 @@ pub struct ServiceChanges {
     pub changed: bool,
     /// Warnings of the recompiled Services.
     pub warnings: Vec<String>,
-    /// Frontends whose entry in `desired` was added, changed or removed:
-    /// all the service maps need to look at (`apply_services_changed`).
+    /// IPv4 frontends whose entry in `desired` was added, changed or
+    /// removed: all the service maps need to look at
+    /// (`apply_services_changed`, which finds changed IPv6 frontends by
+    /// itself).
     pub frontends: BTreeSet<Frontend>,
 }
 
@@ -275,7 +363,7 @@ impl ServiceCompiler {
         let mut locality: Option<NodeLocality> = None;
         for key in dirty {
             let mut maglev = false;
-            let (entries, warnings) = match state.services.get(&key) {
+            let (entries, entries6, warnings) = match state.services.get(&key) {
                 Some(svc) => {
                     let slices: Option<Vec<&EndpointSlice>> = self.index.get(&key).map(|keys| {
                         keys.iter()
@@ -291,8 +379,9 @@ impl ServiceCompiler {
                     let locality = locality.get_or_insert_with(|| {
                         NodeLocality::new(self.options.node_name.clone(), registered)
                     });
-                    let (mut entries, mut warnings) =
+                    let (frontends, mut warnings) =
                         compile_service(&key, svc, slices.as_deref(), pods, locality);
+                    let mut entries = frontends.v4;
                     entries.extend(super::external::external_frontends(
                         &key,
                         svc,
@@ -304,9 +393,9 @@ impl ServiceCompiler {
                     ));
                     maglev = service_algorithm(&key, svc, self.options.lb_algorithm, &mut warnings)
                         == LbAlgorithm::Maglev;
-                    (entries, warnings)
+                    (entries, frontends.v6, warnings)
                 }
-                None => (Vec::new(), Vec::new()),
+                None => (Vec::new(), Vec::new(), Vec::new()),
             };
             changes.recompiled += 1;
             let old: Vec<Frontend> = self.frontends.remove(&key).unwrap_or_default();
@@ -331,6 +420,21 @@ impl ServiceCompiler {
                     .insert(key.clone(), entries.iter().map(|(f, _)| *f).collect());
             }
             self.desired.services.extend(entries);
+            // IPv6 frontends: replaced the same way. The datapath finds the
+            // changed ones itself, so only `changed` needs to say so.
+            let old6 = self.frontends6.remove(&key).unwrap_or_default();
+            let before6: Vec<(Frontend6, LbService6)> = old6
+                .iter()
+                .filter_map(|f| self.desired.services6.remove(f).map(|s| (*f, s)))
+                .collect();
+            if before6 != entries6 {
+                changes.changed = true;
+            }
+            if !entries6.is_empty() {
+                self.frontends6
+                    .insert(key.clone(), entries6.iter().map(|(f, _)| *f).collect());
+            }
+            self.desired.services6.extend(entries6);
             if warnings.is_empty() {
                 self.warnings.remove(&key);
             } else {
@@ -439,15 +543,25 @@ pub(super) fn parse_proto(p: Option<&str>) -> Option<Proto> {
     }
 }
 
-fn cluster_ipv4s(svc: &Service) -> Vec<Ipv4Addr> {
-    let Some(spec) = &svc.spec else { return vec![] };
+/// The Service's ClusterIPs by family (`clusterIPs`, else `clusterIP`);
+/// `None` and unparseable entries are skipped.
+fn cluster_ips(svc: &Service) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
+    let Some(spec) = &svc.spec else {
+        return (vec![], vec![]);
+    };
     let mut ips: Vec<&String> = spec.cluster_ips.iter().flatten().collect();
     if ips.is_empty() {
         ips.extend(spec.cluster_ip.iter());
     }
-    let mut out: Vec<Ipv4Addr> = ips.into_iter().filter_map(|ip| ip.parse().ok()).collect();
-    out.dedup();
-    out
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    for ip in ips {
+        match ip.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(a)) if !v4.contains(&a) => v4.push(a),
+            Ok(std::net::IpAddr::V6(a)) if !v6.contains(&a) => v6.push(a),
+            _ => {}
+        }
+    }
+    (v4, v6)
 }
 
 fn slices_by_service(state: &ClusterState) -> BTreeMap<ObjectKey, Vec<&Arc<EndpointSlice>>> {
@@ -471,16 +585,16 @@ fn slices_by_service(state: &ClusterState) -> BTreeMap<ObjectKey, Vec<&Arc<Endpo
 /// name and protocol. Terminating endpoints serve only when nothing is ready.
 /// With `local_only`, endpoints elsewhere are not considered at all (so local
 /// terminating endpoints serve when no local one is ready, as kube-proxy does).
-pub(super) fn backends_from_slices(
+pub(super) fn backends_from_slices<A: Family>(
     slices: &[&EndpointSlice],
     port: &ServicePort,
     proto: Proto,
     local_only: Option<&NodeLocality>,
-) -> Vec<BackendAddr> {
+) -> Vec<BackendAddr<A>> {
     let mut ready = BTreeSet::new();
     let mut serving_terminating = BTreeSet::new();
     for slice in slices {
-        if slice.address_type != "IPv4" {
+        if slice.address_type != A::SLICE_ADDRESS_TYPE {
             continue;
         }
         let want_name = port.name.as_deref().unwrap_or("");
@@ -504,7 +618,7 @@ pub(super) fn backends_from_slices(
             let serving = cond.and_then(|c| c.serving).unwrap_or(is_ready);
             let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
             for addr in &ep.addresses {
-                let Ok(address) = addr.parse::<Ipv4Addr>() else {
+                let Ok(address) = addr.parse::<A>() else {
                     continue;
                 };
                 let b = BackendAddr {
@@ -526,14 +640,14 @@ pub(super) fn backends_from_slices(
     }
 }
 
-pub(super) fn backends_from_pods(
+pub(super) fn backends_from_pods<A: Family>(
     namespace: &str,
     selector: &BTreeMap<String, String>,
     port: &ServicePort,
     pods: &[PodEndpoint],
     local_only: Option<&NodeLocality>,
     warnings: &mut Vec<String>,
-) -> Vec<BackendAddr> {
+) -> Vec<BackendAddr<A>> {
     let mut out = BTreeSet::new();
     for pod in pods {
         if pod.key.namespace != namespace || !service_selects(selector, &pod.labels) {
@@ -552,7 +666,7 @@ pub(super) fn backends_from_pods(
             ));
             continue;
         };
-        for address in &pod.ipv4 {
+        for address in A::of_pod(pod) {
             out.insert(BackendAddr {
                 address: *address,
                 port: target,
@@ -598,7 +712,7 @@ pub fn pod_endpoints(
 ) -> Vec<PodEndpoint> {
     let mut by_key: BTreeMap<ObjectKey, PodEndpoint> = BTreeMap::new();
     for (key, pod) in &state.pods {
-        let ips: Vec<Ipv4Addr> = pod
+        let ips: BTreeSet<std::net::IpAddr> = pod
             .status
             .iter()
             .flat_map(|s| {
@@ -609,14 +723,14 @@ pub fn pod_endpoints(
                     .chain(s.pod_ip.clone())
             })
             .filter_map(|ip| ip.parse().ok())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
             .collect();
+        let (ipv4, ipv6) = split_families(ips);
         by_key.insert(
             key.clone(),
             PodEndpoint {
                 key: key.clone(),
-                ipv4: ips,
+                ipv4,
+                ipv6,
                 labels: pod.metadata.labels.clone().unwrap_or_default(),
                 pod: Some(pod.clone()),
             },
@@ -638,21 +752,36 @@ pub fn pod_endpoints(
             .spec
             .ips
             .iter()
-            .filter_map(|cidr| cidr.split('/').next()?.parse::<Ipv4Addr>().ok());
+            .filter_map(|cidr| cidr.split('/').next()?.parse::<std::net::IpAddr>().ok());
         let entry = by_key.entry(key.clone()).or_insert_with(|| PodEndpoint {
             key,
             ipv4: vec![],
+            ipv6: vec![],
             labels: BTreeMap::new(),
             pod: None,
         });
         entry.labels.extend(ep.spec.labels.clone());
         for ip in ips {
-            if !entry.ipv4.contains(&ip) {
-                entry.ipv4.push(ip);
+            match ip {
+                std::net::IpAddr::V4(a) if !entry.ipv4.contains(&a) => entry.ipv4.push(a),
+                std::net::IpAddr::V6(a) if !entry.ipv6.contains(&a) => entry.ipv6.push(a),
+                _ => {}
             }
         }
     }
     by_key.into_values().collect()
+}
+
+/// Sorted addresses split by family.
+fn split_families(ips: BTreeSet<std::net::IpAddr>) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    for ip in ips {
+        match ip {
+            std::net::IpAddr::V4(a) => v4.push(a),
+            std::net::IpAddr::V6(a) => v6.push(a),
+        }
+    }
+    (v4, v6)
 }
 
 #[cfg(test)]
@@ -1107,5 +1236,151 @@ status: {podIP: 10.0.0.2}
             prev = (*next).clone();
         }
         assert!(compiler.desired().services.is_empty());
+    }
+
+    fn fe6(ip: &str, port: u16, proto: Proto) -> Frontend6 {
+        Frontend6 {
+            address: ip.parse().unwrap(),
+            port,
+            proto,
+        }
+    }
+
+    fn be6(ip: &str, port: u16) -> catena_datapath::BackendAddr6 {
+        catena_datapath::BackendAddr6 {
+            address: ip.parse().unwrap(),
+            port,
+        }
+    }
+
+    const DUAL_SVC: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10, "fd00:96::10"]
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: RequireDualStack
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: dns, port: 53, protocol: UDP, targetPort: 5353}
+"#;
+
+    fn dual_slices(v6_addrs: &[&str]) -> String {
+        let eps6: String = v6_addrs
+            .iter()
+            .map(|a| format!("- addresses: [\"{a}\"]\n"))
+            .collect();
+        format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-v4, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}, {{name: dns, port: 5353, protocol: UDP}}]\nendpoints:\n- addresses: [10.0.0.1]\n- addresses: [10.0.0.2]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-v6, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv6\nports: [{{name: http, port: 8080}}, {{name: dns, port: 5353, protocol: UDP}}]\nendpoints:\n{eps6}"
+        )
+    }
+
+    #[test]
+    fn dual_stack_service_gets_a_frontend_per_family_with_that_familys_slices() {
+        let s = state(&format!(
+            "{DUAL_SVC}{}",
+            dual_slices(&["fd00:10::1", "fd00:10::2"])
+        ));
+        let c = compile_services(&s, &[]);
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let http4 = &c.desired.services[&fe("10.96.0.10", 80, Proto::Tcp)];
+        assert_eq!(
+            http4.backends,
+            vec![be("10.0.0.1", 8080), be("10.0.0.2", 8080)]
+        );
+        let http6 = &c.desired.services6[&fe6("fd00:96::10", 80, Proto::Tcp)];
+        assert_eq!(http6.name, "shop/web");
+        assert_eq!(
+            http6.backends,
+            vec![be6("fd00:10::1", 8080), be6("fd00:10::2", 8080)]
+        );
+        let dns6 = &c.desired.services6[&fe6("fd00:96::10", 53, Proto::Udp)];
+        assert_eq!(dns6.backends.len(), 2);
+        assert_eq!(dns6.backends[0].port, 5353);
+        assert_eq!(c.desired.services.len(), 2);
+        assert_eq!(c.desired.services6.len(), 2);
+    }
+
+    #[test]
+    fn ipv6_only_service_and_ipv6_only_slices() {
+        let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {clusterIP: \"fd00:96::20\", clusterIPs: [\"fd00:96::20\"], ipFamilies: [IPv6], ports: [{name: http, port: 80, targetPort: 8080}]}\n";
+        let slice = "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-v6, namespace: shop, labels: {kubernetes.io/service-name: web}}\naddressType: IPv6\nports: [{name: http, port: 8080}]\nendpoints:\n- addresses: [\"fd00:10::7\"]\n- addresses: [\"fd00:10::8\"]\n  conditions: {ready: false}\n";
+        let c = compile_services(&state(&format!("{svc}{slice}")), &[]);
+        assert!(c.desired.services.is_empty());
+        assert_eq!(
+            c.desired.services6[&fe6("fd00:96::20", 80, Proto::Tcp)].backends,
+            vec![be6("fd00:10::7", 8080)],
+            "only ready endpoints"
+        );
+        // Without any slice of its family a frontend has no endpoints
+        // (and refuses), even if the other family has some.
+        let v4_slice = "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-v4, namespace: shop, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints:\n- addresses: [10.0.0.1]\n";
+        let c = compile_services(&state(&format!("{svc}{v4_slice}")), &[]);
+        assert!(c.desired.services6[&fe6("fd00:96::20", 80, Proto::Tcp)]
+            .backends
+            .is_empty());
+    }
+
+    #[test]
+    fn dual_stack_selector_uses_each_pods_address_of_the_family() {
+        let pods = "---\napiVersion: v1\nkind: Pod\nmetadata: {name: web-a, namespace: shop, labels: {app: web}}\nstatus: {podIP: 10.0.0.7, podIPs: [{ip: 10.0.0.7}, {ip: \"fd00:10::7\"}]}\n";
+        let s = state(&format!("{DUAL_SVC}{pods}"));
+        let mut regs = vec![registered("web-b", "10.0.0.8")];
+        regs[0].spec.ips.push("fd00:10::8/64".into());
+        regs[0].spec.labels.insert("app".into(), "web".into());
+        let c = compile_services_with(
+            &s,
+            &pod_endpoints(&s, &regs),
+            &ServiceOptions::default(),
+            &regs,
+        );
+        assert_eq!(
+            c.desired.services6[&fe6("fd00:96::10", 80, Proto::Tcp)].backends,
+            vec![be6("fd00:10::7", 8080), be6("fd00:10::8", 8080)]
+        );
+        assert_eq!(
+            c.desired.services[&fe("10.96.0.10", 80, Proto::Tcp)].backends,
+            vec![be("10.0.0.7", 8080), be("10.0.0.8", 8080)]
+        );
+    }
+
+    #[test]
+    fn incremental_compile_follows_ipv6_slices() {
+        let mut compiler = ServiceCompiler::default();
+        let first = Arc::new(state(&format!(
+            "{DUAL_SVC}{}",
+            dual_slices(&["fd00:10::1"])
+        )));
+        let changes = compiler.update(&first, &[]);
+        assert!(changes.changed);
+        // Only the IPv6 slice changes: same Service and IPv4 slice objects.
+        let edited = state(&dual_slices(&["fd00:10::1", "fd00:10::2"]));
+        let mut next = (*first).clone();
+        let v6_key = ObjectKey::new("shop", "web-v6");
+        next.endpoint_slices
+            .insert(v6_key.clone(), edited.endpoint_slices[&v6_key].clone());
+        let next = Arc::new(next);
+        let changes = compiler.update(&next, &[]);
+        assert!(changes.changed, "an IPv6-only change is a change");
+        assert!(
+            changes.frontends.is_empty(),
+            "no IPv4 frontend changed: {:?}",
+            changes.frontends
+        );
+        assert_eq!(
+            compiler.desired().services6[&fe6("fd00:96::10", 80, Proto::Tcp)]
+                .backends
+                .len(),
+            2
+        );
+        let reference = compile_services(&next, &pod_endpoints(&next, &[])).desired;
+        assert_eq!(compiler.desired(), &reference);
+        // The Service goes away: both families' frontends go.
+        let empty = Arc::new(ClusterState::default());
+        assert!(compiler.update(&empty, &[]).changed);
+        assert!(compiler.desired().services.is_empty());
+        assert!(compiler.desired().services6.is_empty());
     }
 }

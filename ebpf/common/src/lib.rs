@@ -6,10 +6,12 @@
 #![no_std]
 
 pub mod ct;
+pub mod ct6;
 pub mod endpoint;
 pub mod events;
 pub mod identity;
 pub mod lb;
+pub mod lb6;
 pub mod maglev;
 pub mod metrics;
 pub mod nodeport;
@@ -35,6 +37,13 @@ pub mod map_names {
     pub const DEVICES4: &str = "DEVICES4";
     pub const LOCAL_EP4: &str = "LOCAL_EP4";
     pub const SNAT4: &str = "SNAT4";
+    pub const LB6_SERVICES: &str = "LB6_SERVICES";
+    pub const LB6_BACKENDS: &str = "LB6_BACKENDS";
+    pub const LB6_REVNAT: &str = "LB6_REVNAT";
+    pub const CT6: &str = "CT6";
+    pub const LB6_SOCK_REVNAT: &str = "LB6_SOCK_REVNAT";
+    pub const LB6_AFFINITY: &str = "LB6_AFFINITY";
+    pub const TAIL_CALLS6: &str = "TAIL_CALLS6";
 }
 
 /// Program names as they appear in the object file (one per attach point).
@@ -50,21 +59,46 @@ pub mod program_names {
     pub const SOCK_SENDMSG4: &str = "sock_sendmsg4";
     pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
     pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
+    /// The same four for IPv6 sockets (and IPv4-mapped addresses on them).
+    pub const SOCK_CONNECT6: &str = "sock_connect6";
+    pub const SOCK_SENDMSG6: &str = "sock_sendmsg6";
+    pub const SOCK_RECVMSG6: &str = "sock_recvmsg6";
+    pub const SOCK_GETPEERNAME6: &str = "sock_getpeername6";
     /// tc ingress of an external device: NodePort / externalIP /
     /// LoadBalancer frontends, and replies of flows SNATed to a remote backend.
     pub const FROM_NETDEV: &str = "from_netdev";
     /// tc egress of an external device: replies of local backends to
     /// external clients get the frontend back as their source.
     pub const TO_NETDEV: &str = "to_netdev";
+    /// The IPv6 service path of the host-veth programs: tc classifiers
+    /// never attached, entered by tail call (`TAIL_CALLS6`) from
+    /// `from_container` / `to_container`, so their code and stack stay apart
+    /// from the IPv4 path's (the verifier's 512-byte stack limit counts a
+    /// BPF function call's frames together, a tail call's not).
+    pub const FROM_CONTAINER6: &str = "from_container6";
+    pub const TO_CONTAINER6: &str = "to_container6";
+    /// Answers a new IPv6 flow to a frontend without backends (RST or
+    /// ICMPv6 port unreachable); entered by tail call from `from_container6`.
+    pub const REFUSE6: &str = "refuse6";
     /// An empty tc classifier (returns "continue"): the baseline of per-packet
     /// cost measurements. Never attached.
     pub const NOOP: &str = "noop";
+}
+
+/// Slots of the `TAIL_CALLS6` program array.
+pub mod tail_calls {
+    pub const FROM_CONTAINER6: u32 = 0;
+    pub const TO_CONTAINER6: u32 = 1;
+    pub const REFUSE6: u32 = 2;
+    /// Size of the array.
+    pub const COUNT: u32 = 3;
 }
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_SCTP: u8 = 132;
+pub const IPPROTO_ICMPV6: u8 = 58;
 
 #[cfg(feature = "user")]
 mod pod_impls {
@@ -90,4 +124,11 @@ mod pod_impls {
     unsafe impl aya::Pod for nodeport::NodeDevice {}
     unsafe impl aya::Pod for nodeport::Snat4Key {}
     unsafe impl aya::Pod for nodeport::Snat4Value {}
+    unsafe impl aya::Pod for lb6::Service6Key {}
+    unsafe impl aya::Pod for lb6::Backend6 {}
+    unsafe impl aya::Pod for lb6::RevNat6 {}
+    unsafe impl aya::Pod for lb6::Affinity6Key {}
+    unsafe impl aya::Pod for lb6::SockRevNat6Key {}
+    unsafe impl aya::Pod for lb6::SockRevNat6Value {}
+    unsafe impl aya::Pod for ct6::Ct6Key {}
 }

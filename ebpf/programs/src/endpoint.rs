@@ -7,7 +7,7 @@ use catena_common::{endpoint::EndpointInfo, events::Reason};
 
 use crate::{
     events,
-    maps::ENDPOINTS,
+    maps::{ENDPOINTS, TAIL_CALLS6},
     parse::{self, Flow4, Packet},
     policy, VERDICT_PASS,
 };
@@ -23,10 +23,19 @@ pub struct Packet4 {
 /// `Ok`: an IPv4 packet of a known endpoint, for the program's own logic.
 /// `Err(verdict)`: already decided. No `ENDPOINTS` entry drops (fail closed:
 /// the agent writes it before attaching); ARP and other non-IP frames pass;
-/// IPv6 and unparseable packets pass unless `direction` is enforced
-/// (`enforced_flag`), IPv6 neighbour discovery always passes.
+/// unparseable packets pass unless `direction` is enforced (`enforced_flag`).
+/// IPv6 tail-calls the program's IPv6 service path (`ipv6_call`, a slot of
+/// `TAIL_CALLS6`) unless `direction` is enforced: policy is IPv4-only, so an
+/// enforced endpoint drops IPv6 (fail closed) except neighbour discovery,
+/// which always passes. Should the slot be empty (never, once the agent has
+/// loaded the programs), IPv6 passes untranslated, as before IPv6 services.
 #[inline(always)]
-pub fn start(ctx: &TcContext, direction: u8, enforced_flag: u32) -> Result<Packet4, i32> {
+pub fn start(
+    ctx: &TcContext,
+    direction: u8,
+    enforced_flag: u32,
+    ipv6_call: u32,
+) -> Result<Packet4, i32> {
     let ifindex = events::ifindex(ctx);
     // SAFETY: copied out at once.
     let Some(ep) = (unsafe { ENDPOINTS.get(ifindex) }).copied() else {
@@ -47,7 +56,11 @@ pub fn start(ctx: &TcContext, direction: u8, enforced_flag: u32) -> Result<Packe
             let ev = events::base(direction, ifindex, &ep, None);
             Err(events::drop(ev, Reason::UnsupportedL3))
         }
-        Ok(Packet::Ipv6) => Err(VERDICT_PASS),
+        Ok(Packet::Ipv6) => {
+            // SAFETY: our own context; on success this never returns.
+            unsafe { TAIL_CALLS6.tail_call(ctx, ipv6_call) };
+            Err(VERDICT_PASS)
+        }
         Err(()) if enforced => {
             let ev = events::base(direction, ifindex, &ep, None);
             Err(events::drop(ev, Reason::Invalid))

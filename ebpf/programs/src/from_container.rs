@@ -12,9 +12,10 @@
 //!    new connections of an endpoint under policy; established connections
 //!    and replies pass on conntrack.
 //!
-//! ARP and other non-IP frames pass untouched. IPv6 passes unless egress is
-//! enforced (catena enforces IPv4 only and must not let IPv6 bypass it);
-//! neighbour discovery always passes.
+//! ARP and other non-IP frames pass untouched. IPv6 gets service load
+//! balancing (`service6`) unless egress is enforced: catena enforces IPv4
+//! only and must not let IPv6 bypass it, so an enforced endpoint drops IPv6
+//! except neighbour discovery.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use catena_common::{
@@ -40,7 +41,12 @@ pub fn from_container(ctx: TcContext) -> i32 {
         ep,
         flags,
         flow,
-    } = match endpoint::start(&ctx, DIR_EGRESS, POLICY_EP_EGRESS) {
+    } = match endpoint::start(
+        &ctx,
+        DIR_EGRESS,
+        POLICY_EP_EGRESS,
+        catena_common::tail_calls::FROM_CONTAINER6,
+    ) {
         Ok(p) => p,
         Err(verdict) => return verdict,
     };

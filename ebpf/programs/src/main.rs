@@ -20,20 +20,26 @@
 #![no_main]
 
 mod ct;
+mod ct6;
 mod endpoint;
 mod events;
 mod from_container;
 mod from_netdev;
 mod lb;
+mod lb6;
 mod maglev;
 mod maps;
 mod metrics;
 mod nat;
+mod nat6;
 mod nodeport;
 mod parse;
 mod policy;
 mod reject;
+mod reject6;
+mod service6;
 mod sock;
+mod sock6;
 mod to_container;
 mod to_netdev;
 

@@ -6,7 +6,7 @@
 use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use catena_common::{
     ct::{Ct4Key, Ct4Value},
@@ -103,3 +103,43 @@ pub static SNAT4: LruHashMap<
     catena_common::nodeport::Snat4Key,
     catena_common::nodeport::Snat4Value,
 > = LruHashMap::pinned(131_072, 0);
+
+/// IPv6 frontends: master entries and backend slots (catena_common::lb6).
+#[map]
+pub static LB6_SERVICES: HashMap<
+    catena_common::lb6::Service6Key,
+    catena_common::lb6::Service6Value,
+> = HashMap::pinned(262_144, 0);
+
+/// IPv6 backend id -> backend address (ids independent of `LB4_BACKENDS`).
+#[map]
+pub static LB6_BACKENDS: HashMap<u32, catena_common::lb6::Backend6> = HashMap::pinned(262_144, 0);
+
+/// IPv6 rev_nat_index -> frontend to restore as the source of replies.
+#[map]
+pub static LB6_REVNAT: HashMap<u16, catena_common::lb6::RevNat6> = HashMap::pinned(65_536, 0);
+
+/// IPv6 connection tracking of service flows; LRU as `CT4`.
+#[map]
+pub static CT6: LruHashMap<catena_common::ct6::Ct6Key, catena_common::ct6::Ct6Value> =
+    LruHashMap::pinned(262_144, 0);
+
+/// Socket-level reverse NAT of IPv6 sockets (`cgroup/connect6|sendmsg6`).
+#[map]
+pub static LB6_SOCK_REVNAT: LruHashMap<
+    catena_common::lb6::SockRevNat6Key,
+    catena_common::lb6::SockRevNat6Value,
+> = LruHashMap::pinned(131_072, 0);
+
+/// ClientIP session affinity of IPv6 frontends.
+#[map]
+pub static LB6_AFFINITY: LruHashMap<
+    catena_common::lb6::Affinity6Key,
+    catena_common::lb6::Affinity6Value,
+> = LruHashMap::pinned(65_536, 0);
+
+/// The IPv6 service programs, entered by tail call (slots:
+/// `catena_common::tail_calls`). Pinned: a program array loses its entries
+/// when the last user-space reference goes, and the agent may be down.
+#[map]
+pub static TAIL_CALLS6: ProgramArray = ProgramArray::pinned(catena_common::tail_calls::COUNT, 0);

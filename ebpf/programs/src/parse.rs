@@ -186,3 +186,86 @@ pub fn is_ipv6_nd(ctx: &TcContext) -> bool {
     }
     matches!(ctx.load::<u8>(ETH_HLEN + IPV6_HLEN), Ok(t) if (ND_FIRST..=ND_LAST).contains(&t))
 }
+
+/// The fixed 40-byte IPv6 header, read in one helper call.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv6Hdr {
+    version_class_flow: u32,
+    payload_len: u16,
+    next_header: u8,
+    hop_limit: u8,
+    saddr: [u32; 4],
+    daddr: [u32; 4],
+}
+
+/// Packet offsets of IPv6 fields (Ethernet included).
+pub const IP6_SADDR_OFF: usize = ETH_HLEN + 8;
+pub const IP6_DADDR_OFF: usize = ETH_HLEN + 24;
+/// Where the L4 header starts when no extension header precedes it.
+pub const IP6_L4_OFF: usize = ETH_HLEN + IPV6_HLEN;
+
+/// An IPv6 TCP/UDP/SCTP packet's tuple, for service translation. Addresses
+/// and ports in network order, as in the packet and in the maps.
+#[derive(Clone, Copy)]
+pub struct Flow6 {
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// TCP FIN or RST set.
+    pub closing: bool,
+    /// The IPv6 payload length (host order): what the L4 header and data
+    /// span.
+    pub payload_len: u16,
+}
+
+impl Flow6 {
+    pub const L4_OFF: usize = IP6_L4_OFF;
+
+    /// Offset of the L4 checksum field (TCP/UDP).
+    #[inline(always)]
+    pub fn l4_csum_off(&self) -> usize {
+        if self.proto == IPPROTO_TCP {
+            Self::L4_OFF + 16
+        } else {
+            Self::L4_OFF + 6
+        }
+    }
+
+    #[inline(always)]
+    pub fn is_udp(&self) -> bool {
+        self.proto == IPPROTO_UDP
+    }
+}
+
+/// Parses an IPv6 packet (the caller has seen the EtherType). `Ok(None)`:
+/// not a TCP/UDP packet whose L4 header follows the fixed header directly
+/// (ICMPv6, extension headers, fragments), which service translation leaves
+/// alone. `Err`: truncated or not version 6.
+#[inline(always)]
+pub fn parse6(ctx: &TcContext) -> Result<Option<Flow6>, ()> {
+    let ip: Ipv6Hdr = ctx.load(ETH_HLEN).map_err(|_| ())?;
+    if u32::from_be(ip.version_class_flow) >> 28 != 6 {
+        return Err(());
+    }
+    if ip.next_header != IPPROTO_TCP && ip.next_header != IPPROTO_UDP {
+        return Ok(None);
+    }
+    let ports: [u16; 2] = ctx.load(IP6_L4_OFF).map_err(|_| ())?;
+    let mut closing = false;
+    if ip.next_header == IPPROTO_TCP {
+        let flags: u8 = ctx.load(IP6_L4_OFF + 13).map_err(|_| ())?;
+        closing = flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0;
+    }
+    Ok(Some(Flow6 {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport: ports[0],
+        dport: ports[1],
+        proto: ip.next_header,
+        closing,
+        payload_len: u16::from_be(ip.payload_len),
+    }))
+}

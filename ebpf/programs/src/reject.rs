@@ -50,7 +50,7 @@ struct TcpHead {
 
 /// One's-complement sum of big-endian 16-bit words, not yet folded.
 #[inline(always)]
-fn sum16(bytes: &[u8], mut acc: u32) -> u32 {
+pub(crate) fn sum16(bytes: &[u8], mut acc: u32) -> u32 {
     let mut i = 0;
     while i + 1 < bytes.len() {
         acc += u16::from_be_bytes([bytes[i], bytes[i + 1]]) as u32;
@@ -60,7 +60,7 @@ fn sum16(bytes: &[u8], mut acc: u32) -> u32 {
 }
 
 #[inline(always)]
-fn fold(mut acc: u32) -> u16 {
+pub(crate) fn fold(mut acc: u32) -> u16 {
     acc = (acc & 0xffff) + (acc >> 16);
     acc = (acc & 0xffff) + (acc >> 16);
     !(acc as u16)

@@ -32,7 +32,7 @@ use catena_common::{
 use crate::{lb, maps::LB4_SOCK_REVNAT, metrics::count};
 
 /// Return values of cgroup sock_addr programs.
-const SYS_PROCEED: i32 = 1;
+pub(crate) const SYS_PROCEED: i32 = 1;
 const SYS_REJECT: i32 = 0;
 const ECONNREFUSED: i32 = 111;
 
@@ -60,7 +60,7 @@ pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
 }
 
 #[inline(always)]
-fn cookie(ctx: &SockAddrContext) -> u64 {
+pub(crate) fn cookie(ctx: &SockAddrContext) -> u64 {
     // SAFETY: bpf_get_socket_cookie accepts a bpf_sock_addr context.
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
@@ -119,7 +119,7 @@ fn translate(ctx: &SockAddrContext) -> i32 {
 /// Fails the socket call with ECONNREFUSED (a plain `0` would be EPERM, which
 /// clients treat as a local policy error rather than "nobody listens").
 #[inline(always)]
-fn reject() -> i32 {
+pub(crate) fn reject() -> i32 {
     // SAFETY: plain helper; allowed in connect4/sendmsg4.
     unsafe { bpf_set_retval(-ECONNREFUSED) };
     SYS_REJECT

@@ -6,8 +6,9 @@
 //! established connections pass on conntrack.
 //!
 //! No `ENDPOINTS` entry: drop (fail closed, as from_container). ARP and other
-//! non-IP frames pass untouched; IPv6 passes unless ingress is enforced
-//! (neighbour discovery always passes).
+//! non-IP frames pass untouched; IPv6 service replies are reverse-NATed
+//! (`service6`) unless ingress is enforced, which drops IPv6 (neighbour
+//! discovery always passes).
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use catena_common::{
@@ -32,7 +33,12 @@ pub fn to_container(ctx: TcContext) -> i32 {
         ep,
         flags,
         flow,
-    } = match endpoint::start(&ctx, DIR_INGRESS, POLICY_EP_INGRESS) {
+    } = match endpoint::start(
+        &ctx,
+        DIR_INGRESS,
+        POLICY_EP_INGRESS,
+        catena_common::tail_calls::TO_CONTAINER6,
+    ) {
         Ok(p) => p,
         Err(verdict) => return verdict,
     };

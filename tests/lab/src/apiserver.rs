@@ -94,13 +94,16 @@ struct Store {
     /// instead of deep-copying and re-encoding every object per request.
     /// Filled lazily and checked against the stored object's version, so
     /// no write path has to maintain it.
-    encoded: HashMap<String, BTreeMap<(String, String), (String, Arc<str>)>>,
+    encoded: HashMap<String, BTreeMap<(String, String), Encoded>>,
     /// Events created through the API, in arrival order.
     events: Vec<Value>,
     /// Answer this code to event POSTs / status writes instead of storing.
     fail_event_posts: Option<u16>,
     fail_status_writes: Option<u16>,
 }
+
+/// An object's resourceVersion and its JSON text at that version.
+type Encoded = (String, Arc<str>);
 
 struct Shared {
     store: Mutex<Store>,
@@ -726,12 +729,7 @@ fn list_response(
         body.push_str(&encoded);
     }
     body.push_str("]}");
-    (
-        StatusCode::OK,
-        [("content-type", "application/json")],
-        body,
-    )
-        .into_response()
+    (StatusCode::OK, [("content-type", "application/json")], body).into_response()
 }
 
 fn watch_response(

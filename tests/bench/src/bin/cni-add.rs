@@ -4,6 +4,11 @@
 //! pod (and which goes first alternates too), so machine noise hits both
 //! equally. Then 100 ADDs through the catena chain at once.
 //!
+//! A third chain runs the same catena on a second node whose agent has
+//! `--expedite-attach=false`, interleaved with the other two: it shows what
+//! the kernel's normal RCU grace period per TCX link costs an ADD (see
+//! agent/datapath/src/rcu.rs).
+//!
 //! Run through `tests/bench.sh` (release binaries, `CATENA_BIN_DIR`).
 
 use anyhow::{Context, Result};
@@ -52,6 +57,10 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&manifests)?;
     let agent = node.start_agent(&manifests, &[])?;
     let bin_dir = catena_lab::bin_dir()?;
+    let slow_node = Node::new("bench-add-rcu")?;
+    let slow_manifests = slow_node.dir().join("manifests");
+    std::fs::create_dir_all(&slow_manifests)?;
+    let _slow_agent = slow_node.start_agent(&slow_manifests, &["--expedite-attach=false"])?;
 
     // Separate networks and subnets: each chain has its own host-local range.
     let plain = CniRunner::new(
@@ -67,12 +76,26 @@ fn main() -> Result<()> {
             vec![node.catena_plugin()],
         )?,
     );
+    let normal_rcu = CniRunner::new(
+        &slow_node,
+        slow_node.ptp_conflist(
+            "chained",
+            "10.246.0.0/22",
+            "1.0.0",
+            vec![slow_node.catena_plugin()],
+        )?,
+    );
     // VERSION probes once per runner, outside the measurements.
     plain.validate()?;
     chained.validate()?;
+    normal_rcu.validate()?;
 
     let round = |runner: &CniRunner<'_>, tag: &str| -> Result<Duration> {
-        let pod = node.pod(tag)?;
+        let pod = if std::ptr::eq(runner, &normal_rcu) {
+            slow_node.pod(tag)?
+        } else {
+            node.pod(tag)?
+        };
         let r = runner
             .add(&pod, "eth0", &CallArgs::default())
             .with_context(|| format!("ADD {tag}"))?;
@@ -84,18 +107,21 @@ fn main() -> Result<()> {
     for i in 0..WARMUP {
         round(&plain, &format!("wp{i}"))?;
         round(&chained, &format!("wc{i}"))?;
+        round(&normal_rcu, &format!("wn{i}"))?;
     }
     chained.clear_timings();
 
     let mut without = Vec::with_capacity(PODS);
     let mut with = Vec::with_capacity(PODS);
+    let mut with_normal_rcu = Vec::with_capacity(PODS);
     for i in 0..PODS {
-        if i % 2 == 0 {
-            without.push(round(&plain, &format!("p{i}"))?);
-            with.push(round(&chained, &format!("c{i}"))?);
-        } else {
-            with.push(round(&chained, &format!("c{i}"))?);
-            without.push(round(&plain, &format!("p{i}"))?);
+        // Rotate which chain goes first.
+        for k in 0..3 {
+            match (i + k) % 3 {
+                0 => without.push(round(&plain, &format!("p{i}"))?),
+                1 => with.push(round(&chained, &format!("c{i}"))?),
+                _ => with_normal_rcu.push(round(&normal_rcu, &format!("n{i}"))?),
+            }
         }
     }
     let catena_own: Vec<Duration> = chained
@@ -194,6 +220,7 @@ fn main() -> Result<()> {
     };
     row("ptp + host-local", &without);
     row("ptp + host-local + catena-cni", &with);
+    row("same, --expedite-attach=false", &with_normal_rcu);
     row("catena-cni exec alone (ADD)", &catena_own);
     row("catena-cni exec alone (DEL)", &catena_del);
     println!();
@@ -204,6 +231,11 @@ fn main() -> Result<()> {
     );
     println!(
         "added latency (p(with) - p(without)): p50 {added_p50:+.2} ms, p99 {added_p99:+.2} ms"
+    );
+    println!(
+        "added latency with --expedite-attach=false (normal RCU grace period per TCX link): p50 {:+.2} ms, p99 {:+.2} ms",
+        diff_ms(percentile(&with_normal_rcu, 50.0), p50_o),
+        diff_ms(percentile(&with_normal_rcu, 99.0), p99_o)
     );
     println!(
         "added latency, paired per pod (with_i - without_i): p50 {:+.2} ms, p99 {:+.2} ms",

@@ -28,8 +28,8 @@ use catena_agent::compile::policy::{compile_policy, PolicyInput, PolicyPod};
 use catena_agent::model::identity::{pod_identity_labels, IdentityAllocator};
 use catena_agent::sources::{CiliumPolicy, ClusterState, ObjectKey};
 use catena_bench::{
-    interleaved, median, tcp_frame, verdict, BpffsDir, Program, TC_PASS, TC_SHOT, TCP_ACK,
-    TCP_SYN, TEST_IFINDEX,
+    interleaved, median, tcp_frame, verdict, BpffsDir, Program, TCP_ACK, TCP_SYN, TC_PASS, TC_SHOT,
+    TEST_IFINDEX,
 };
 use catena_common::endpoint::{EndpointInfo, EP_FLAG_ANTI_SPOOF};
 use catena_datapath::Datapath;
@@ -195,9 +195,14 @@ fn main() -> Result<()> {
     }
     let established = tcp_frame(pod_ip(0), 40_000, peer, 5003, TCP_ACK);
     bare.timed(&established, 1, TC_PASS)?;
-    let denied = tcp_frame(pod_ip(0), 40_001, pod_ip(ns0_pod_of_team(4, 1)), 5003, TCP_SYN);
-    from.timed(&denied, 1, TC_SHOT)
-        .context("the denied SYN")?;
+    let denied = tcp_frame(
+        pod_ip(0),
+        40_001,
+        pod_ip(ns0_pod_of_team(4, 1)),
+        5003,
+        TCP_SYN,
+    );
+    from.timed(&denied, 1, TC_SHOT).context("the denied SYN")?;
 
     let mut cases: Vec<Box<dyn FnMut() -> Result<f64> + '_>> = vec![
         Box::new(|| noop.timed(&established, REPEAT, TC_PASS)),
@@ -223,7 +228,13 @@ fn main() -> Result<()> {
         for k in 0..NEW_FLOWS {
             let team = k % TEAMS;
             let peer = pod_ip(ns0_pod_of_team(team, (k / TEAMS) % 10));
-            let syn = tcp_frame(pod_ip(0), 10_000 + k as u16, peer, 5000 + team as u16, TCP_SYN);
+            let syn = tcp_frame(
+                pod_ip(0),
+                10_000 + k as u16,
+                peer,
+                5000 + team as u16,
+                TCP_SYN,
+            );
             if k % 2 == 0 {
                 a.push(noop.timed(&syn, 1, TC_PASS)?);
                 b.push(from.timed(&syn, 1, TC_PASS)?);

@@ -19,9 +19,7 @@ use anyhow::{bail, Context, Result};
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Map, MapData};
 use catena_bench::{ms, percentile, verdict};
-use catena_common::policy::{
-    PolicyKey, PolicyValue, DIR_INGRESS, KIND_ALLOW, POLICY_PREFIX_FULL,
-};
+use catena_common::policy::{PolicyKey, PolicyValue, DIR_INGRESS, KIND_ALLOW, POLICY_PREFIX_FULL};
 use catena_lab::{CallArgs, CniRunner, Node};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -168,7 +166,12 @@ fn main() -> Result<()> {
 
     let runner = CniRunner::new(
         &node,
-        node.ptp_conflist("bench", "10.244.0.0/24", "1.0.0", vec![node.catena_plugin()])?,
+        node.ptp_conflist(
+            "bench",
+            "10.244.0.0/24",
+            "1.0.0",
+            vec![node.catena_plugin()],
+        )?,
     );
     let client = node.pod("client")?;
     let server = node.pod("server")?;

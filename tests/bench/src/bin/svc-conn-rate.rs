@@ -4,15 +4,16 @@
 //!
 //! Every variant is its own lab node (network namespace) with a client pod
 //! and three backend pods wired by the real ptp + host-local primary:
-//! - `no LB`: ptp alone, no rules; the client connects straight to a
-//!   backend pod IP (the floor: what a connection costs without any
-//!   service translation);
+//! - `no LB`: ptp alone, no rules; the client connects straight to the
+//!   backend pod IPs, each in turn (the floor: what a connection costs
+//!   without any service translation, the servers sharing the work as
+//!   behind a VIP);
 //! - `catena`: ptp + catena-cni, the real catena-agent on a manifest dir
 //!   with the N Services and their EndpointSlices (the measured one plus
 //!   N-1 fillers); translation in the eBPF programs on the host veths;
 //! - `catena, pod IP`: the same catena node, from a second client pod
-//!   straight to a backend pod IP (the programs' cost without a service
-//!   translation);
+//!   straight to the backend pod IPs in turn (the programs' cost without a
+//!   service translation);
 //! - `iptables-nft`, `iptables-legacy`: ptp alone, kube-proxy's iptables-mode
 //!   rules for the same N services loaded with `iptables-restore` (one file)
 //!   into the node netns, where pod traffic is DNATed in PREROUTING;
@@ -37,6 +38,7 @@ use catena_bench::service_set::{fillers, Service, ServiceSet};
 use catena_bench::{percentile, verdict};
 use catena_lab::{count_backends, Agent, CallArgs, CniRunner, Node, Pod, Server};
 use socket2::{Domain, SockAddr, Socket, Type};
+use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Write};
@@ -50,9 +52,9 @@ const SCALES: [usize; 3] = [1, 1_000, 10_000];
 /// Endpoints of each filler service (they never see traffic; they size the rules).
 const FILLER_ENDPOINTS: usize = 2;
 const BACKENDS: usize = 3;
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 9;
 /// Measured time per variant per round.
-const SLICE: Duration = Duration::from_millis(1500);
+const SLICE: Duration = Duration::from_millis(1000);
 /// Unmeasured run per variant before each scale's rounds.
 const WARMUP: Duration = Duration::from_millis(300);
 /// Bounds connect() and recv(): a lost SYN shows as an error, not a stall.
@@ -160,6 +162,18 @@ impl<'n> Site<'n> {
     }
 }
 
+/// User + system CPU time a process has used (`/proc/<pid>/stat`).
+fn cpu_time(pid: u32) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields overall, in clock ticks.
+    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    // The kernel reports these in USER_HZ, which is 100 on Linux.
+    Ok(Duration::from_millis(ticks * 10))
+}
+
 /// ptp + host-local alone: the primary without catena.
 fn plain_runner(node: &Node) -> Result<CniRunner<'_>> {
     Ok(CniRunner::new(
@@ -246,8 +260,10 @@ struct Tally {
 }
 
 impl Tally {
+    /// The median round's rate: a round stalled by the machine (other
+    /// work on 2 cores) does not drag it down the way a total would.
     fn rate(&self) -> f64 {
-        self.conns as f64 / self.elapsed.as_secs_f64()
+        percentile(&self.round_rates, 50.0)
     }
 }
 
@@ -329,32 +345,31 @@ struct Target<'s> {
 
 impl Target<'_> {
     fn run(&self, duration: Duration) -> Result<RunResult> {
-        let addr = self.addr;
+        let addrs = self.addrs.clone();
         self.client
             .netns()
-            .enter_thread(move || hammer(addr, duration))
+            .enter_thread(move || hammer(addrs, duration))
     }
 
     /// Checks the path works before it is measured: every request answered,
-    /// by every backend behind the address, and (through a VIP) the reply
-    /// comes from the VIP.
+    /// every backend answering, each reply from the address connected to
+    /// (through a VIP: from the VIP, not the backend).
     fn check(&self, what: &str) -> Result<()> {
-        let counts: BTreeMap<String, usize> = count_backends(self.client, self.addr, 60)?;
-        let errors: usize = counts
-            .iter()
-            .filter(|(k, _)| k.starts_with("ERR"))
-            .map(|(_, v)| v)
-            .sum();
-        if errors > 0 || counts.len() != self.expect_backends {
-            bail!(
-                "{what}: {} expected {} backends answering, got {counts:?}",
-                self.addr,
-                self.expect_backends
-            );
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for addr in &self.addrs {
+            for (reply, n) in count_backends(self.client, *addr, 60 / self.addrs.len())? {
+                *counts.entry(reply).or_default() += n;
+            }
+            let reply = self.client.tcp_request(*addr, Duration::from_secs(2))?;
+            if reply.peer != *addr {
+                bail!("{what}: reply came from {}, not {addr}", reply.peer);
+            }
         }
-        let reply = self.client.tcp_request(self.addr, Duration::from_secs(2))?;
-        if reply.peer != self.addr {
-            bail!("{what}: reply came from {}, not {}", reply.peer, self.addr);
+        if counts.keys().any(|k| k.starts_with("ERR")) || counts.len() != BACKENDS {
+            bail!(
+                "{what}: expected all {BACKENDS} backends answering through {:?}, got {counts:?}",
+                self.addrs
+            );
         }
         Ok(())
     }
@@ -396,43 +411,31 @@ fn main() -> Result<()> {
     let nftables = Site::wire(&nftables_node, plain_runner(&nftables_node)?, 1)?;
 
     let vip = SocketAddr::from((VIP, PORT));
-    let pod_ip = |site: &Site<'_>| -> Result<SocketAddr> {
-        Ok(SocketAddr::from((site.backends[0].ipv4()?, TARGET_PORT)))
+    let pod_ips = |site: &Site<'_>| -> Result<Vec<SocketAddr>> {
+        Ok(site
+            .backend_ips()?
+            .into_iter()
+            .map(|ip| SocketAddr::from((ip, TARGET_PORT)))
+            .collect())
     };
     let targets: BTreeMap<Variant, Target<'_>> = [
-        (Variant::NoLb, &no_lb.clients[0], pod_ip(&no_lb)?, 1),
-        (Variant::Catena, &catena.clients[0], vip, BACKENDS),
-        (
-            Variant::CatenaPodIp,
-            &catena.clients[1],
-            pod_ip(&catena)?,
-            1,
-        ),
-        (Variant::IptablesNft, &ipt_nft.clients[0], vip, BACKENDS),
-        (
-            Variant::IptablesLegacy,
-            &ipt_legacy.clients[0],
-            vip,
-            BACKENDS,
-        ),
-        (Variant::Nftables, &nftables.clients[0], vip, BACKENDS),
+        (Variant::NoLb, &no_lb.clients[0], pod_ips(&no_lb)?),
+        (Variant::Catena, &catena.clients[0], vec![vip]),
+        (Variant::CatenaPodIp, &catena.clients[1], pod_ips(&catena)?),
+        (Variant::IptablesNft, &ipt_nft.clients[0], vec![vip]),
+        (Variant::IptablesLegacy, &ipt_legacy.clients[0], vec![vip]),
+        (Variant::Nftables, &nftables.clients[0], vec![vip]),
     ]
     .into_iter()
-    .map(|(v, client, addr, expect_backends)| {
-        (
-            v,
-            Target {
-                client,
-                addr,
-                expect_backends,
-            },
-        )
-    })
+    .map(|(v, client, addrs)| (v, Target { client, addrs }))
     .collect();
 
     let mut unavailable: BTreeMap<Variant, String> = BTreeMap::new();
     let mut results: BTreeMap<(usize, Variant), Tally> = BTreeMap::new();
     let mut load_times: BTreeMap<(usize, Variant), Duration> = BTreeMap::new();
+    let agent_pid = agent.pid().context("agent pid")?;
+    let mut agent_cpu = Duration::ZERO;
+    let mut measured_wall = Duration::ZERO;
     for scale in SCALES {
         // Program every variant for this scale.
         let rules_file = |site: &Site<'_>, name: &str, render: fn(&ServiceSet) -> String| {
@@ -445,7 +448,7 @@ fn main() -> Result<()> {
             (scale, Variant::IptablesNft),
             load_rules(&ipt_nft_node, "iptables-nft-restore", &[], &f)?,
         );
-        if !unavailable.contains_key(&Variant::IptablesLegacy) {
+        if let Entry::Vacant(slot) = unavailable.entry(Variant::IptablesLegacy) {
             let f = rules_file(&ipt_legacy, "iptables-legacy", ServiceSet::iptables_restore)?;
             match load_rules(&ipt_legacy_node, "iptables-legacy-restore", &[], &f) {
                 Ok(d) => {
@@ -454,7 +457,7 @@ fn main() -> Result<()> {
                 // The legacy backend needs the kernel's ip_tables: without it
                 // this variant is reported unavailable, the rest still runs.
                 Err(e) => {
-                    unavailable.insert(Variant::IptablesLegacy, format!("{e:#}"));
+                    slot.insert(format!("{e:#}"));
                 }
             }
         }
@@ -475,6 +478,7 @@ fn main() -> Result<()> {
             t.check(&format!("{} at {scale} services", v.label()))?;
             t.run(WARMUP)?;
         }
+        let (cpu0, wall0) = (cpu_time(agent_pid)?, Instant::now());
         for round in 0..ROUNDS {
             for k in 0..active.len() {
                 let v = active[(round + k) % active.len()];
@@ -492,6 +496,8 @@ fn main() -> Result<()> {
                 }
             }
         }
+        agent_cpu += cpu_time(agent_pid)? - cpu0;
+        measured_wall += wall0.elapsed();
         eprintln!("svc-conn-rate: {scale} services done");
     }
 
@@ -505,8 +511,9 @@ fn main() -> Result<()> {
         WARMUP.as_secs_f64(),
     );
     println!(
-        "one client thread in a client pod: connect / send / recv / close (RST) in a loop, to {BACKENDS} backend pods (ptp veths) behind {VIP}:{PORT}; fillers have {FILLER_ENDPOINTS} endpoints each"
+        "one client thread in a client pod: connect / send / recv / close (RST) in a loop, to {BACKENDS} backend pods (ptp veths) behind {VIP}:{PORT} (pod-IP variants: the {BACKENDS} pod IPs in turn); fillers have {FILLER_ENDPOINTS} endpoints each"
     );
+    println!("conn/s = the median round's rate (min..max over rounds); connect latency = connect() returning, all connections of all rounds");
     println!(
         "the measured service is the LAST rule of KUBE-SERVICES (worst case for iptables' linear match; kube-proxy's iptables mode scales this way); position does not matter to the nftables vmap or catena"
     );
@@ -558,6 +565,10 @@ fn main() -> Result<()> {
         }
     }
     println!();
+    println!(
+        "catena-agent CPU while the rounds ran (all variants): {:.1}% of one core",
+        100.0 * agent_cpu.as_secs_f64() / measured_wall.as_secs_f64()
+    );
     println!("programming time per scale (rule load = the restore/nft process; catena = manifest write -> /v1/status shows the count):");
     for scale in SCALES {
         let line: Vec<String> = [

@@ -153,14 +153,12 @@ fn agent_start(manifests: &Path) -> Result<AgentTimes> {
     Ok(AgentTimes { programmed, ready })
 }
 
+/// Checks what a restore loaded into its namespace.
+type LoadCheck = dyn Fn(&Netns) -> Result<()>;
+
 /// Runs `tool args < file` in a fresh empty network namespace and times it.
-/// With `verify`, also checks what got loaded with `check`.
-fn restore(
-    tool: &str,
-    args: &[&str],
-    file: &Path,
-    check: Option<&dyn Fn(&Netns) -> Result<()>>,
-) -> Result<Duration> {
+/// With `check`, also checks what got loaded.
+fn restore(tool: &str, args: &[&str], file: &Path, check: Option<&LoadCheck>) -> Result<Duration> {
     let ns = Netns::new("svc-restore")?;
     let mut cmd = Command::new(tool);
     cmd.args(args)
@@ -278,7 +276,7 @@ fn main() -> Result<()> {
                     "iptables-nft-restore",
                     &[],
                     &iptables_file,
-                    first.then_some(&check_nft_rules as &dyn Fn(&Netns) -> Result<()>),
+                    first.then_some(&check_nft_rules as &LoadCheck),
                 )?),
                 3 => {
                     if legacy_error.is_none() {
@@ -286,7 +284,7 @@ fn main() -> Result<()> {
                             "iptables-legacy-restore",
                             &[],
                             &iptables_file,
-                            first.then_some(&check_legacy_rules as &dyn Fn(&Netns) -> Result<()>),
+                            first.then_some(&check_legacy_rules as &LoadCheck),
                         ) {
                             Ok(d) => ipt_legacy.push(d),
                             // The legacy backend needs the kernel's ip_tables;
@@ -299,7 +297,7 @@ fn main() -> Result<()> {
                     "nft",
                     &["-f", "-"],
                     &nft_file,
-                    first.then_some(&check_nft as &dyn Fn(&Netns) -> Result<()>),
+                    first.then_some(&check_nft as &LoadCheck),
                 )?),
             }
             eprintln!(

@@ -1,0 +1,94 @@
+//! IPv6 service lookup and backend selection over `LB6_SERVICES` (the master
+//! /slot layout of `lb`): random slot, or the client's backend under
+//! ClientIP affinity. Maglev tables are IPv4-only: IPv6 frontends always
+//! select at random.
+
+use aya_ebpf::helpers::bpf_get_prandom_u32;
+use catena_common::lb::{Affinity4Value, SVC_FLAG_AFFINITY};
+use catena_common::lb6::{Affinity6Key, Backend6, Service6Key, Service6Value};
+
+use crate::maps::{LB6_AFFINITY, LB6_BACKENDS, LB6_SERVICES};
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+#[inline(always)]
+pub fn master_key(daddr: &[u32; 4], dport: u16, proto: u8) -> Service6Key {
+    Service6Key {
+        address: *daddr,
+        dport,
+        backend_slot: 0,
+        proto,
+        scope: 0,
+        pad: [0; 2],
+    }
+}
+
+#[inline(always)]
+pub fn lookup_master(key: &Service6Key) -> Option<Service6Value> {
+    // SAFETY: copied out at once (plain data; a torn read is tolerated as
+    // in `lb`).
+    unsafe { LB6_SERVICES.get(key) }.copied()
+}
+
+#[inline(always)]
+pub fn backend(id: u32) -> Option<Backend6> {
+    // SAFETY: copied out at once.
+    unsafe { LB6_BACKENDS.get(id) }.copied()
+}
+
+/// A random slot of the frontend (`count` must be > 0): its backend id and
+/// the backend.
+#[inline(always)]
+pub fn select_backend(master: &Service6Key, count: u16) -> Option<(u32, Backend6)> {
+    // SAFETY: helper without arguments.
+    let rnd = unsafe { bpf_get_prandom_u32() };
+    let slot = (rnd % count as u32) as u16 + 1;
+    let slot_key = Service6Key {
+        backend_slot: slot,
+        ..*master
+    };
+    // SAFETY: copied out at once.
+    let id = unsafe { LB6_SERVICES.get(&slot_key) }?.backend_id;
+    Some((id, backend(id)?))
+}
+
+/// Backend for a new flow from `client`: with ClientIP affinity the
+/// client's backend while fresh (and still existing), else a random one,
+/// which then becomes the client's.
+#[inline(always)]
+pub fn select_for_client(
+    key: &Service6Key,
+    master: &Service6Value,
+    client: &[u32; 4],
+    now: u64,
+) -> Option<(u32, Backend6)> {
+    if master.flags & SVC_FLAG_AFFINITY == 0 {
+        return select_backend(key, master.count);
+    }
+    let aff_key = Affinity6Key {
+        client: *client,
+        rev_nat_index: master.rev_nat_index,
+        pad: 0,
+    };
+    // In the master entry `backend_id` holds the affinity timeout (seconds).
+    let timeout_ns = master.backend_id as u64 * NS_PER_SEC;
+    if let Some(entry) = LB6_AFFINITY.get_ptr_mut(&aff_key) {
+        // SAFETY: a live value pointer from this run's lookup.
+        let e = unsafe { &mut *entry };
+        if now.wrapping_sub(e.last_used_ns) <= timeout_ns {
+            if let Some(b) = backend(e.backend_id) {
+                e.last_used_ns = now;
+                return Some((e.backend_id, b));
+            }
+        }
+    }
+    let (id, b) = select_backend(key, master.count)?;
+    let value = Affinity4Value {
+        last_used_ns: now,
+        backend_id: id,
+        pad: 0,
+    };
+    // A failed insert only loses stickiness for this client.
+    let _ = LB6_AFFINITY.insert(&aff_key, &value, 0);
+    Some((id, b))
+}

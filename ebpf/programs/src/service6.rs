@@ -1,0 +1,255 @@
+//! IPv6 service load balancing in the tc programs, for endpoints whose
+//! direction is not under policy (policy is IPv4-only; an enforced endpoint
+//! drops IPv6 in `endpoint::start` before reaching this). Separate
+//! classifiers entered by tail call from the shared start, so the IPv4
+//! path's code, stack and verification stay as they were.
+//!
+//! - `from_container6`: TCP/UDP to an IPv6 frontend is DNATed to a backend
+//!   chosen once per flow (CT6 `CT_SERVICE`), replies matched through the
+//!   translated tuple (CT6 `CT_EGRESS`, with the rev-NAT index); a pod
+//!   reaching itself is source-NATed to `HAIRPIN6_ADDR` and its replies
+//!   translated back here; a frontend without backends answers a SYN with a
+//!   RST and a UDP datagram with ICMPv6 port unreachable.
+//! - `to_container6`: replies of backends get the frontend back as source.
+//!
+//! Everything else IPv6 (ICMPv6, extension headers, non-service traffic)
+//! passes untouched.
+
+use aya_ebpf::{macros::classifier, programs::TcContext};
+use catena_common::{
+    ct::CT_FLAG_SEEN_REPLY,
+    endpoint::EndpointInfo,
+    events::Reason,
+    lb6::{Service6Key, Service6Value, HAIRPIN6_ADDR},
+    metrics::Counter,
+    policy::{DIR_EGRESS, DIR_INGRESS},
+    tail_calls,
+};
+
+use crate::{
+    ct, ct6, events, lb6,
+    maps::{ENDPOINTS, LB6_REVNAT, TAIL_CALLS6},
+    metrics::count,
+    nat, nat6,
+    parse::Flow6,
+    reject6, VERDICT_PASS,
+};
+
+/// The IPv6 part of `from_container`, tail-called from it.
+#[classifier]
+pub fn from_container6(ctx: TcContext) -> i32 {
+    let ep = endpoint(&ctx);
+    let flow = match crate::parse::parse6(&ctx) {
+        Ok(Some(flow)) => flow,
+        // Not TCP/UDP right after the fixed header (ND, ICMPv6, extension
+        // headers): not a service flow. A malformed packet is the stack's.
+        Ok(None) | Err(()) => return VERDICT_PASS,
+    };
+    match try_from_container6(&ctx, &ep, &flow) {
+        Ok(verdict) => verdict,
+        Err(()) => drop(&ctx, &ep, DIR_EGRESS, Reason::Invalid),
+    }
+}
+
+/// The IPv6 part of `to_container`, tail-called from it.
+#[classifier]
+pub fn to_container6(ctx: TcContext) -> i32 {
+    let Ok(Some(flow)) = crate::parse::parse6(&ctx) else {
+        return VERDICT_PASS;
+    };
+    match reverse_nat(&ctx, &flow) {
+        Ok(()) => VERDICT_PASS,
+        Err(()) => drop(&ctx, &endpoint(&ctx), DIR_INGRESS, Reason::Invalid),
+    }
+}
+
+/// Answers a new flow to a frontend without backends, tail-called from
+/// `from_container6`: RST for a SYN, ICMPv6 port unreachable for UDP, else
+/// a drop with a `NoBackend` event.
+#[classifier]
+pub fn refuse6(ctx: TcContext) -> i32 {
+    let ep = endpoint(&ctx);
+    let Ok(Some(flow)) = crate::parse::parse6(&ctx) else {
+        return drop(&ctx, &ep, DIR_EGRESS, Reason::Invalid);
+    };
+    match reject6::refuse(&ctx, &flow) {
+        Ok(Some(verdict)) => {
+            count(Counter::RejectNoBackend);
+            verdict
+        }
+        Ok(None) => drop(&ctx, &ep, DIR_EGRESS, Reason::NoBackend),
+        Err(()) => drop(&ctx, &ep, DIR_EGRESS, Reason::Invalid),
+    }
+}
+
+/// The interface's endpoint, for events (the caller already checked it
+/// exists before the tail call).
+#[inline(always)]
+fn endpoint(ctx: &TcContext) -> EndpointInfo {
+    // SAFETY: copied out at once.
+    unsafe { ENDPOINTS.get(events::ifindex(ctx)) }
+        .copied()
+        .unwrap_or_default()
+}
+
+#[inline(always)]
+fn drop(ctx: &TcContext, ep: &EndpointInfo, direction: u8, reason: Reason) -> i32 {
+    // IPv6 events carry no addresses (the event layout is IPv4).
+    let ev = events::base(direction, events::ifindex(ctx), ep, None);
+    events::drop(ev, reason)
+}
+
+#[inline(always)]
+fn try_from_container6(ctx: &TcContext, ep: &EndpointInfo, flow: &Flow6) -> Result<i32, ()> {
+    if flow.daddr == HAIRPIN6_ADDR {
+        if let Some(verdict) = hairpin_reply(ctx, flow)? {
+            return Ok(verdict);
+        }
+    }
+    let key = lb6::master_key(&flow.daddr, flow.dport, flow.proto);
+    match lb6::lookup_master(&key) {
+        Some(master) => service(ctx, ep, flow, &key, &master),
+        None => Ok(VERDICT_PASS),
+    }
+}
+
+/// A packet to an IPv6 frontend.
+#[inline(always)]
+fn service(
+    ctx: &TcContext,
+    ep: &EndpointInfo,
+    flow: &Flow6,
+    key: &Service6Key,
+    master: &Service6Value,
+) -> Result<i32, ()> {
+    let now = ct::now_ns();
+    let len = ctx.len();
+    let svc_ct_key = ct6::service_key(flow);
+
+    // An existing flow keeps its backend as long as that backend exists.
+    let mut chosen = None;
+    if let Some(entry) = ct6::lookup(&svc_ct_key) {
+        // SAFETY: pointer from a CT6 lookup in this run.
+        let id = unsafe { (*entry).backend_id };
+        if let Some(backend) = lb6::backend(id) {
+            // SAFETY: as above.
+            unsafe { ct::touch(entry, now, len, flow.closing) };
+            chosen = Some(backend);
+        }
+    }
+    let backend = match chosen {
+        Some(backend) => backend,
+        None => {
+            if master.count == 0 {
+                return Ok(no_backend(ctx, ep));
+            }
+            let Some((id, backend)) = lb6::select_for_client(key, master, &flow.saddr, now) else {
+                // A slot removed under us: as without backends.
+                return Ok(no_backend(ctx, ep));
+            };
+            if ct6::create(
+                &svc_ct_key,
+                id,
+                master.rev_nat_index,
+                now,
+                len,
+                flow.closing,
+            )
+            .is_err()
+            {
+                return Ok(drop(ctx, ep, DIR_EGRESS, Reason::CtFull));
+            }
+            backend
+        }
+    };
+
+    // A pod reaching itself: its own address as the source would make its
+    // stack drop the packet, so the source becomes the hairpin address.
+    let hairpin = backend.address == flow.saddr;
+    let ct_saddr = if hairpin { HAIRPIN6_ADDR } else { flow.saddr };
+    let egress_key = ct6::egress_key(flow, &ct_saddr, &backend.address, backend.port);
+    match ct6::lookup(&egress_key) {
+        Some(entry) => {
+            // SAFETY: pointer from a CT6 lookup in this run.
+            unsafe {
+                (*entry).rev_nat_index = master.rev_nat_index;
+                ct::touch(entry, now, len, flow.closing);
+            }
+        }
+        None => {
+            // Without it replies would not be reverse-NATed: fail visibly.
+            if ct6::create(&egress_key, 0, master.rev_nat_index, now, len, flow.closing).is_err() {
+                return Ok(drop(ctx, ep, DIR_EGRESS, Reason::CtFull));
+            }
+        }
+    }
+
+    nat6::rewrite_dst(ctx, flow, &backend.address, backend.port)?;
+    count(Counter::ServiceDnat);
+    if hairpin {
+        nat6::rewrite_src(ctx, flow, &HAIRPIN6_ADDR, flow.sport)?;
+        return nat::bounce(ctx);
+    }
+    Ok(VERDICT_PASS)
+}
+
+/// The backend's reply of a hairpin flow (pod -> hairpin address): source
+/// becomes the frontend, destination the pod itself, straight back to it.
+/// `None`: not a hairpin flow's reply.
+#[inline(always)]
+fn hairpin_reply(ctx: &TcContext, flow: &Flow6) -> Result<Option<i32>, ()> {
+    let Some(entry) = ct6::lookup(&ct6::reply_key(flow)) else {
+        return Ok(None);
+    };
+    // SAFETY: pointer from a CT6 lookup in this run.
+    let rev_nat_index = unsafe { (*entry).rev_nat_index };
+    // SAFETY: copied out at once.
+    let Some(frontend) = (unsafe { LB6_REVNAT.get(rev_nat_index) }).copied() else {
+        return Ok(None);
+    };
+    // SAFETY: pointer from a CT6 lookup in this run.
+    unsafe {
+        ct::touch(entry, ct::now_ns(), ctx.len(), flow.closing);
+        (*entry).flags |= CT_FLAG_SEEN_REPLY;
+    }
+    nat6::rewrite_src(ctx, flow, &frontend.address, frontend.port)?;
+    nat6::rewrite_dst(ctx, flow, &flow.saddr, flow.dport)?;
+    count(Counter::ReverseNat);
+    nat::bounce(ctx).map(Some)
+}
+
+/// A reply of a service flow on its way to the pod: its source becomes the
+/// frontend the pod connected to.
+#[inline(always)]
+fn reverse_nat(ctx: &TcContext, flow: &Flow6) -> Result<(), ()> {
+    let Some(entry) = ct6::lookup(&ct6::reply_key(flow)) else {
+        return Ok(());
+    };
+    // SAFETY: pointer from a CT6 lookup in this run.
+    let rev_nat_index = unsafe { (*entry).rev_nat_index };
+    if rev_nat_index == 0 {
+        return Ok(());
+    }
+    // SAFETY: copied out at once.
+    let Some(frontend) = (unsafe { LB6_REVNAT.get(rev_nat_index) }).copied() else {
+        return Ok(());
+    };
+    // SAFETY: pointer from a CT6 lookup in this run.
+    unsafe {
+        ct::touch(entry, ct::now_ns(), ctx.len(), flow.closing);
+        (*entry).flags |= CT_FLAG_SEEN_REPLY;
+    }
+    nat6::rewrite_src(ctx, flow, &frontend.address, frontend.port)?;
+    count(Counter::ReverseNat);
+    Ok(())
+}
+
+/// A new flow to a frontend without backends: answered by `refuse6`
+/// (a tail call keeps its buffers out of this program's stack); dropped
+/// with a `NoBackend` event should the slot be empty.
+#[inline(always)]
+fn no_backend(ctx: &TcContext, ep: &EndpointInfo) -> i32 {
+    // SAFETY: our own context; on success this never returns.
+    unsafe { TAIL_CALLS6.tail_call(ctx, tail_calls::REFUSE6) };
+    drop(ctx, ep, DIR_EGRESS, Reason::NoBackend)
+}
