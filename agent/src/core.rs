@@ -748,10 +748,13 @@ impl AgentCore {
                 continue;
             };
             if crate::compile::external::kind_of(service, fe).is_some() {
+                // External clients' backends: the external scope when the
+                // frontend has two.
+                let external = svc.external_backends.as_ref().unwrap_or(&svc.backends);
                 local
                     .entry(name.as_str())
                     .or_default()
-                    .extend(svc.backends.iter().map(|b| b.address));
+                    .extend(external.iter().map(|b| b.address));
             }
         }
         wanted
@@ -768,11 +771,24 @@ impl AgentCore {
     pub fn services(&self) -> Result<Vec<ServiceStatus>, AgentError> {
         let guard = self.lock()?;
         let inner = guard.as_ref().expect("checked by lock");
+        let service_of = |name: &str| {
+            let (ns, n) = name.split_once('/')?;
+            inner
+                .cluster
+                .services
+                .get(&crate::sources::ObjectKey::new(ns, n))
+                .map(|s| s.as_ref())
+        };
+        let maglev = &inner.services.desired().maglev;
+        let algorithm = |maglev: bool| if maglev { "maglev" } else { "random" }.to_string();
         Ok(inner
             .datapath
             .services()
             .into_iter()
             .map(|s| ServiceStatus {
+                kind: crate::compile::external::frontend_kind(service_of(&s.name), &s.frontend)
+                    .to_string(),
+                algorithm: algorithm(maglev.contains(&s.frontend)),
                 name: s.name,
                 frontend: format!(
                     "{}:{}/{}",
@@ -786,10 +802,16 @@ impl AgentCore {
                     .map(|b| format!("{}:{}", b.address, b.port))
                     .collect(),
                 rev_nat_index: s.rev_nat_index,
+                external_backends: s.external_backends.map(|b| {
+                    b.iter()
+                        .map(|b| format!("{}:{}", b.address, b.port))
+                        .collect()
+                }),
             })
             .chain(inner.datapath.services6().into_iter().map(|s| {
                 // IPv6 as `[addr]:port`, the usual socket-address form.
                 let sock = |a, p| std::net::SocketAddr::from((a, p)).to_string();
+                let known = service_of(&s.name).is_some();
                 ServiceStatus {
                     name: s.name,
                     frontend: format!(
@@ -799,6 +821,14 @@ impl AgentCore {
                     ),
                     backends: s.backends.iter().map(|b| sock(b.address, b.port)).collect(),
                     rev_nat_index: s.rev_nat_index,
+                    // IPv6 frontends are ClusterIPs, and pick at random.
+                    kind: if known {
+                        "ClusterIP".into()
+                    } else {
+                        String::new()
+                    },
+                    algorithm: algorithm(false),
+                    external_backends: None,
                 }
             }))
             .collect())

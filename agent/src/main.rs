@@ -7,6 +7,7 @@ use catena_agent::config::{AgentConfig, Command, LogFormat};
 use clap::Parser;
 
 fn main() -> Result<()> {
+    catena_agent::memory::tune_allocator();
     let config = AgentConfig::parse_from(normalize_args(std::env::args_os()));
     init_tracing(config.log_format);
     match &config.command {

@@ -96,7 +96,9 @@ fn compile_cost_at_scale() {
             .unwrap()
             .clone();
         let mut slice = (*edited.endpoint_slices[&key]).clone();
-        slice.endpoints.as_mut().unwrap().pop();
+        let mut endpoints = slice.endpoints.into_vec();
+        endpoints.pop();
+        slice.endpoints = endpoints.into();
         edited
             .endpoint_slices
             .insert(key, std::sync::Arc::new(slice));

@@ -110,6 +110,21 @@ pub struct ServiceStatus {
     /// `ip:port` of each backend.
     pub backends: Vec<String>,
     pub rev_nat_index: u16,
+    /// How clients reach this frontend: `ClusterIP`, `NodePort`,
+    /// `ExternalIP` or `LoadBalancer` (empty: the Service is gone from the
+    /// source while its entries are still programmed).
+    #[serde(default)]
+    pub kind: String,
+    /// How a new flow picks its backend: `random` or `maglev`.
+    #[serde(default)]
+    pub algorithm: String,
+    /// Frontends with two scopes (traffic policies that differ): the
+    /// backends of clients outside the node, while `backends` serve pods
+    /// and node processes. E.g. a NodePort with `externalTrafficPolicy:
+    /// Local` lists only this node's endpoints here. External clients of a
+    /// two-scope Maglev frontend pick at random among these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_backends: Option<Vec<String>>,
 }
 
 /// Error body of a non-2xx answer.
@@ -253,16 +268,19 @@ pub struct HealthCheck {
     pub message: String,
 }
 
-/// One `CT4` entry as `catena ct list` shows it.
+/// One `CT4` or `CT6` entry as `catena ct list` shows it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct CtEntry {
+    /// `IPv4` (`CT4`) or `IPv6` (`CT6`).
+    #[serde(default)]
+    pub family: String,
     /// `service` (client -> frontend, remembers the backend) or `egress`
     /// (client -> backend, carries the reverse NAT for replies).
     pub kind: String,
     /// `TCP`, `UDP`, `SCTP` or the protocol number.
     pub proto: String,
-    /// `ip:port` of the key's source and destination.
+    /// `ip:port` (IPv6: `[ip]:port`) of the key's source and destination.
     pub src: String,
     pub dst: String,
     /// Service entries: the chosen backend (`ip:port`, or `#id` when the
@@ -283,7 +301,11 @@ pub struct CtEntry {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct CtFlushResult {
+    /// Entries removed, both families.
     pub removed: usize,
+    /// Of `removed`, the IPv6 ones (`CT6`).
+    #[serde(default)]
+    pub removed_ipv6: usize,
 }
 
 /// A raw dump of pinned eBPF maps, decoded into named columns (`catena bpf

@@ -10,11 +10,12 @@ use clap::Subcommand;
 
 #[derive(Subcommand)]
 pub enum BpfCmd {
-    /// LB4_SERVICES (master entries and backend slots), resolved through
-    /// LB4_BACKENDS and LB4_REVNAT.
+    /// LB4_SERVICES and LB6_SERVICES (master entries and backend slots),
+    /// resolved through LB4/LB6_BACKENDS and LB4/LB6_REVNAT.
     #[command(subcommand)]
     Lb(List),
-    /// CT4, undecoded flags and ids (see `catena ct list` for the friendly view).
+    /// CT4 then CT6, undecoded flags and ids (IPv6 ids refer to the LB6
+    /// maps; see `catena ct list` for the friendly view).
     #[command(subcommand)]
     Ct(List),
     /// ENDPOINTS: per-veth configuration read by the programs.

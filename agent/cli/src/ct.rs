@@ -1,4 +1,5 @@
-//! `catena ct list|flush`: the conntrack table as the datapath holds it.
+//! `catena ct list|flush`: the conntrack tables (`CT4` and `CT6`) as the
+//! datapath holds them.
 
 use crate::table::{human_bytes, human_count, human_secs, Table};
 use crate::{print_json, Output};
@@ -10,8 +11,8 @@ use clap::Subcommand;
 pub enum CtCmd {
     /// Conntrack entries: tuple, kind, backend, reverse NAT, age, traffic.
     List {
-        /// Only entries whose source or destination contains this (an IP,
-        /// `ip:port`, or a port as `:port`).
+        /// Only entries whose source or destination is this: an IP (IPv4 or
+        /// IPv6), `ip:port` / `[ipv6]:port`, or a port as `:port`.
         #[arg(long)]
         address: Option<String>,
     },
@@ -36,21 +37,31 @@ pub fn run(client: &Client, output: Output, cmd: &CtCmd) -> Result<()> {
             let r: CtFlushResult = client.post("/v1/ct/flush", &serde_json::json!({}))?;
             match output {
                 Output::Json => print_json(&r),
-                Output::Table => println!("Flushed {} conntrack entries", r.removed),
+                Output::Table => println!(
+                    "Flushed {} conntrack entries ({} IPv6)",
+                    r.removed, r.removed_ipv6
+                ),
             }
         }
     }
     Ok(())
 }
 
+/// Whether the tuple (`ip:port` or `[ipv6]:port`) matches `wanted`: an
+/// address (IPv6 with or without brackets), a full socket address, or a
+/// port as `:port`.
 fn matches_addr(tuple: &str, wanted: &str) -> bool {
-    if wanted.starts_with(':') {
-        return tuple.ends_with(wanted);
+    let Ok(tuple) = tuple.parse::<std::net::SocketAddr>() else {
+        return false;
+    };
+    if let Some(port) = wanted.strip_prefix(':') {
+        return port.parse() == Ok(tuple.port());
     }
-    if wanted.contains(':') {
-        return tuple == wanted;
+    if let Ok(sock) = wanted.parse::<std::net::SocketAddr>() {
+        return sock == tuple;
     }
-    tuple.split(':').next() == Some(wanted)
+    let bare = wanted.trim_start_matches('[').trim_end_matches(']');
+    bare.parse::<std::net::IpAddr>() == Ok(tuple.ip())
 }
 
 fn print_entries(entries: &[CtEntry]) {
@@ -101,5 +112,14 @@ mod tests {
         assert!(matches_addr("10.0.0.1:80", ":80"));
         assert!(!matches_addr("10.0.0.1:8080", ":80"));
         assert!(matches_addr("10.0.0.1:80", "10.0.0.1:80"));
+        assert!(!matches_addr("10.0.0.1:80", "10.0.0.1:81"));
+        // IPv6 tuples: the address with or without brackets, the socket
+        // address, the port.
+        assert!(matches_addr("[fd00:96::40]:80", "fd00:96::40"));
+        assert!(matches_addr("[fd00:96::40]:80", "[fd00:96::40]"));
+        assert!(matches_addr("[fd00:96::40]:80", "[fd00:96::40]:80"));
+        assert!(matches_addr("[fd00:96::40]:80", ":80"));
+        assert!(!matches_addr("[fd00:96::40]:80", "fd00:96::4"));
+        assert!(!matches_addr("[fd00:96::40]:80", "10.0.0.1"));
     }
 }

@@ -179,16 +179,39 @@ fn print_endpoints(eps: &[Endpoint]) {
 }
 
 fn print_services(svcs: &[ServiceStatus]) {
-    let mut t = Table::new(["SERVICE", "FRONTEND", "BACKENDS", "REVNAT"]);
-    for s in svcs {
-        let backends = if s.backends.is_empty() {
-            "<none: rejects>".to_string()
+    let mut t = Table::new([
+        "SERVICE",
+        "KIND",
+        "FRONTEND",
+        "ALGORITHM",
+        "BACKENDS",
+        "REVNAT",
+    ]);
+    let or_dash = |s: &str| {
+        if s.is_empty() {
+            "-".to_string()
         } else {
-            s.backends.join(",")
+            s.to_string()
+        }
+    };
+    for s in svcs {
+        let list = |b: &[String]| {
+            if b.is_empty() {
+                "<none: rejects>".to_string()
+            } else {
+                b.join(",")
+            }
+        };
+        let backends = match &s.external_backends {
+            // Two scopes: in-cluster clients, then clients outside the node.
+            Some(ext) => format!("{} (external: {})", list(&s.backends), list(ext)),
+            None => list(&s.backends),
         };
         t.row([
             s.name.clone(),
+            or_dash(&s.kind),
             s.frontend.clone(),
+            or_dash(&s.algorithm),
             backends,
             s.rev_nat_index.to_string(),
         ]);

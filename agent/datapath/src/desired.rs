@@ -73,6 +73,13 @@ pub struct LbService<A = Ipv4Addr> {
     /// ago (`sessionAffinityConfig.clientIP.timeoutSeconds`). `None`: no
     /// affinity. `Some(0)` is treated as no affinity.
     pub affinity_timeout: Option<u32>,
+    /// `Some`: the frontend has two scopes (Cilium's `SVC_FLAG_TWO_SCOPES`).
+    /// Traffic arriving on an external device (`from_netdev`) picks from
+    /// these backends, in-cluster clients (pods, node processes) from
+    /// `backends`: e.g. a NodePort with `externalTrafficPolicy: Local` lists
+    /// only this node's endpoints here and every endpoint in `backends`.
+    /// An empty list refuses external clients. IPv4 frontends only.
+    pub external_backends: Option<Vec<BackendAddr<A>>>,
 }
 
 // Not derived: a derive would require `A: Default`, which addresses are not
@@ -83,6 +90,7 @@ impl<A> Default for LbService<A> {
             name: String::new(),
             backends: Vec::new(),
             affinity_timeout: None,
+            external_backends: None,
         }
     }
 }

@@ -13,7 +13,8 @@ use std::net::Ipv4Addr;
 use anyhow::{bail, Context};
 use aya::maps::{HashMap, MapData, MapError};
 use catena_common::lb::{
-    Backend4, RevNat4, Service4Key, Service4Value, SVC_FLAG_AFFINITY, SVC_FLAG_NO_BACKENDS,
+    Backend4, RevNat4, Service4Key, Service4Value, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    SVC_FLAG_AFFINITY, SVC_FLAG_NO_BACKENDS, SVC_FLAG_TWO_SCOPES,
 };
 use tracing::{debug, warn};
 
@@ -61,17 +62,44 @@ struct Programmed {
     rev_nat_index: u16,
     /// ClientIP affinity timeout (seconds), `None` without affinity.
     affinity: Option<u32>,
+    /// The second (external) scope, when the frontend has two. Boxed: most
+    /// frontends have one scope, and this keeps them a pointer bigger only.
+    external: Option<Box<ExternalScope>>,
     /// The maps did not hold a consistent service at open: rewrite it whole.
     dirty: bool,
 }
 
+impl Programmed {
+    /// Every backend id its slots name, both scopes.
+    fn all_ids(self) -> Vec<u32> {
+        let mut ids = self.ids;
+        if let Some(e) = self.external {
+            ids.extend(e.ids);
+        }
+        ids
+    }
+}
+
+/// The `SCOPE_EXTERNAL` entries of a frontend with two scopes: a master
+/// (same rev-NAT index and affinity as the internal one) and its slots.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct ExternalScope {
+    backends: Vec<BackendAddr>,
+    /// Backend id of slot i+1.
+    ids: Vec<u32>,
+}
+
 fn master_key(fe: &Frontend, slot: u16) -> Service4Key {
+    scoped_key(fe, SCOPE_INTERNAL, slot)
+}
+
+fn scoped_key(fe: &Frontend, scope: u8, slot: u16) -> Service4Key {
     Service4Key {
         address: addr_to_map(fe.address),
         dport: fe.port.to_be(),
         backend_slot: slot,
         proto: fe.proto.number(),
-        scope: 0,
+        scope,
         pad: [0; 2],
     }
 }
@@ -81,10 +109,19 @@ fn normalize_affinity(timeout: Option<u32>) -> Option<u32> {
     timeout.filter(|t| *t != 0)
 }
 
-fn master_value(count: u16, rev_nat_index: u16, affinity: Option<u32>) -> Service4Value {
+/// `two_scopes` only on the internal master of a frontend with two scopes.
+fn master_value(
+    count: u16,
+    rev_nat_index: u16,
+    affinity: Option<u32>,
+    two_scopes: bool,
+) -> Service4Value {
     let mut flags = if count == 0 { SVC_FLAG_NO_BACKENDS } else { 0 };
     if affinity.is_some() {
         flags |= SVC_FLAG_AFFINITY;
+    }
+    if two_scopes {
+        flags |= SVC_FLAG_TWO_SCOPES;
     }
     Service4Value {
         // The master's backend_id carries the affinity timeout.
@@ -222,9 +259,40 @@ impl LbState {
             }
             let affinity = (v.flags & SVC_FLAG_AFFINITY != 0).then_some(v.backend_id);
             let affinity = normalize_affinity(affinity);
-            if *v != master_value(v.count, v.rev_nat_index, affinity) {
+            let two_scopes = v.flags & SVC_FLAG_TWO_SCOPES != 0;
+            if *v != master_value(v.count, v.rev_nat_index, affinity, two_scopes) {
                 dirty = true;
             }
+            let external = two_scopes.then(|| {
+                let mut ext = ExternalScope::default();
+                let ext_master = scoped_key(&fe, SCOPE_EXTERNAL, 0);
+                let Some(em) = all.get(&ext_master) else {
+                    dirty = true;
+                    return Box::new(ext);
+                };
+                used_keys.insert(ext_master);
+                if *em != master_value(em.count, v.rev_nat_index, affinity, false) {
+                    dirty = true;
+                }
+                for slot in 1..=em.count {
+                    let sk = scoped_key(&fe, SCOPE_EXTERNAL, slot);
+                    used_keys.insert(sk);
+                    match all
+                        .get(&sk)
+                        .and_then(|s| st.backends.get(&s.backend_id).map(|b| (s.backend_id, b)))
+                    {
+                        Some((id, b)) if b.proto == proto => {
+                            ext.ids.push(id);
+                            ext.backends.push(BackendAddr {
+                                address: b.address,
+                                port: b.port,
+                            });
+                        }
+                        _ => dirty = true,
+                    }
+                }
+                Box::new(ext)
+            });
             if v.rev_nat_index != 0 {
                 used_revnat.insert(v.rev_nat_index);
                 st.next_rev_nat = st.next_rev_nat.max(v.rev_nat_index.wrapping_add(1).max(1));
@@ -237,6 +305,7 @@ impl LbState {
                     ids,
                     rev_nat_index: v.rev_nat_index,
                     affinity,
+                    external,
                     dirty,
                 },
             );
@@ -270,6 +339,7 @@ impl LbState {
                 backends: p.backends.clone(),
                 rev_nat_index: p.rev_nat_index,
                 affinity_timeout: p.affinity,
+                external_backends: p.external.as_ref().map(|e| e.backends.clone()),
             })
             .collect()
     }
@@ -315,7 +385,8 @@ impl LbState {
         self.backend_refs.clear();
         self.rev_nats.clear();
         for p in self.services.values() {
-            for id in &p.ids {
+            let external = p.external.iter().flat_map(|e| e.ids.iter());
+            for id in p.ids.iter().chain(external) {
                 *self.backend_refs.entry(*id).or_default() += 1;
             }
             if p.rev_nat_index != 0 {
@@ -340,6 +411,108 @@ impl LbState {
 
     fn referenced(&self, id: u32) -> bool {
         self.backend_refs.contains_key(&id)
+    }
+
+    /// The id of backend `b` of a `proto` frontend: its existing id, or a
+    /// new one (reserved at once, written in step 2 of the apply).
+    fn backend_id(
+        &mut self,
+        b: &BackendAddr,
+        proto: Proto,
+        new_backends: &mut Vec<(u32, BackendKey)>,
+    ) -> anyhow::Result<u32> {
+        let key = BackendKey {
+            address: b.address,
+            port: b.port,
+            proto,
+        };
+        if let Some(id) = self.backend_ids.get(&key) {
+            return Ok(*id);
+        }
+        let id = self.alloc_backend_id()?;
+        self.backend_ids.insert(key, id);
+        // Reserve the id before the write so the next allocation cannot
+        // return it again.
+        self.backends.insert(id, key);
+        new_backends.push((id, key));
+        Ok(id)
+    }
+
+    /// Writes a frontend's external scope: changed slots, the master (new
+    /// count), then surplus slots. `old_ids`: the external slots programmed
+    /// before; `rewrite`: the maps may disagree with them, write every
+    /// entry. Whether anything was written.
+    #[allow(clippy::too_many_arguments)]
+    fn write_external(
+        writes: &mut u64,
+        maps: &mut LbMaps,
+        fe: &Frontend,
+        ids: &[u32],
+        old_ids: Option<&[u32]>,
+        rewrite: bool,
+        rev: u16,
+        affinity: Option<u32>,
+        old: Option<&Programmed>,
+    ) -> anyhow::Result<bool> {
+        let mut changed = false;
+        for (i, id) in ids.iter().enumerate() {
+            if rewrite || old_ids.and_then(|o| o.get(i)) != Some(id) {
+                let key = scoped_key(fe, SCOPE_EXTERNAL, i as u16 + 1);
+                Self::put(
+                    writes,
+                    &mut maps.services,
+                    "LB4_SERVICES",
+                    &key,
+                    &slot_value(*id),
+                )?;
+                changed = true;
+            }
+        }
+        let count = ids.len() as u16;
+        let old_count = old_ids.map_or(0, |o| o.len() as u16);
+        if rewrite
+            || old_ids.is_none()
+            || old_count != count
+            || old.is_some_and(|o| o.rev_nat_index != rev || o.affinity != affinity)
+        {
+            Self::put(
+                writes,
+                &mut maps.services,
+                "LB4_SERVICES",
+                &scoped_key(fe, SCOPE_EXTERNAL, 0),
+                &master_value(count, rev, affinity, false),
+            )?;
+            changed = true;
+        }
+        for slot in count + 1..=old_count {
+            Self::del(
+                writes,
+                &mut maps.services,
+                "LB4_SERVICES",
+                &scoped_key(fe, SCOPE_EXTERNAL, slot),
+            )?;
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    /// Deletes a frontend's external master, then its `slots` slots (once
+    /// the internal master no longer names the scope, or is gone).
+    fn delete_external(
+        writes: &mut u64,
+        maps: &mut LbMaps,
+        fe: &Frontend,
+        slots: u16,
+    ) -> anyhow::Result<()> {
+        for slot in 0..=slots {
+            Self::del(
+                writes,
+                &mut maps.services,
+                "LB4_SERVICES",
+                &scoped_key(fe, SCOPE_EXTERNAL, slot),
+            )?;
+        }
+        Ok(())
     }
 
     fn put<K: aya::Pod, V: aya::Pod>(
@@ -445,26 +618,20 @@ impl LbState {
             };
             let mut ids = Vec::with_capacity(svc.backends.len());
             for b in &svc.backends {
-                let key = BackendKey {
-                    address: b.address,
-                    port: b.port,
-                    proto: fe.proto,
-                };
-                let id = match self.backend_ids.get(&key) {
-                    Some(id) => *id,
-                    None => {
-                        let id = self.alloc_backend_id()?;
-                        self.backend_ids.insert(key, id);
-                        // Reserve the id before the write so the next
-                        // allocation cannot return it again.
-                        self.backends.insert(id, key);
-                        new_backends.push((id, key));
-                        id
-                    }
-                };
-                ids.push(id);
+                ids.push(self.backend_id(b, fe.proto, &mut new_backends)?);
             }
-            plan.push((*fe, svc, rev, ids));
+            let mut ext_ids = None;
+            if let Some(external) = &svc.external_backends {
+                if external.len() > u16::MAX as usize {
+                    bail!("service {} has too many external backends", svc.name);
+                }
+                let mut e = Vec::with_capacity(external.len());
+                for b in external {
+                    e.push(self.backend_id(b, fe.proto, &mut new_backends)?);
+                }
+                ext_ids = Some(e);
+            }
+            plan.push((*fe, svc, rev, ids, ext_ids));
         }
 
         // 2. New backends first: slots may only name existing backends.
@@ -489,7 +656,7 @@ impl LbState {
         // 3. Per frontend: rev-NAT, slots, then the master (which publishes the
         //    new count), then surplus slots.
         let mut released = Vec::new();
-        for (fe, svc, rev, ids) in plan {
+        for (fe, svc, rev, ids, ext_ids) in plan {
             let old = self.services.get(&fe);
             let fresh = old.is_none_or(|o| o.dirty);
             let mut changed = false;
@@ -519,8 +686,28 @@ impl LbState {
             let count = ids.len() as u16;
             let old_count = old.map_or(0, |o| o.ids.len() as u16);
             let affinity = normalize_affinity(svc.affinity_timeout);
+            // The external scope is complete before the internal master
+            // points external traffic at it, and outlives that pointer.
+            let old_ext: Option<&[u32]> =
+                old.and_then(|o| o.external.as_ref().map(|e| e.ids.as_slice()));
+            if let Some(ext) = &ext_ids {
+                changed |= Self::write_external(
+                    &mut self.writes,
+                    maps,
+                    &fe,
+                    ext,
+                    old_ext,
+                    fresh,
+                    rev,
+                    affinity,
+                    old,
+                )?;
+            }
+            let two_scopes = ext_ids.is_some();
+            let had_two_scopes = old.is_some_and(|o| o.external.is_some());
             if fresh
                 || old_count != count
+                || had_two_scopes != two_scopes
                 || old.is_some_and(|o| o.rev_nat_index != rev || o.affinity != affinity)
             {
                 Self::put(
@@ -528,9 +715,16 @@ impl LbState {
                     &mut maps.services,
                     "LB4_SERVICES",
                     &master_key(&fe, 0),
-                    &master_value(count, rev, affinity),
+                    &master_value(count, rev, affinity, two_scopes),
                 )?;
                 changed = true;
+            }
+            if ext_ids.is_none() {
+                if let Some(old_ext) = old_ext {
+                    let slots = old_ext.len() as u16;
+                    Self::delete_external(&mut self.writes, maps, &fe, slots)?;
+                    changed = true;
+                }
             }
             for slot in count + 1..=old_count {
                 Self::del(
@@ -546,10 +740,17 @@ impl LbState {
                 Some(_) if changed => stats.services_updated += 1,
                 Some(_) => {}
             }
-            for id in &ids {
+            for id in ids.iter().chain(ext_ids.iter().flatten()) {
                 *self.backend_refs.entry(*id).or_default() += 1;
             }
             self.rev_nats.insert(rev);
+            let external = match (ext_ids, &svc.external_backends) {
+                (Some(ids), Some(backends)) => Some(Box::new(ExternalScope {
+                    backends: backends.clone(),
+                    ids,
+                })),
+                _ => None,
+            };
             let previous = self.services.insert(
                 fe,
                 Programmed {
@@ -558,10 +759,11 @@ impl LbState {
                     ids,
                     rev_nat_index: rev,
                     affinity,
+                    external,
                     dirty: false,
                 },
             );
-            for id in previous.map(|p| p.ids).unwrap_or_default() {
+            for id in previous.map(Programmed::all_ids).unwrap_or_default() {
                 if self.unref(id) {
                     released.push(id);
                 }
@@ -578,12 +780,16 @@ impl LbState {
         for fe in removed {
             let p = &self.services[&fe];
             let (slots, rev_nat_index) = (p.ids.len() as u16, p.rev_nat_index);
+            let ext_slots = p.external.as_ref().map(|e| e.ids.len() as u16);
             Self::del(
                 &mut self.writes,
                 &mut maps.services,
                 "LB4_SERVICES",
                 &master_key(&fe, 0),
             )?;
+            if let Some(ext_slots) = ext_slots {
+                Self::delete_external(&mut self.writes, maps, &fe, ext_slots)?;
+            }
             for slot in 1..=slots {
                 Self::del(
                     &mut self.writes,
@@ -602,7 +808,7 @@ impl LbState {
             }
             let p = self.services.remove(&fe).expect("listed above");
             self.rev_nats.remove(&p.rev_nat_index);
-            for id in p.ids {
+            for id in p.all_ids() {
                 if self.unref(id) {
                     released.push(id);
                 }

@@ -272,6 +272,7 @@ impl LbState6 {
                 backends: p.backends.clone(),
                 rev_nat_index: p.rev_nat_index,
                 affinity_timeout: p.affinity,
+                external_backends: None,
             })
             .collect()
     }

@@ -94,6 +94,9 @@ pub struct ProgrammedService<A = Ipv4Addr> {
     pub rev_nat_index: u16,
     /// ClientIP affinity timeout in seconds, if the service has affinity.
     pub affinity_timeout: Option<u32>,
+    /// Backends of the external scope, when the frontend has two (see
+    /// [`LbService::external_backends`]).
+    pub external_backends: Option<Vec<BackendAddr<A>>>,
 }
 
 pub struct Datapath {

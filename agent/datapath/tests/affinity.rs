@@ -40,6 +40,7 @@ fn desired(timeout: Option<u32>) -> LbDesired {
                 })
                 .collect(),
             affinity_timeout: timeout,
+            external_backends: None,
         },
     );
     // A backend that exists but is not one of the sticky service's.
@@ -52,6 +53,7 @@ fn desired(timeout: Option<u32>) -> LbDesired {
                 port: 8080,
             }],
             affinity_timeout: None,
+            external_backends: None,
         },
     );
     d

@@ -44,6 +44,7 @@ fn desired() -> LbDesired {
             name: "default/web".into(),
             backends: backends(2, 8080),
             affinity_timeout: None,
+            external_backends: None,
         },
     );
     d.services.insert(
@@ -56,6 +57,7 @@ fn desired() -> LbDesired {
             name: "kube-system/dns".into(),
             backends: backends(1, 5353),
             affinity_timeout: None,
+            external_backends: None,
         },
     );
     d.services.insert(
@@ -71,6 +73,7 @@ fn desired() -> LbDesired {
                 port: 8080,
             }],
             affinity_timeout: None,
+            external_backends: None,
         },
     );
     d.services.insert(
@@ -83,6 +86,7 @@ fn desired() -> LbDesired {
             name: "default/empty".into(),
             backends: vec![],
             affinity_timeout: None,
+            external_backends: None,
         },
     );
     d.services.insert(
@@ -95,6 +99,7 @@ fn desired() -> LbDesired {
             name: "default/empty".into(),
             backends: vec![],
             affinity_timeout: None,
+            external_backends: None,
         },
     );
     d
@@ -209,6 +214,36 @@ fn tcp_dnat_ct_and_reverse_nat() {
     assert_eq!(c["reverse_nat"], 1);
     assert_eq!(c["from_container"], 10);
     assert_eq!(c["to_container"], 1);
+}
+
+/// Port reuse: after a Service flow from port P ended, the client opens a
+/// connection from the same port straight to the backend. The SYN clears the
+/// old flow's reverse translation, so the backend's replies keep their own
+/// source (with it, the client would drop the SYN-ACK and time out).
+#[test]
+fn direct_connection_reusing_a_service_flows_tuple_is_not_reverse_natted() {
+    let (_dir, dp, p) = setup();
+    let syn = Ipv4Packet::tcp(CLIENT, 40001, VIP_TCP, 80).build();
+    let (_, out) = run(&p.from, &syn);
+    let backend = parse_and_verify(&out, false).dst;
+
+    let direct = Ipv4Packet::tcp(CLIENT, 40001, backend, 8080).build();
+    let (rc, out) = run(&p.from, &direct);
+    assert_eq!(rc, PASS);
+    assert_eq!(out, direct, "a direct SYN passes untouched");
+
+    let reply = Ipv4Packet::tcp(backend, 8080, CLIENT, 40001).build();
+    let (rc, out) = run(&p.to, &reply);
+    assert_eq!(rc, PASS);
+    let r = parse_and_verify(&out, false);
+    assert_eq!((r.src, r.sport), (backend, 8080), "reply keeps its source");
+    let egress = dp
+        .ct_dump()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| k.kind == CT_EGRESS && k.daddr == u32::from_ne_bytes(backend.octets()))
+        .unwrap();
+    assert_eq!(egress.1.rev_nat_index, 0);
 }
 
 #[test]

@@ -49,6 +49,7 @@ fn svc(name: &str, backends: Vec<(Ipv6Addr, u16)>) -> LbService6 {
             .map(|(address, port)| BackendAddr6 { address, port })
             .collect(),
         affinity_timeout: None,
+        external_backends: None,
     }
 }
 

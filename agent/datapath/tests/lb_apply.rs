@@ -31,6 +31,7 @@ fn svc(name: &str, backends: Vec<BackendAddr>) -> LbService {
         name: name.into(),
         backends,
         affinity_timeout: None,
+        external_backends: None,
     }
 }
 

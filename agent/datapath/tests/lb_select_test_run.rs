@@ -51,6 +51,7 @@ fn desired(maglev_backends: Vec<BackendAddr>) -> LbDesired {
                 name: "default/web".into(),
                 backends,
                 affinity_timeout: None,
+                external_backends: None,
             },
         );
     }
@@ -60,6 +61,7 @@ fn desired(maglev_backends: Vec<BackendAddr>) -> LbDesired {
             name: "kube-system/dns".into(),
             backends: vec![],
             affinity_timeout: None,
+            external_backends: None,
         },
     );
     d.maglev.insert(fe(VIP_MAGLEV, 80, Proto::Tcp));

@@ -112,6 +112,7 @@ fn services() -> LbDesired {
                     port: if backend == WEB { 8080 } else { 9090 },
                 }],
                 affinity_timeout: None,
+                external_backends: None,
             },
         );
     }
@@ -439,6 +440,7 @@ fn hairpin_under_ingress_and_egress_policy() {
                 port: 8080,
             }],
             affinity_timeout: None,
+            external_backends: None,
         },
     );
     dp.apply_services(&lb).unwrap();

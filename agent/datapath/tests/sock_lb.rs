@@ -44,6 +44,7 @@ fn svc(name: &str, ports: &[u16]) -> LbService {
             })
             .collect(),
         affinity_timeout: None,
+        external_backends: None,
     }
 }
 

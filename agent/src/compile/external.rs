@@ -7,19 +7,24 @@
 //! - `spec.externalIPs` and `status.loadBalancer.ingress[].ip`: one frontend
 //!   each, on the Service port.
 //!
-//! `externalTrafficPolicy: Local` gives these frontends only the endpoints on
-//! this node (so the client address survives: no SNAT is ever needed) and
-//! none at all when none is here (new connections are refused). `Cluster`
-//! gives them every endpoint, whatever `internalTrafficPolicy` says: that
-//! policy is for in-cluster traffic only. All of this is compiled only when
-//! catena replaces kube-proxy; otherwise kube-proxy owns these addresses.
+//! Each frontend has two scopes when its traffic policies differ (Cilium's
+//! `SVC_FLAG_TWO_SCOPES`): clients outside the node (traffic arriving on an
+//! external device) follow `externalTrafficPolicy`, in-cluster clients
+//! (pods and node processes reaching the same address) follow
+//! `internalTrafficPolicy`, as in Cilium. So with `externalTrafficPolicy:
+//! Local` external clients get only the endpoints on this node (the client
+//! address survives: no SNAT is ever needed) and are refused when none is
+//! here, while a pod on the same node still reaches every endpoint. With
+//! equal policies the frontend has one scope. All of this is compiled only
+//! when catena replaces kube-proxy; otherwise kube-proxy owns these
+//! addresses.
 
 use super::services::{backends_from_pods, backends_from_slices, parse_proto, PodEndpoint};
-use super::traffic_policy::NodeLocality;
+use super::traffic_policy::{internal_local, NodeLocality};
 use crate::sources::ObjectKey;
+use crate::sources::SliceInfo;
 use catena_datapath::{Frontend, LbService};
 use k8s_openapi::api::core::v1::{Service, ServiceSpec};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use std::net::Ipv4Addr;
 
 /// What the external frontends depend on besides the Service.
@@ -77,6 +82,15 @@ pub fn kind_of(svc: &Service, frontend: &Frontend) -> Option<ExternalKind> {
     None
 }
 
+/// The kind `catena service list` shows for an IPv4 frontend of `svc`:
+/// its external kind, else `ClusterIP`; empty when the Service is unknown.
+pub fn frontend_kind(svc: Option<&Service>, frontend: &Frontend) -> &'static str {
+    match svc {
+        None => "",
+        Some(svc) => kind_of(svc, frontend).map_or("ClusterIP", ExternalKind::as_str),
+    }
+}
+
 fn ipv4s<'a>(ips: impl Iterator<Item = &'a String> + 'a) -> impl Iterator<Item = Ipv4Addr> + 'a {
     ips.filter_map(|ip| ip.parse().ok())
 }
@@ -98,7 +112,7 @@ fn has_node_ports(spec: &ServiceSpec) -> bool {
 pub fn external_frontends(
     key: &ObjectKey,
     svc: &Service,
-    slices: Option<&[&EndpointSlice]>,
+    slices: Option<&[&SliceInfo]>,
     pods: &[PodEndpoint],
     locality: &NodeLocality,
     ns: &NorthSouth,
@@ -122,7 +136,7 @@ pub fn external_frontends(
         return out;
     }
     let selector = spec.selector.clone().unwrap_or_default();
-    let local_only = external_local(spec).then_some(locality);
+    let (int_local, ext_local) = (internal_local(spec), external_local(spec));
     // The ClusterIP compile reports bad protocols and ports already.
     let mut ignored = Vec::new();
     let affinity_timeout = super::services::session_affinity(key, spec, &mut ignored);
@@ -133,22 +147,28 @@ pub fn external_frontends(
         let Ok(svc_port) = u16::try_from(port.port) else {
             continue;
         };
-        let backends = match slices {
-            Some(slices) => backends_from_slices(slices, port, proto, local_only),
-            None if !selector.is_empty() => backends_from_pods(
-                &key.namespace,
-                &selector,
-                port,
-                pods,
-                local_only,
-                &mut ignored,
-            ),
-            None => Vec::new(),
+        let mut backends_of = |local: bool| {
+            let local_only = local.then_some(locality);
+            match slices {
+                Some(slices) => backends_from_slices(slices, port, proto, local_only),
+                None if !selector.is_empty() => backends_from_pods(
+                    &key.namespace,
+                    &selector,
+                    port,
+                    pods,
+                    local_only,
+                    &mut ignored,
+                ),
+                None => Vec::new(),
+            }
         };
+        let backends = backends_of(int_local);
+        let external_backends = (int_local != ext_local).then(|| backends_of(ext_local));
         let service = LbService {
             name: key.to_string(),
             backends,
             affinity_timeout,
+            external_backends,
         };
         let mut add = |address: Ipv4Addr, port: u16| {
             out.push((
@@ -192,4 +212,115 @@ pub fn health_check_node_port(spec: &ServiceSpec) -> Option<u16> {
     spec.health_check_node_port
         .and_then(|p| u16::try_from(p).ok())
         .filter(|p| *p != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::services::{compile_services_with, ServiceOptions};
+    use super::*;
+    use crate::sources::{manifests::parse, ClusterState};
+    use catena_datapath::{BackendAddr, Proto};
+    use std::path::Path;
+
+    const NODE_IP: &str = "192.168.1.1";
+
+    /// A NodePort Service with the given traffic policies and two
+    /// endpoints, on nodes n1 and n2.
+    fn state(etp: &str, itp: &str) -> ClusterState {
+        let yaml = format!(
+            r#"apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: shop}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.30
+  externalTrafficPolicy: {etp}
+  internalTrafficPolicy: {itp}
+  ports: [{{name: http, port: 80, nodePort: 30080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints:
+- {{addresses: [10.0.0.1], nodeName: n1}}
+- {{addresses: [10.0.0.2], nodeName: n2}}
+"#
+        );
+        let mut s = ClusterState::default();
+        for o in parse(Path::new("t.yaml"), &yaml).unwrap().objects {
+            s.insert(o);
+        }
+        s
+    }
+
+    fn compile(s: &ClusterState, node: &str) -> catena_datapath::LbDesired {
+        let options = ServiceOptions {
+            node_name: Some(node.into()),
+            north_south: NorthSouth {
+                enabled: true,
+                node_addresses: vec![NODE_IP.parse().unwrap()],
+            },
+            ..Default::default()
+        };
+        compile_services_with(s, &[], &options, &[]).desired
+    }
+
+    fn fe(ip: &str, port: u16) -> Frontend {
+        Frontend {
+            address: ip.parse().unwrap(),
+            port,
+            proto: Proto::Tcp,
+        }
+    }
+
+    fn be(ip: &str) -> BackendAddr {
+        BackendAddr {
+            address: ip.parse().unwrap(),
+            port: 8080,
+        }
+    }
+
+    /// (backends, external_backends) of the NodePort and of the ClusterIP.
+    type Scopes = (Vec<BackendAddr>, Option<Vec<BackendAddr>>);
+
+    fn scopes(d: &catena_datapath::LbDesired) -> (Scopes, Scopes) {
+        let of = |f: Frontend| {
+            let s = &d.services[&f];
+            (s.backends.clone(), s.external_backends.clone())
+        };
+        (of(fe(NODE_IP, 30080)), of(fe("10.96.0.30", 80)))
+    }
+
+    #[test]
+    fn external_local_gives_the_nodeport_a_local_only_external_scope() {
+        let all = vec![be("10.0.0.1"), be("10.0.0.2")];
+        let s = state("Local", "Cluster");
+        // A node with no endpoint: in-cluster clients reach every endpoint,
+        // external ones none (refused).
+        let (np, cip) = scopes(&compile(&s, "n3"));
+        assert_eq!(np, (all.clone(), Some(vec![])));
+        // The ClusterIP is in-cluster only: one scope.
+        assert_eq!(cip, (all.clone(), None));
+        // On n1 external clients get n1's endpoint alone.
+        let (np, _) = scopes(&compile(&s, "n1"));
+        assert_eq!(np, (all.clone(), Some(vec![be("10.0.0.1")])));
+    }
+
+    #[test]
+    fn equal_policies_keep_one_scope_and_internal_local_applies_in_cluster() {
+        let all = vec![be("10.0.0.1"), be("10.0.0.2")];
+        // Cluster/Cluster: one scope with every endpoint.
+        let (np, _) = scopes(&compile(&state("Cluster", "Cluster"), "n1"));
+        assert_eq!(np, (all.clone(), None));
+        // Local/Local: one scope with the local endpoint.
+        let (np, cip) = scopes(&compile(&state("Local", "Local"), "n1"));
+        assert_eq!(np, (vec![be("10.0.0.1")], None));
+        assert_eq!(cip, (vec![be("10.0.0.1")], None));
+        // eTP Cluster, iTP Local: in-cluster clients stay on this node,
+        // external ones reach every endpoint.
+        let (np, _) = scopes(&compile(&state("Cluster", "Local"), "n1"));
+        assert_eq!(np, (vec![be("10.0.0.1")], Some(all)));
+    }
 }

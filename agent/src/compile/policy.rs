@@ -8,15 +8,17 @@
 
 use crate::model::identity::RESERVED;
 use crate::model::policy::{
-    parse_cilium, parse_network_policy, Direction, Entity, Entry, IdentityLabels, ParsedPolicy,
-    Peer, PolicyState, PortSpec, Prefix, ServiceSelector, IP_ICMP,
+    parse_cilium, parse_network_policy, Direction, Entity, Entry, IdentityLabels, Op, ParsedPolicy,
+    Peer, PolicyState, PortSpec, Prefix, Selector, ServiceSelector, IP_ICMP,
 };
+use crate::sources::PodInfo;
 use crate::sources::{ClusterState, ObjectKey};
 use catena_common::identity as id;
 use catena_datapath::policy::{EndpointPolicy, PolicyDesired, PolicyRule, PortRange};
-use k8s_openapi::api::core::v1::Pod;
-use std::collections::{BTreeMap, BTreeSet};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
+use std::rc::Rc;
 
 /// A pod the compiler knows: where it is, who it is, what it exposes.
 #[derive(Clone, Debug, PartialEq)]
@@ -109,6 +111,75 @@ struct Universe<'a> {
     /// /32 address -> identity for pods and nodes (how a Service backend
     /// address is resolved).
     addr_ids: BTreeMap<Ipv4Addr, u32>,
+    /// Peers already resolved in this compile, by the address of the rule
+    /// entry's peer list (the parsed policies outlive the compile). A rule
+    /// that selects many endpoints is resolved once, not once per endpoint:
+    /// each resolution scans every identity (Cilium's SelectorCache idea).
+    resolved: RefCell<HashMap<(usize, usize), Rc<Peers>>>,
+    /// Identities each distinct label selector matches, computed once per
+    /// compile: many policies repeat the same selectors (a team, a
+    /// namespace), and each evaluation scans every identity.
+    selected: RefCell<HashMap<Selector, Rc<Vec<u32>>>>,
+    /// `(key, value)` -> identities carrying that label (reserved labels
+    /// with value ""), so a selector with an `In` requirement only checks the
+    /// identities that can match instead of all of them.
+    by_label: HashMap<(String, String), Vec<u32>>,
+}
+
+impl Universe<'_> {
+    fn index(labelled: &BTreeMap<u32, IdentityLabels>) -> HashMap<(String, String), Vec<u32>> {
+        let mut by_label: HashMap<(String, String), Vec<u32>> = HashMap::new();
+        for (id, l) in labelled {
+            for (k, v) in &l.k8s {
+                by_label
+                    .entry((k.clone(), v.clone()))
+                    .or_default()
+                    .push(*id);
+            }
+            for r in &l.reserved {
+                by_label
+                    .entry((r.clone(), String::new()))
+                    .or_default()
+                    .push(*id);
+            }
+        }
+        by_label
+    }
+
+    fn select(&self, sel: &Selector) -> Rc<Vec<u32>> {
+        if let Some(hit) = self.selected.borrow().get(sel) {
+            return Rc::clone(hit);
+        }
+        // Candidates: the identities carrying one of the values of the
+        // narrowest `In` requirement (any source: the exact match below
+        // checks the source). No `In` requirement: every identity.
+        let narrowest = sel
+            .reqs
+            .iter()
+            .filter(|r| r.op == Op::In)
+            .map(|r| {
+                let mut ids: Vec<u32> = r
+                    .values
+                    .iter()
+                    .filter_map(|v| self.by_label.get(&(r.key.key.clone(), v.clone())))
+                    .flatten()
+                    .copied()
+                    .collect();
+                ids.sort_unstable();
+                ids.dedup();
+                ids
+            })
+            .min_by_key(Vec::len);
+        let matches = |id: &u32| self.labelled.get(id).is_some_and(|l| sel.matches(l));
+        let ids: Rc<Vec<u32>> = Rc::new(match narrowest {
+            Some(candidates) => candidates.into_iter().filter(matches).collect(),
+            None => self.labelled.keys().copied().filter(matches).collect(),
+        });
+        self.selected
+            .borrow_mut()
+            .insert(sel.clone(), Rc::clone(&ids));
+        ids
+    }
 }
 
 pub fn compile_policy(input: &PolicyInput) -> PolicyOutput {
@@ -188,10 +259,13 @@ pub fn compile_policy(input: &PolicyInput) -> PolicyOutput {
             });
     }
     let uni = Universe {
+        by_label: Universe::index(&labelled),
         pod_ids: input.pods.iter().map(|p| p.identity).collect(),
         labelled,
         cidr_ids: &out.cidr_ids,
         addr_ids,
+        resolved: RefCell::default(),
+        selected: RefCell::default(),
     };
 
     let mut refs = RefAllocator::new(input.prev_rule_refs);
@@ -342,12 +416,13 @@ fn endpoint_policy(
                 direction,
                 deny: entry.deny,
             };
-            let peers = resolve_peers(input, uni, &entry.peers);
-            if peers == Peers::Set(BTreeSet::new()) {
+            let peers = resolve_peers_cached(input, uni, &entry.peers);
+            let peers = &*peers;
+            if *peers == Peers::Set(BTreeSet::new()) {
                 continue;
             }
             let r = refs.get(origin);
-            let peer_list: Vec<u32> = match &peers {
+            let peer_list: Vec<u32> = match peers {
                 Peers::Any => vec![id::ANY],
                 Peers::Set(s) => s.iter().copied().collect(),
             };
@@ -455,6 +530,16 @@ fn named_port(
     }
 }
 
+fn resolve_peers_cached(input: &PolicyInput, uni: &Universe, peers: &[Peer]) -> Rc<Peers> {
+    let key = (peers.as_ptr() as usize, peers.len());
+    if let Some(hit) = uni.resolved.borrow().get(&key) {
+        return Rc::clone(hit);
+    }
+    let resolved = Rc::new(resolve_peers(input, uni, peers));
+    uni.resolved.borrow_mut().insert(key, Rc::clone(&resolved));
+    resolved
+}
+
 fn resolve_peers(input: &PolicyInput, uni: &Universe, peers: &[Peer]) -> Peers {
     let mut set = BTreeSet::new();
     for peer in peers {
@@ -462,12 +547,7 @@ fn resolve_peers(input: &PolicyInput, uni: &Universe, peers: &[Peer]) -> Peers {
             Peer::Any => return Peers::Any,
             Peer::Entity(Entity::All) => return Peers::Any,
             Peer::Entity(e) => set.extend(entity_ids(uni, *e)),
-            Peer::Endpoints(sel) => set.extend(
-                uni.labelled
-                    .iter()
-                    .filter(|(_, l)| sel.matches(l))
-                    .map(|(i, _)| *i),
-            ),
+            Peer::Endpoints(sel) => set.extend(uni.select(sel).iter().copied()),
             Peer::Cidr { cidr, except } => {
                 if cidr.len == 0 {
                     set.insert(id::WORLD);
@@ -550,24 +630,18 @@ fn service_backends(input: &PolicyInput, sel: &ServiceSelector) -> BTreeSet<Ipv4
     for key in services {
         let mut from_slices = false;
         for (skey, slice) in &cluster.endpoint_slices {
-            let owner = slice
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get("kubernetes.io/service-name"));
             if skey.namespace != key.namespace
-                || owner != Some(&key.name)
-                || slice.address_type != "IPv4"
+                || slice.service_name.as_deref() != Some(key.name.as_str())
+                || &*slice.address_type != "IPv4"
             {
                 continue;
             }
             from_slices = true;
-            for ep in slice.endpoints.iter().flatten() {
-                out.extend(
-                    ep.addresses
-                        .iter()
-                        .filter_map(|a| a.parse::<Ipv4Addr>().ok()),
-                );
+            for ep in slice.endpoints.iter() {
+                out.extend(ep.addresses().filter_map(|a| match a {
+                    std::net::IpAddr::V4(a) => Some(a),
+                    std::net::IpAddr::V6(_) => None,
+                }));
             }
         }
         if from_slices {
@@ -603,25 +677,22 @@ pub fn known_pods(cluster: &ClusterState, registered: &[catena_api::Endpoint]) -
     struct Acc<'a> {
         ipv4: BTreeSet<Ipv4Addr>,
         labels: BTreeMap<String, String>,
-        pod: Option<&'a Pod>,
+        pod: Option<&'a PodInfo>,
         endpoint_id: Option<u32>,
     }
     let mut by_key: BTreeMap<ObjectKey, Acc> = BTreeMap::new();
     for (key, pod) in &cluster.pods {
-        if pod_finished(pod) {
+        if pod.finished() {
             continue;
         }
-        let ips = pod.status.iter().flat_map(|s| {
-            s.pod_ips
-                .iter()
-                .flatten()
-                .map(|p| p.ip.clone())
-                .chain(s.pod_ip.clone())
+        let ips = pod.ips.iter().filter_map(|ip| match ip {
+            std::net::IpAddr::V4(a) => Some(*a),
+            std::net::IpAddr::V6(_) => None,
         });
         by_key.insert(
             key.clone(),
             Acc {
-                ipv4: ips.filter_map(|ip| ip.parse().ok()).collect(),
+                ipv4: ips.collect(),
                 labels: BTreeMap::new(),
                 pod: Some(pod.as_ref()),
                 endpoint_id: None,
@@ -650,8 +721,8 @@ pub fn known_pods(cluster: &ClusterState, registered: &[catena_api::Endpoint]) -
         .filter(|(_, a)| !a.ipv4.is_empty() || a.endpoint_id.is_some())
         .map(|(key, a)| {
             let mut labels = a.labels;
-            if let Some(l) = a.pod.and_then(|p| p.metadata.labels.as_ref()) {
-                labels.extend(l.clone());
+            if let Some(p) = a.pod {
+                labels.extend(p.labels.clone());
             }
             let ns_labels = cluster
                 .namespaces
@@ -659,18 +730,15 @@ pub fn known_pods(cluster: &ClusterState, registered: &[catena_api::Endpoint]) -
                 .and_then(|n| n.metadata.labels.as_ref());
             // The API server defaults serviceAccountName to "default"; a pod
             // known only from its CNI registration has no known account.
-            let sa = a.pod.map(|p| {
-                p.spec
-                    .as_ref()
-                    .and_then(|s| s.service_account_name.clone())
-                    .unwrap_or_else(|| "default".into())
-            });
+            let sa = a
+                .pod
+                .map(|p| p.service_account_name.as_deref().unwrap_or("default"));
             PolicyPod {
                 labels: crate::model::identity::pod_identity_labels(
                     &key.namespace,
                     &labels,
                     ns_labels,
-                    sa.as_deref(),
+                    sa,
                 ),
                 key,
                 ipv4: a.ipv4.into_iter().collect(),
@@ -698,22 +766,12 @@ pub fn endpoint_pod_key(ep: &catena_api::Endpoint) -> ObjectKey {
     ObjectKey::new(namespace, name)
 }
 
-fn pod_finished(pod: &Pod) -> bool {
-    matches!(
-        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-        Some("Succeeded" | "Failed")
-    )
-}
-
-/// Named container ports of a Pod manifest, lower-cased.
-pub fn named_ports(pod: &Pod) -> Vec<(String, u8, u16)> {
-    let Some(spec) = &pod.spec else { return vec![] };
-    spec.containers
+/// Named container ports of a Pod manifest (init containers too), lower-cased.
+pub fn named_ports(pod: &PodInfo) -> Vec<(String, u8, u16)> {
+    pod.named_ports
         .iter()
-        .chain(spec.init_containers.iter().flatten())
-        .flat_map(|c| c.ports.iter().flatten())
         .filter_map(|p| {
-            let name = p.name.as_ref()?.to_ascii_lowercase();
+            let name = p.name.to_ascii_lowercase();
             let proto = match p.protocol.as_deref().unwrap_or("TCP") {
                 "TCP" => 6,
                 "UDP" => 17,
@@ -1204,10 +1262,10 @@ mod tests {
             .unwrap()
             .into(),
         ));
-        lab.cluster.insert(Object::EndpointSlice(serde_json::from_value::<k8s_openapi::api::discovery::v1::EndpointSlice>(json!({
+        lab.cluster.insert(Object::endpoint_slice(serde_json::from_value::<k8s_openapi::api::discovery::v1::EndpointSlice>(json!({
             "metadata": {"name": "ext-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "ext"}},
             "addressType": "IPv4", "endpoints": [{"addresses": ["203.0.113.7"]}]
-        })).unwrap().into()));
+        })).unwrap()));
         lab.cnp("CiliumClusterwideNetworkPolicy", json!({"metadata": {"name": "svc"}, "spec": {
             "endpointSelector": {"matchLabels": {"app": "client"}},
             "egress": [{"toServices": [{"k8sService": {"serviceName": "api", "namespace": "default"}},

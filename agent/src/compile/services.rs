@@ -7,9 +7,9 @@ use super::maglev::{service_algorithm, LbAlgorithm};
 use super::selector::service_selects;
 use super::traffic_policy::{internal_local, NodeLocality};
 use crate::sources::{ClusterState, ObjectKey};
+use crate::sources::{PodInfo, SliceInfo};
 use catena_datapath::{BackendAddr, Frontend, Frontend6, LbDesired, LbService, LbService6, Proto};
-use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -23,7 +23,7 @@ pub struct PodEndpoint {
     pub ipv6: Vec<Ipv6Addr>,
     pub labels: BTreeMap<String, String>,
     /// The Pod manifest, when the source has one (for named target ports).
-    pub pod: Option<std::sync::Arc<Pod>>,
+    pub pod: Option<std::sync::Arc<PodInfo>>,
 }
 
 /// An address family of Service frontends and backends: which
@@ -33,6 +33,8 @@ pub(super) trait Family: Copy + Ord + std::str::FromStr {
     const SLICE_ADDRESS_TYPE: &'static str;
     /// The pod's addresses of this family.
     fn of_pod(pod: &PodEndpoint) -> &[Self];
+    /// `ip` if it is of this family.
+    fn of_ip(ip: std::net::IpAddr) -> Option<Self>;
 }
 
 impl Family for Ipv4Addr {
@@ -40,12 +42,24 @@ impl Family for Ipv4Addr {
     fn of_pod(pod: &PodEndpoint) -> &[Self] {
         &pod.ipv4
     }
+    fn of_ip(ip: std::net::IpAddr) -> Option<Self> {
+        match ip {
+            std::net::IpAddr::V4(a) => Some(a),
+            std::net::IpAddr::V6(_) => None,
+        }
+    }
 }
 
 impl Family for Ipv6Addr {
     const SLICE_ADDRESS_TYPE: &'static str = "IPv6";
     fn of_pod(pod: &PodEndpoint) -> &[Self] {
         &pod.ipv6
+    }
+    fn of_ip(ip: std::net::IpAddr) -> Option<Self> {
+        match ip {
+            std::net::IpAddr::V6(a) => Some(a),
+            std::net::IpAddr::V4(_) => None,
+        }
     }
 }
 
@@ -91,7 +105,7 @@ pub fn compile_services_with(
     let mut out = Compiled::default();
     let slices_by_service = slices_by_service(state);
     for (key, svc) in &state.services {
-        let slices: Option<Vec<&EndpointSlice>> = slices_by_service
+        let slices: Option<Vec<&SliceInfo>> = slices_by_service
             .get(key)
             .map(|v| v.iter().map(|s| s.as_ref()).collect());
         let (frontends, mut warnings) =
@@ -124,7 +138,7 @@ pub fn compile_services_with(
 pub fn compile_service(
     key: &ObjectKey,
     svc: &Service,
-    slices: Option<&[&EndpointSlice]>,
+    slices: Option<&[&SliceInfo]>,
     pods: &[PodEndpoint],
     locality: &NodeLocality,
 ) -> (ServiceFrontends, Vec<String>) {
@@ -177,6 +191,7 @@ pub fn compile_service(
                 name: name.clone(),
                 backends,
                 affinity_timeout,
+                external_backends: None,
             };
             out.v4.push((fe, svc));
         }
@@ -190,6 +205,7 @@ pub fn compile_service(
                 name: name.clone(),
                 backends,
                 affinity_timeout,
+                external_backends: None,
             };
             out.v6.push((fe, svc));
         }
@@ -201,7 +217,7 @@ pub fn compile_service(
 struct PortInputs<'a> {
     key: &'a ObjectKey,
     selector: &'a BTreeMap<String, String>,
-    slices: Option<&'a [&'a EndpointSlice]>,
+    slices: Option<&'a [&'a SliceInfo]>,
     pods: &'a [PodEndpoint],
     local_only: Option<&'a NodeLocality>,
     port: &'a ServicePort,
@@ -253,8 +269,9 @@ pub struct ServiceCompiler {
     /// The snapshot the current result was computed from.
     prev: Arc<ClusterState>,
     registered: Vec<catena_api::Endpoint>,
-    /// Service -> its slices (by slice key).
-    index: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
+    /// Service -> its slices (slice keys, sorted: a set, but without a
+    /// B-tree node per Service for the usual one or two slices).
+    index: HashMap<ObjectKey, Vec<ObjectKey>>,
     /// Service -> the frontends it contributes to `desired`.
     frontends: HashMap<ObjectKey, Vec<Frontend>>,
     /// Service -> its IPv6 frontends in `desired.services6`.
@@ -327,10 +344,12 @@ impl ServiceCompiler {
                     continue;
                 };
                 let entry = self.index.entry(owner.clone()).or_default();
-                if add {
-                    entry.insert(key.clone());
-                } else {
-                    entry.remove(key);
+                match (entry.binary_search(key), add) {
+                    (Err(at), true) => entry.insert(at, key.clone()),
+                    (Ok(at), false) => {
+                        entry.remove(at);
+                    }
+                    _ => {}
                 }
                 dirty.insert(owner);
             }
@@ -365,7 +384,7 @@ impl ServiceCompiler {
             let mut maglev = false;
             let (entries, entries6, warnings) = match state.services.get(&key) {
                 Some(svc) => {
-                    let slices: Option<Vec<&EndpointSlice>> = self.index.get(&key).map(|keys| {
+                    let slices: Option<Vec<&SliceInfo>> = self.index.get(&key).map(|keys| {
                         keys.iter()
                             .filter_map(|k| state.endpoint_slices.get(k).map(|s| s.as_ref()))
                             .collect()
@@ -447,13 +466,9 @@ impl ServiceCompiler {
 }
 
 /// The Service an EndpointSlice belongs to (`kubernetes.io/service-name`).
-fn slice_owner(key: &ObjectKey, slice: &EndpointSlice) -> Option<ObjectKey> {
-    let service = slice
-        .metadata
-        .labels
-        .as_ref()?
-        .get("kubernetes.io/service-name")?;
-    Some(ObjectKey::new(key.namespace.clone(), service.clone()))
+fn slice_owner(key: &ObjectKey, slice: &SliceInfo) -> Option<ObjectKey> {
+    let service = slice.service_name.as_deref()?;
+    Some(ObjectKey::new(key.namespace.clone(), service))
 }
 
 /// One difference between two maps: (key, old value, new value).
@@ -564,18 +579,11 @@ fn cluster_ips(svc: &Service) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
     (v4, v6)
 }
 
-fn slices_by_service(state: &ClusterState) -> BTreeMap<ObjectKey, Vec<&Arc<EndpointSlice>>> {
-    let mut map: BTreeMap<ObjectKey, Vec<&Arc<EndpointSlice>>> = BTreeMap::new();
+fn slices_by_service(state: &ClusterState) -> BTreeMap<ObjectKey, Vec<&Arc<SliceInfo>>> {
+    let mut map: BTreeMap<ObjectKey, Vec<&Arc<SliceInfo>>> = BTreeMap::new();
     for (key, slice) in &state.endpoint_slices {
-        let owner = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get("kubernetes.io/service-name"));
-        if let Some(service) = owner {
-            map.entry(ObjectKey::new(key.namespace.clone(), service.clone()))
-                .or_default()
-                .push(slice);
+        if let Some(owner) = slice_owner(key, slice) {
+            map.entry(owner).or_default().push(slice);
         }
     }
     map
@@ -586,7 +594,7 @@ fn slices_by_service(state: &ClusterState) -> BTreeMap<ObjectKey, Vec<&Arc<Endpo
 /// With `local_only`, endpoints elsewhere are not considered at all (so local
 /// terminating endpoints serve when no local one is ready, as kube-proxy does).
 pub(super) fn backends_from_slices<A: Family>(
-    slices: &[&EndpointSlice],
+    slices: &[&SliceInfo],
     port: &ServicePort,
     proto: Proto,
     local_only: Option<&NodeLocality>,
@@ -594,11 +602,11 @@ pub(super) fn backends_from_slices<A: Family>(
     let mut ready = BTreeSet::new();
     let mut serving_terminating = BTreeSet::new();
     for slice in slices {
-        if slice.address_type != A::SLICE_ADDRESS_TYPE {
+        if &*slice.address_type != A::SLICE_ADDRESS_TYPE {
             continue;
         }
         let want_name = port.name.as_deref().unwrap_or("");
-        let slice_port = slice.ports.iter().flatten().find(|p| {
+        let slice_port = slice.ports.iter().find(|p| {
             p.name.as_deref().unwrap_or("") == want_name
                 && parse_proto(p.protocol.as_deref()) == Some(proto)
         });
@@ -608,17 +616,16 @@ pub(super) fn backends_from_slices<A: Family>(
         else {
             continue;
         };
-        for ep in slice.endpoints.iter().flatten() {
+        for ep in slice.endpoints.iter() {
             if local_only.is_some_and(|l| !l.slice_endpoint(ep)) {
                 continue;
             }
-            let cond = ep.conditions.as_ref();
             // Per the EndpointSlice API, an unset `ready` means ready.
-            let is_ready = cond.and_then(|c| c.ready).unwrap_or(true);
-            let serving = cond.and_then(|c| c.serving).unwrap_or(is_ready);
-            let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
-            for addr in &ep.addresses {
-                let Ok(address) = addr.parse::<A>() else {
+            let is_ready = ep.ready.unwrap_or(true);
+            let serving = ep.serving.unwrap_or(is_ready);
+            let terminating = ep.terminating.unwrap_or(false);
+            for addr in ep.addresses() {
+                let Some(address) = A::of_ip(addr) else {
                     continue;
                 };
                 let b = BackendAddr {
@@ -676,15 +683,11 @@ pub(super) fn backends_from_pods<A: Family>(
     out.into_iter().collect()
 }
 
-fn pod_is_gone(pod: &Pod) -> bool {
-    pod.metadata.deletion_timestamp.is_some()
-        || matches!(
-            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-            Some("Succeeded" | "Failed")
-        )
+fn pod_is_gone(pod: &PodInfo) -> bool {
+    pod.deleting || pod.finished()
 }
 
-fn target_port(port: &ServicePort, pod: Option<&Pod>) -> Option<u16> {
+fn target_port(port: &ServicePort, pod: Option<&PodInfo>) -> Option<u16> {
     match &port.target_port {
         None => u16::try_from(port.port).ok(),
         Some(IntOrString::Int(p)) => u16::try_from(*p).ok(),
@@ -692,12 +695,10 @@ fn target_port(port: &ServicePort, pod: Option<&Pod>) -> Option<u16> {
             if let Ok(p) = name.parse::<u16>() {
                 return Some(p);
             }
-            pod?.spec
-                .as_ref()?
-                .containers
+            // Containers' ports only: init containers do not serve.
+            pod?.named_ports
                 .iter()
-                .flat_map(|c| c.ports.iter().flatten())
-                .find(|p| p.name.as_deref() == Some(name.as_str()))
+                .find(|p| !p.init && *p.name == **name)
                 .and_then(|p| u16::try_from(p.container_port).ok())
         }
     }
@@ -712,18 +713,7 @@ pub fn pod_endpoints(
 ) -> Vec<PodEndpoint> {
     let mut by_key: BTreeMap<ObjectKey, PodEndpoint> = BTreeMap::new();
     for (key, pod) in &state.pods {
-        let ips: BTreeSet<std::net::IpAddr> = pod
-            .status
-            .iter()
-            .flat_map(|s| {
-                s.pod_ips
-                    .iter()
-                    .flatten()
-                    .map(|p| p.ip.clone())
-                    .chain(s.pod_ip.clone())
-            })
-            .filter_map(|ip| ip.parse().ok())
-            .collect();
+        let ips: BTreeSet<std::net::IpAddr> = pod.ips.iter().copied().collect();
         let (ipv4, ipv6) = split_families(ips);
         by_key.insert(
             key.clone(),
@@ -731,7 +721,7 @@ pub fn pod_endpoints(
                 key: key.clone(),
                 ipv4,
                 ipv6,
-                labels: pod.metadata.labels.clone().unwrap_or_default(),
+                labels: pod.labels.clone(),
                 pod: Some(pod.clone()),
             },
         );

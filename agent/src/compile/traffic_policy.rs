@@ -14,8 +14,8 @@
 //! have been reused.
 
 use super::services::PodEndpoint;
+use crate::sources::compact::SliceEndpoint;
 use k8s_openapi::api::core::v1::ServiceSpec;
-use k8s_openapi::api::discovery::v1::Endpoint as SliceEndpoint;
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
@@ -59,17 +59,16 @@ impl NodeLocality {
     pub fn slice_endpoint(&self, ep: &SliceEndpoint) -> bool {
         self.placed(
             ep.node_name.as_deref(),
-            ep.addresses.iter().filter_map(|a| a.parse().ok()),
+            ep.addresses().filter_map(|a| match a {
+                std::net::IpAddr::V4(a) => Some(a),
+                std::net::IpAddr::V6(_) => None,
+            }),
         )
     }
 
     /// Whether a pod the endpoints controller selected is on this node.
     pub fn pod(&self, pod: &PodEndpoint) -> bool {
-        let node = pod
-            .pod
-            .as_deref()
-            .and_then(|p| p.spec.as_ref())
-            .and_then(|s| s.node_name.as_deref());
+        let node = pod.pod.as_deref().and_then(|p| p.node_name.as_deref());
         self.placed(node, pod.ipv4.iter().copied())
     }
 }
@@ -79,11 +78,9 @@ mod tests {
     use super::*;
 
     fn ep(node: Option<&str>, addr: &str) -> SliceEndpoint {
-        SliceEndpoint {
-            addresses: vec![addr.into()],
-            node_name: node.map(Into::into),
-            ..Default::default()
-        }
+        SliceEndpoint::new([addr.parse().unwrap()])
+            .unwrap()
+            .with_node_name(node)
     }
 
     #[test]

@@ -138,14 +138,14 @@ impl fmt::Display for Prefix {
 
 /// The source a selector key is restricted to (`k8s:app`, `reserved:host`;
 /// an unprefixed key and `any:` match every source).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum LabelSource {
     Any,
     K8s,
     Reserved,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct LabelKey {
     pub source: LabelSource,
     pub key: String,
@@ -180,7 +180,7 @@ impl LabelKey {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Op {
     In,
     NotIn,
@@ -188,7 +188,7 @@ pub enum Op {
     DoesNotExist,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Requirement {
     pub key: LabelKey,
     pub op: Op,
@@ -197,7 +197,7 @@ pub struct Requirement {
 
 /// A label selector over identity labels: every requirement must hold; no
 /// requirement selects everything.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Selector {
     pub reqs: Vec<Requirement>,
 }

@@ -7,11 +7,13 @@ use super::bpf::{monotonic_ns, PinnedMap};
 use anyhow::Result;
 use catena_api::{BpfMapDump, BpfMapInfo};
 use catena_common::ct::{Ct4Key, Ct4Value};
+use catena_common::ct6::Ct6Key;
 use catena_common::endpoint::EndpointInfo;
 use catena_common::lb::{Backend4, RevNat4, Service4Key, Service4Value};
+use catena_common::lb6::{addr6_octets, Addr6, Backend6, RevNat6, Service6Key, Service6Value};
 use catena_common::map_names;
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 
 /// Names `dump` understands (for error messages and the CLI).
@@ -31,6 +33,21 @@ pub fn dump(bpffs: &Path, name: &str) -> Option<Result<BpfMapDump>> {
 
 fn addr(a: u32) -> Ipv4Addr {
     Ipv4Addr::from(a.to_ne_bytes())
+}
+
+fn addr6(a: &Addr6) -> Ipv6Addr {
+    Ipv6Addr::from(addr6_octets(a))
+}
+
+/// `[addr]:port` of an IPv6 address and a network-order port.
+fn sock6(a: &Addr6, port_be: u16) -> String {
+    SocketAddr::from((addr6(a), u16::from_be(port_be))).to_string()
+}
+
+/// Whether `<bpffs>/maps/<name>` is pinned (the IPv6 maps are absent when
+/// programs from before IPv6 support are still pinned).
+fn pinned(bpffs: &Path, name: &str) -> bool {
+    bpffs.join("maps").join(name).exists()
 }
 
 fn info(map: &PinnedMap, entries: usize) -> BpfMapInfo {
@@ -61,7 +78,7 @@ fn lb(bpffs: &Path) -> Result<BpfMapDump> {
             k.backend_slot,
         )
     });
-    let rows = svc
+    let mut rows: Vec<Vec<String>> = svc
         .iter()
         .map(|(k, v)| {
             let frontend = format!(
@@ -100,41 +117,131 @@ fn lb(bpffs: &Path) -> Result<BpfMapDump> {
             ]
         })
         .collect();
+    let mut maps = vec![
+        info(&services, svc.len()),
+        info(&backends_map, backends.len()),
+        info(&revnat_map, revnat.len()),
+    ];
+    if pinned(bpffs, map_names::LB6_SERVICES) {
+        let (maps6, rows6) = lb6(bpffs)?;
+        maps.extend(maps6);
+        rows.extend(rows6);
+    }
     Ok(BpfMapDump {
-        maps: vec![
-            info(&services, svc.len()),
-            info(&backends_map, backends.len()),
-            info(&revnat_map, revnat.len()),
-        ],
+        maps,
         columns: columns(&["FRONTEND", "SLOT", "BACKEND", "REVNAT", "FLAGS"]),
         rows,
     })
 }
 
+/// The `LB6_*` maps in the columns of [`lb`] (frontends as `[addr]:port/PROTO`).
+fn lb6(bpffs: &Path) -> Result<(Vec<BpfMapInfo>, Vec<Vec<String>>)> {
+    let services =
+        PinnedMap::open_typed::<Service6Key, Service6Value>(bpffs, map_names::LB6_SERVICES)?;
+    let backends_map = PinnedMap::open_typed::<u32, Backend6>(bpffs, map_names::LB6_BACKENDS)?;
+    let revnat_map = PinnedMap::open_typed::<u16, RevNat6>(bpffs, map_names::LB6_REVNAT)?;
+    let mut svc = services.typed::<Service6Key, Service6Value>()?;
+    let backends: BTreeMap<u32, Backend6> = backends_map.typed()?.into_iter().collect();
+    let revnat: BTreeMap<u16, RevNat6> = revnat_map.typed()?.into_iter().collect();
+    svc.sort_by_key(|(k, _)| {
+        (
+            addr6(&k.address),
+            u16::from_be(k.dport),
+            k.proto,
+            k.backend_slot,
+        )
+    });
+    let rows = svc
+        .iter()
+        .map(|(k, v)| {
+            let frontend = format!("{}/{}", sock6(&k.address, k.dport), proto(k.proto));
+            let (backend, rev) = if k.backend_slot == 0 {
+                let rev = revnat
+                    .get(&v.rev_nat_index)
+                    .map(|r| format!("{} ({})", v.rev_nat_index, sock6(&r.address, r.port)))
+                    .unwrap_or_else(|| v.rev_nat_index.to_string());
+                (format!("({} backends)", v.count), rev)
+            } else {
+                let b = backends
+                    .get(&v.backend_id)
+                    .map(|b| sock6(&b.address, b.port))
+                    .unwrap_or_else(|| "<missing>".into());
+                (format!("#{} {b}", v.backend_id), String::new())
+            };
+            vec![
+                frontend,
+                k.backend_slot.to_string(),
+                backend,
+                rev,
+                format!("{:#x}", v.flags),
+            ]
+        })
+        .collect();
+    Ok((
+        vec![
+            info(&services, svc.len()),
+            info(&backends_map, backends.len()),
+            info(&revnat_map, revnat.len()),
+        ],
+        rows,
+    ))
+}
+
+/// One conntrack row; `src`/`dst` already formatted for the family.
+fn ct_row(kind: u8, proto_nr: u8, src: String, dst: String, v: &Ct4Value, now: u64) -> Vec<String> {
+    vec![
+        super::conntrack::kind_name(kind),
+        proto(proto_nr),
+        src,
+        dst,
+        v.backend_id.to_string(),
+        v.rev_nat_index.to_string(),
+        format!("{:#x}", v.flags),
+        v.packets.to_string(),
+        v.bytes.to_string(),
+        format!("{}s", now.saturating_sub(v.last_seen_ns) / 1_000_000_000),
+    ]
+}
+
+/// `CT4`, then `CT6` (backend ids and rev-NAT indices of IPv6 rows refer to
+/// `LB6_BACKENDS` and `LB6_REVNAT`).
 fn ct(bpffs: &Path) -> Result<BpfMapDump> {
     let map = PinnedMap::open_typed::<Ct4Key, Ct4Value>(bpffs, map_names::CT4)?;
     let mut entries = map.typed::<Ct4Key, Ct4Value>()?;
     entries.sort_by_key(|(_, v)| v.created_ns);
     let now = monotonic_ns();
-    let rows = entries
+    let mut rows: Vec<Vec<String>> = entries
         .iter()
         .map(|(k, v)| {
-            vec![
-                super::conntrack::kind_name(k.kind),
-                proto(k.proto),
+            ct_row(
+                k.kind,
+                k.proto,
                 format!("{}:{}", addr(k.saddr), u16::from_be(k.sport)),
                 format!("{}:{}", addr(k.daddr), u16::from_be(k.dport)),
-                v.backend_id.to_string(),
-                v.rev_nat_index.to_string(),
-                format!("{:#x}", v.flags),
-                v.packets.to_string(),
-                v.bytes.to_string(),
-                format!("{}s", now.saturating_sub(v.last_seen_ns) / 1_000_000_000),
-            ]
+                v,
+                now,
+            )
         })
         .collect();
+    let mut maps = vec![info(&map, entries.len())];
+    if pinned(bpffs, map_names::CT6) {
+        let map6 = PinnedMap::open_typed::<Ct6Key, Ct4Value>(bpffs, map_names::CT6)?;
+        let mut entries6 = map6.typed::<Ct6Key, Ct4Value>()?;
+        entries6.sort_by_key(|(_, v)| v.created_ns);
+        rows.extend(entries6.iter().map(|(k, v)| {
+            ct_row(
+                k.kind,
+                k.proto,
+                sock6(&k.saddr, k.sport),
+                sock6(&k.daddr, k.dport),
+                v,
+                now,
+            )
+        }));
+        maps.push(info(&map6, entries6.len()));
+    }
     Ok(BpfMapDump {
-        maps: vec![info(&map, entries.len())],
+        maps,
         columns: columns(&[
             "KIND",
             "PROTO",
@@ -196,8 +303,11 @@ pub fn proto(p: u8) -> String {
 pub fn pressure(bpffs: &Path) -> Vec<catena_api::MapPressure> {
     [
         map_names::CT4,
+        map_names::CT6,
         map_names::LB4_SERVICES,
         map_names::LB4_BACKENDS,
+        map_names::LB6_SERVICES,
+        map_names::LB6_BACKENDS,
         map_names::ENDPOINTS,
     ]
     .iter()

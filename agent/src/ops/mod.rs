@@ -79,19 +79,23 @@ impl Ops {
         let started = Instant::now();
         match conntrack::gc(&self.bpffs, &self.timeouts) {
             Ok(run) => {
-                crate::metrics::global().ct_gc_run(run.removed, run.scanned - run.removed);
+                // The GC metrics carry no family label: both maps add up.
+                crate::metrics::global().ct_gc_run(run.removed(), run.scanned() - run.removed());
                 *self.last_gc.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                 let took = started.elapsed();
-                if run.removed > 0 {
+                if run.removed() > 0 {
                     tracing::info!(
-                        scanned = run.scanned,
-                        removed = run.removed,
+                        scanned_ipv4 = run.v4.scanned,
+                        removed_ipv4 = run.v4.removed,
+                        scanned_ipv6 = run.v6.scanned,
+                        removed_ipv6 = run.v6.removed,
                         ?took,
                         "conntrack GC"
                     );
                 } else {
                     tracing::debug!(
-                        scanned = run.scanned,
+                        scanned_ipv4 = run.v4.scanned,
+                        scanned_ipv6 = run.v6.scanned,
                         ?took,
                         "conntrack GC: nothing expired"
                     );
@@ -233,7 +237,12 @@ impl Ops {
             None => "not started yet".into(),
         };
         let config = core.config();
-        let mut unsupported = vec!["IPv6: the datapath translates IPv4 only".to_string()];
+        let mut unsupported = vec![
+            "IPv6 NodePort, externalIPs and LoadBalancer IPs (IPv6 ClusterIPs are served)"
+                .to_string(),
+            "IPv6 network policy: an endpoint under policy drops IPv6 in that direction"
+                .to_string(),
+        ];
         if !config.kube_proxy_replacement.enabled() {
             unsupported.push("NodePort, LoadBalancer and externalIPs: left to kube-proxy (--kube-proxy-replacement=false)".into());
         }
@@ -388,19 +397,16 @@ async fn ct_flush(
     _body: axum::body::Bytes,
 ) -> Result<Json<CtFlushResult>, Response> {
     blocking(ops, |o| {
-        let ct = bpf::PinnedMap::open_typed::<
-            catena_common::ct::Ct4Key,
-            catena_common::ct::Ct4Value,
-        >(&o.bpffs, catena_common::map_names::CT4)?;
-        let mut removed = 0;
-        for key in ct.keys()? {
-            removed += usize::from(ct.delete(&key)?);
-        }
+        let (v4, v6) = conntrack::flush(&o.bpffs)?;
         tracing::warn!(
-            removed,
+            removed_ipv4 = v4,
+            removed_ipv6 = v6,
             "conntrack flushed on request: live connections through Services may reset"
         );
-        Ok(CtFlushResult { removed })
+        Ok(CtFlushResult {
+            removed: v4 + v6,
+            removed_ipv6: v6,
+        })
     })
     .await
     .map(Json)

@@ -26,8 +26,7 @@ use super::watch::SourceUpdate;
 use super::{CiliumPolicy, ClusterState, Object};
 use anyhow::{Context, Result};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Container, Namespace, Pod, PodSpec, PodStatus, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
@@ -41,9 +40,13 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 
 /// Objects per list page. kube-rs defaults to 500, which at 10k Services and
-/// 10k EndpointSlices is 40 round trips before the first snapshot; the API
-/// server serves a list from its watch cache either way.
-const LIST_PAGE_SIZE: u32 = 5000;
+/// 10k EndpointSlices is 40 round trips before the first snapshot. Larger
+/// pages cost memory for good, not just while listing: a page is one
+/// deserialized batch of full objects (5000 EndpointSlices are ~35 MiB), and
+/// the compact objects built while it is alive end up scattered among its
+/// chunks once it is freed. On the source-sync benchmark 5000 left ~113 MiB
+/// resident after sync, 1000 ~95 MiB, at the same sync time.
+const LIST_PAGE_SIZE: u32 = 1000;
 
 /// Builds a client from `--kubeconfig`, or in-cluster config / `KUBECONFIG`.
 pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
@@ -139,15 +142,15 @@ pub async fn watch_kubernetes(client: Client) -> Result<watch::Receiver<SourceUp
     watch_kind(Kind::Service, Api::all(client.clone()), tx, |s: Service| {
         Object::Service(Arc::new(trim_service(s)))
     });
+    // EndpointSlices and Pods are converted to their compact form at once
+    // (see `super::compact`): the deserialized object is dropped right here.
     watch_kind(
         Kind::EndpointSlice,
         Api::all(client.clone()),
         tx,
-        |s: EndpointSlice| Object::EndpointSlice(Arc::new(trim_slice(s))),
+        Object::endpoint_slice,
     );
-    watch_kind(Kind::Pod, Api::all(client.clone()), tx, |p: Pod| {
-        Object::Pod(Arc::new(trim_pod(p)))
-    });
+    watch_kind(Kind::Pod, Api::all(client.clone()), tx, Object::pod);
     watch_kind(
         Kind::Namespace,
         Api::all(client.clone()),
@@ -377,6 +380,9 @@ fn replace_kind(state: &mut ClusterState, kind: Kind, mut listed: ClusterState) 
     fn meta_rv(m: &ObjectMeta) -> Option<&str> {
         m.resource_version.as_deref()
     }
+    fn rv(v: &Option<Box<str>>) -> Option<&str> {
+        v.as_deref()
+    }
     match kind {
         Kind::Service => {
             keep(&state.services, listed.services.make_mut(), |o| {
@@ -388,13 +394,13 @@ fn replace_kind(state: &mut ClusterState, kind: Kind, mut listed: ClusterState) 
             keep(
                 &state.endpoint_slices,
                 listed.endpoint_slices.make_mut(),
-                |o| meta_rv(&o.metadata),
+                |o| rv(&o.resource_version),
             );
             state.endpoint_slices = listed.endpoint_slices;
         }
         Kind::Pod => {
             keep(&state.pods, listed.pods.make_mut(), |o| {
-                meta_rv(&o.metadata)
+                rv(&o.resource_version)
             });
             state.pods = listed.pods;
         }
@@ -444,55 +450,27 @@ fn trim_meta(meta: &mut ObjectMeta) {
     }
 }
 
+/// A Service keeps its type, but without the spare capacity its lists were
+/// deserialized with (10k Services each carry several such lists).
 fn trim_service(mut s: Service) -> Service {
     trim_meta(&mut s.metadata);
-    s
-}
-
-/// Endpoints keep what the service compiler reads (addresses, conditions,
-/// node name, zone and hints); `targetRef`, `hostname` and the deprecated
-/// topology map are one allocation-heavy copy per endpoint, 100k of them in a
-/// large cluster, and nothing reads them.
-fn trim_slice(mut s: EndpointSlice) -> EndpointSlice {
-    trim_meta(&mut s.metadata);
-    for ep in s.endpoints.iter_mut().flatten() {
-        ep.target_ref = None;
-        ep.hostname = None;
-        ep.deprecated_topology = None;
+    if let Some(spec) = &mut s.spec {
+        for list in [
+            &mut spec.cluster_ips,
+            &mut spec.ip_families,
+            &mut spec.external_ips,
+            &mut spec.load_balancer_source_ranges,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            list.shrink_to_fit();
+        }
+        if let Some(ports) = &mut spec.ports {
+            ports.shrink_to_fit();
+        }
     }
     s
-}
-
-/// A Pod as the compilers read it: metadata, the node, the service account,
-/// containers' named ports, phase and addresses. Real pod specs (env,
-/// volumes, probes, images, statuses) are kilobytes each and none of it
-/// matters to load balancing or policy.
-fn trim_pod(mut p: Pod) -> Pod {
-    trim_meta(&mut p.metadata);
-    let ports_only = |c: Container| Container {
-        name: c.name,
-        ports: c.ports,
-        ..Default::default()
-    };
-    p.spec = p.spec.map(|s| PodSpec {
-        containers: s.containers.into_iter().map(ports_only).collect(),
-        init_containers: s
-            .init_containers
-            .map(|cs| cs.into_iter().map(ports_only).collect()),
-        node_name: s.node_name,
-        service_account_name: s.service_account_name,
-        host_network: s.host_network,
-        ..Default::default()
-    });
-    p.status = p.status.map(|s| PodStatus {
-        phase: s.phase,
-        pod_ip: s.pod_ip,
-        pod_ips: s.pod_ips,
-        host_ip: s.host_ip,
-        host_ips: s.host_ips,
-        ..Default::default()
-    });
-    p
 }
 
 /// A Cilium policy as the policy compiler reads it: the raw object with its
@@ -537,7 +515,7 @@ mod tests {
     use serde_json::json;
 
     fn slice(name: &str, rv: &str, address: &str) -> Object {
-        let s: EndpointSlice = serde_json::from_value(json!({
+        let s: k8s_openapi::api::discovery::v1::EndpointSlice = serde_json::from_value(json!({
             "metadata": {"name": name, "namespace": "a", "resourceVersion": rv,
                          "labels": {"kubernetes.io/service-name": "web"}},
             "addressType": "IPv4",
@@ -545,7 +523,7 @@ mod tests {
                            "targetRef": {"kind": "Pod", "name": "p", "namespace": "a"}}]
         }))
         .unwrap();
-        Object::EndpointSlice(Arc::new(trim_slice(s)))
+        Object::endpoint_slice(s)
     }
 
     fn listed(kind: Kind, objects: Vec<Object>) -> Change {
@@ -660,39 +638,16 @@ mod tests {
     }
 
     #[test]
-    fn trimming_keeps_what_the_compilers_read() {
-        let Object::EndpointSlice(s) = slice("s1", "1", "10.0.0.1") else {
-            unreachable!()
-        };
-        let ep = &s.endpoints.as_ref().unwrap()[0];
-        assert_eq!(ep.addresses, vec!["10.0.0.1"]);
-        assert!(ep.target_ref.is_none() && ep.hostname.is_none());
-        let pod: Pod = serde_json::from_value(json!({
-            "metadata": {"name": "p", "namespace": "a", "labels": {"app": "web"},
-                         "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}",
-                                         "keep": "me"},
-                         "managedFields": [{"manager": "kubectl"}]},
-            "spec": {"nodeName": "n1", "serviceAccountName": "sa",
-                     "containers": [{"name": "c", "image": "nginx", "env": [{"name": "X", "value": "1"}],
-                                     "ports": [{"name": "http", "containerPort": 8080}]}]},
-            "status": {"phase": "Running", "podIP": "10.0.0.5", "podIPs": [{"ip": "10.0.0.5"}],
-                       "conditions": [{"type": "Ready", "status": "True"}]}
+    fn trimming_drops_what_no_compiler_reads() {
+        let mut meta: ObjectMeta = serde_json::from_value(json!({
+            "name": "p", "namespace": "a",
+            "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}", "keep": "me"},
+            "managedFields": [{"manager": "kubectl"}]
         }))
         .unwrap();
-        let p = trim_pod(pod);
-        let spec = p.spec.as_ref().unwrap();
-        assert_eq!(spec.node_name.as_deref(), Some("n1"));
-        assert_eq!(spec.service_account_name.as_deref(), Some("sa"));
-        assert_eq!(
-            spec.containers[0].ports.as_ref().unwrap()[0].container_port,
-            8080
-        );
-        assert!(spec.containers[0].image.is_none() && spec.containers[0].env.is_none());
-        let status = p.status.as_ref().unwrap();
-        assert_eq!(status.pod_ip.as_deref(), Some("10.0.0.5"));
-        assert!(status.conditions.is_none());
-        assert!(p.metadata.managed_fields.is_none());
-        let annotations = p.metadata.annotations.as_ref().unwrap();
+        trim_meta(&mut meta);
+        assert!(meta.managed_fields.is_none());
+        let annotations = meta.annotations.as_ref().unwrap();
         assert_eq!(annotations.len(), 1);
         assert_eq!(annotations["keep"], "me");
     }

@@ -231,26 +231,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore]
-    fn zz_time_rescan_1k() {
-        let dir = tempfile::tempdir().unwrap();
-        for i in 0..1000 {
-            fs::write(dir.path().join(format!("s{i}.yaml")), SVC.replace("web", &format!("w{i}"))).unwrap();
-        }
-        let mut md = ManifestDir::new(dir.path());
-        md.rescan().unwrap();
-        let mut t = Vec::new();
-        for k in 0..20 {
-            fs::write(dir.path().join("s5.yaml"), SVC.replace("web", &format!("x{k}"))).unwrap();
-            let s = std::time::Instant::now();
-            md.rescan().unwrap();
-            t.push(s.elapsed());
-        }
-        t.sort();
-        eprintln!("RESCAN median {:?}", t[10]);
-    }
-
-    #[test]
     fn reports_duplicates_across_files() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("a.yaml"), SVC).unwrap();

@@ -103,11 +103,13 @@ fn collect(value: serde_json::Value, parsed: &mut Parsed) -> Result<(), String> 
         return Err(format!("{kind} has no metadata.name"));
     }
     let object = match (api_version.as_str(), kind.as_str()) {
-        ("v1", "Service") => Object::Service(typed(value, &kind)?),
-        ("discovery.k8s.io/v1", "EndpointSlice") => Object::EndpointSlice(typed(value, &kind)?),
-        ("v1", "Pod") => Object::Pod(typed(value, &kind)?),
-        ("v1", "Namespace") => Object::Namespace(typed(value, &kind)?),
-        ("networking.k8s.io/v1", "NetworkPolicy") => Object::NetworkPolicy(typed(value, &kind)?),
+        ("v1", "Service") => Object::Service(Arc::new(typed(value, &kind)?)),
+        ("discovery.k8s.io/v1", "EndpointSlice") => Object::endpoint_slice(typed(value, &kind)?),
+        ("v1", "Pod") => Object::pod(typed(value, &kind)?),
+        ("v1", "Namespace") => Object::Namespace(Arc::new(typed(value, &kind)?)),
+        ("networking.k8s.io/v1", "NetworkPolicy") => {
+            Object::NetworkPolicy(Arc::new(typed(value, &kind)?))
+        }
         ("cilium.io/v2", "CiliumNetworkPolicy" | "CiliumClusterwideNetworkPolicy") => {
             Object::CiliumPolicy(Arc::new(CiliumPolicy {
                 kind: kind.clone(),
@@ -126,13 +128,11 @@ fn collect(value: serde_json::Value, parsed: &mut Parsed) -> Result<(), String> 
     Ok(())
 }
 
-fn typed<T: DeserializeOwned>(value: serde_json::Value, kind: &str) -> Result<Arc<T>, String> {
-    serde_path_to_error::deserialize(value)
-        .map(Arc::new)
-        .map_err(|e| {
-            let path = e.path().to_string();
-            format!("invalid {kind} at {path}: {}", e.into_inner())
-        })
+fn typed<T: DeserializeOwned>(value: serde_json::Value, kind: &str) -> Result<T, String> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        format!("invalid {kind} at {path}: {}", e.into_inner())
+    })
 }
 
 #[cfg(test)]

@@ -2,13 +2,15 @@
 //! embedded default) or, later, the Kubernetes API. Every source produces the
 //! same [`ClusterState`] snapshot; the compilers never know which one it was.
 
+pub mod compact;
 pub mod kube;
 pub mod manifest_dir;
 pub mod manifests;
 pub mod watch;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use compact::meta_key;
+pub use compact::{PodInfo, SliceInfo};
+use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -48,12 +50,13 @@ pub struct CiliumPolicy {
     pub object: serde_json::Value,
 }
 
-/// One object from a source.
+/// One object from a source. EndpointSlices and Pods come converted to
+/// their compact form (see [`compact`]), with the key they had.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Object {
     Service(Arc<Service>),
-    EndpointSlice(Arc<EndpointSlice>),
-    Pod(Arc<Pod>),
+    EndpointSlice(ObjectKey, Arc<SliceInfo>),
+    Pod(ObjectKey, Arc<PodInfo>),
     Namespace(Arc<Namespace>),
     NetworkPolicy(Arc<NetworkPolicy>),
     CiliumPolicy(Arc<CiliumPolicy>),
@@ -63,12 +66,24 @@ impl Object {
     pub fn kind(&self) -> &str {
         match self {
             Object::Service(_) => "Service",
-            Object::EndpointSlice(_) => "EndpointSlice",
-            Object::Pod(_) => "Pod",
+            Object::EndpointSlice(..) => "EndpointSlice",
+            Object::Pod(..) => "Pod",
             Object::Namespace(_) => "Namespace",
             Object::NetworkPolicy(_) => "NetworkPolicy",
             Object::CiliumPolicy(p) => &p.kind,
         }
+    }
+}
+
+impl Object {
+    /// A Kubernetes EndpointSlice, converted.
+    pub fn endpoint_slice(s: k8s_openapi::api::discovery::v1::EndpointSlice) -> Object {
+        Object::EndpointSlice(meta_key(&s.metadata), Arc::new(SliceInfo::from(s)))
+    }
+
+    /// A Kubernetes Pod, converted.
+    pub fn pod(p: k8s_openapi::api::core::v1::Pod) -> Object {
+        Object::Pod(meta_key(&p.metadata), Arc::new(PodInfo::from(p)))
     }
 }
 
@@ -152,8 +167,8 @@ impl<K: Ord, V> FromIterator<(K, V)> for KindMap<K, V> {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ClusterState {
     pub services: KindMap<ObjectKey, Arc<Service>>,
-    pub endpoint_slices: KindMap<ObjectKey, Arc<EndpointSlice>>,
-    pub pods: KindMap<ObjectKey, Arc<Pod>>,
+    pub endpoint_slices: KindMap<ObjectKey, Arc<SliceInfo>>,
+    pub pods: KindMap<ObjectKey, Arc<PodInfo>>,
     pub namespaces: KindMap<String, Arc<Namespace>>,
     pub network_policies: KindMap<ObjectKey, Arc<NetworkPolicy>>,
     pub cilium_policies: KindMap<(String, ObjectKey), Arc<CiliumPolicy>>,
@@ -168,14 +183,8 @@ impl ClusterState {
                 let k = meta_key(&o.metadata);
                 self.services.insert(k.clone(), o).map(|_| k)
             }
-            Object::EndpointSlice(o) => {
-                let k = meta_key(&o.metadata);
-                self.endpoint_slices.insert(k.clone(), o).map(|_| k)
-            }
-            Object::Pod(o) => {
-                let k = meta_key(&o.metadata);
-                self.pods.insert(k.clone(), o).map(|_| k)
-            }
+            Object::EndpointSlice(k, o) => self.endpoint_slices.insert(k.clone(), o).map(|_| k),
+            Object::Pod(k, o) => self.pods.insert(k.clone(), o).map(|_| k),
             Object::Namespace(o) => {
                 let name = o.metadata.name.clone().unwrap_or_default();
                 self.namespaces
@@ -200,11 +209,8 @@ impl ClusterState {
     pub fn remove(&mut self, object: &Object) -> bool {
         match object {
             Object::Service(o) => self.services.remove(&meta_key(&o.metadata)).is_some(),
-            Object::EndpointSlice(o) => self
-                .endpoint_slices
-                .remove(&meta_key(&o.metadata))
-                .is_some(),
-            Object::Pod(o) => self.pods.remove(&meta_key(&o.metadata)).is_some(),
+            Object::EndpointSlice(k, _) => self.endpoint_slices.remove(k).is_some(),
+            Object::Pod(k, _) => self.pods.remove(k).is_some(),
             Object::Namespace(o) => self
                 .namespaces
                 .remove(&o.metadata.name.clone().unwrap_or_default())
@@ -222,17 +228,8 @@ impl ClusterState {
 
     /// Pod labels by `namespace/name`, as the endpoints controller needs them.
     pub fn pod_labels(&self, key: &ObjectKey) -> Option<&BTreeMap<String, String>> {
-        self.pods.get(key).and_then(|p| p.metadata.labels.as_ref())
+        self.pods.get(key).map(|p| &p.labels)
     }
-}
-
-/// `namespace/name` of a namespaced object (`default` when the namespace is
-/// unset, as the API server would default it).
-fn meta_key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectKey {
-    ObjectKey::new(
-        meta.namespace.clone().unwrap_or_else(|| "default".into()),
-        meta.name.clone().unwrap_or_default(),
-    )
 }
 
 /// A Cilium policy's key: clusterwide ones have no namespace.

@@ -21,7 +21,13 @@ pub struct SourceUpdate {
     pub generation: u64,
 }
 
-const DEBOUNCE: Duration = Duration::from_millis(30);
+/// One write makes a burst of inotify events (create, modify, close, rename)
+/// within microseconds; a short settle folds them into one rescan. Kept
+/// short because it is paid by every change (policy change -> enforced).
+/// An editor that writes a file in steps further apart than this can make
+/// one rescan see a half-written file: that file is reported and its last
+/// good content stays in force until the next event, so nothing is lost.
+const DEBOUNCE: Duration = Duration::from_millis(3);
 const SAFETY_RESCAN: Duration = Duration::from_secs(2);
 
 /// Reads the directory once (so the caller can program the datapath before
@@ -56,7 +62,7 @@ pub async fn watch_manifest_dir(dir: PathBuf) -> Result<watch::Receiver<SourceUp
             tokio::select! {
                 ev = event_rx.recv() => {
                     if ev.is_none() { break; }
-                    // Editors write in several steps: settle, then drain.
+                    // Settle the burst of one write, then drain it.
                     tokio::time::sleep(DEBOUNCE).await;
                     while event_rx.try_recv().is_ok() {}
                 }

@@ -16,10 +16,21 @@ pub struct Service4Key {
     pub backend_slot: u16,
     /// IPPROTO_TCP / IPPROTO_UDP / IPPROTO_SCTP.
     pub proto: u8,
-    /// Reserved for traffic-policy scopes (external/internal); 0 today.
+    /// `SCOPE_INTERNAL` (every lookup) or `SCOPE_EXTERNAL` (the second
+    /// scope of a frontend whose master has `SVC_FLAG_TWO_SCOPES`).
     pub scope: u8,
     pub pad: [u8; 2],
 }
+
+/// The scope every lookup starts with: pods, node processes, and external
+/// traffic to a frontend with one scope.
+pub const SCOPE_INTERNAL: u8 = 0;
+/// The backends of traffic arriving on an external device (`from_netdev`)
+/// for a frontend with two scopes: its own master (same rev-NAT index) and
+/// slots. Cilium keeps the scopes the same way for
+/// `externalTrafficPolicy: Local` (external: local endpoints only) while
+/// in-cluster clients keep every endpoint.
+pub const SCOPE_EXTERNAL: u8 = 1;
 
 /// Value of `LB4_SERVICES`.
 #[repr(C)]
@@ -43,6 +54,9 @@ pub const SVC_FLAG_NO_BACKENDS: u16 = 1 << 0;
 /// `sessionAffinity: ClientIP`: new flows of a client reuse the backend its
 /// last flow used, if that was less than the timeout ago (`LB4_AFFINITY`).
 pub const SVC_FLAG_AFFINITY: u16 = 1 << 1;
+/// On the `SCOPE_INTERNAL` master: external traffic uses the
+/// `SCOPE_EXTERNAL` entries of the same frontend instead.
+pub const SVC_FLAG_TWO_SCOPES: u16 = 1 << 2;
 
 /// Key of `LB4_AFFINITY`: one client of one frontend.
 #[repr(C)]

@@ -77,6 +77,22 @@ pub fn reversed_key(flow: &Flow4, kind: u8) -> Ct4Key {
     }
 }
 
+/// A new connection (TCP SYN) on a tuple that a finished Service flow used
+/// (same client port to the same backend) must not inherit its reverse
+/// translation: replies would come back with the frontend as their source
+/// and the client would drop them. Clears it; conntrack's other state stays.
+#[inline(always)]
+pub fn forget_translation(key: &Ct4Key) {
+    if let Some(entry) = lookup(key) {
+        // SAFETY: pointer from a CT4 lookup in this run.
+        unsafe {
+            if (*entry).rev_nat_index != 0 {
+                (*entry).rev_nat_index = 0;
+            }
+        }
+    }
+}
+
 #[inline(always)]
 pub fn lookup(key: &Ct4Key) -> Option<*mut Ct4Value> {
     CT4.get_ptr_mut(key)

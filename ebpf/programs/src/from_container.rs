@@ -7,7 +7,8 @@
 //!    conntrack; a pod reaching itself is source-NATed to the hairpin address
 //!    and its replies translated back here; a TCP SYN to a frontend without
 //!    backends is answered with a RST, a UDP datagram with an ICMP port
-//!    unreachable;
+//!    unreachable; a SYN to anything else clears the reverse translation a
+//!    finished Service flow may have left on the same tuple (port reuse);
 //! 4. egress policy, after translation (the backend's identity and port), for
 //!    new connections of an endpoint under policy; established connections
 //!    and replies pass on conntrack.
@@ -19,7 +20,7 @@
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use catena_common::{
-    ct::CT_FLAG_SEEN_REPLY,
+    ct::{CT_EGRESS, CT_FLAG_SEEN_REPLY},
     endpoint::{EndpointInfo, EP_FLAG_ANTI_SPOOF},
     events::Reason,
     lb::{Service4Key, Service4Value, HAIRPIN_ADDR},
@@ -79,6 +80,9 @@ fn try_from_container(
         let master_key = lb::master_key(flow.daddr, flow.dport, flow.proto);
         if let Some(master) = lb::lookup_master(&master_key) {
             return service(ctx, ep, flags, flow, &master_key, &master);
+        }
+        if flow.is_tcp_syn(ctx) {
+            ct::forget_translation(&ct::tuple_key(flow, CT_EGRESS));
         }
     }
     if flags == 0 {

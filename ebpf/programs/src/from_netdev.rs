@@ -5,11 +5,14 @@
 //!    frontend as its source, and is forwarded straight to the client;
 //! 2. a new or ongoing flow to a NodePort, externalIP or LoadBalancer IP
 //!    frontend is DNATed to a backend chosen once per flow (conntrack as for
-//!    pods). A local backend is reached through the stack with the client's
+//!    pods). A frontend with two scopes (`SVC_FLAG_TWO_SCOPES`) picks from
+//!    its external scope here, pods and node processes from the internal
+//!    one. A local backend is reached through the stack with the client's
 //!    address intact (its reply is reverse-NATed by `to_netdev`); a remote
-//!    one (only with externalTrafficPolicy: Cluster: Local frontends list
-//!    local backends only) also gets the node's address on the output device
-//!    as source, so its reply comes back through this node;
+//!    one (only with externalTrafficPolicy: Cluster: the external scope of a
+//!    Local frontend lists local backends only) also gets the node's address
+//!    on the output device as source, so its reply comes back through this
+//!    node;
 //! 3. a frontend without (local) backends refuses new flows (TCP RST, UDP
 //!    port unreachable).
 //!
@@ -62,6 +65,9 @@ fn try_from_netdev(ctx: &TcContext, flow: &Flow4) -> Result<i32, ()> {
     let Some(master) = lb::lookup_master(&key) else {
         return Ok(VERDICT_PASS);
     };
+    // Clients outside the node get the external scope of a frontend with
+    // two scopes (externalTrafficPolicy: Local: this node's endpoints only).
+    let (key, master) = lb::external_scope(&key, master);
     service(ctx, flow, &key, &master, now)
 }
 

@@ -4,7 +4,8 @@
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use catena_common::lb::{
-    Affinity4Key, Affinity4Value, Backend4, Service4Key, Service4Value, SVC_FLAG_AFFINITY,
+    Affinity4Key, Affinity4Value, Backend4, Service4Key, Service4Value, SCOPE_EXTERNAL,
+    SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_NO_BACKENDS, SVC_FLAG_TWO_SCOPES,
 };
 
 use crate::maglev;
@@ -20,8 +21,37 @@ pub fn master_key(daddr: u32, dport: u16, proto: u8) -> Service4Key {
         dport,
         backend_slot: 0,
         proto,
-        scope: 0,
+        scope: SCOPE_INTERNAL,
         pad: [0; 2],
+    }
+}
+
+/// The scope external traffic (arriving on an external device) uses: the
+/// frontend's `SCOPE_EXTERNAL` entries when its master says it has two
+/// scopes, else the master itself. A missing external master (never
+/// written after the flag, but a torn update is cheap to survive) means no
+/// backends for external clients, never the in-cluster ones.
+#[inline(always)]
+pub fn external_scope(key: &Service4Key, master: Service4Value) -> (Service4Key, Service4Value) {
+    if master.flags & SVC_FLAG_TWO_SCOPES == 0 {
+        return (*key, master);
+    }
+    let ext = Service4Key {
+        scope: SCOPE_EXTERNAL,
+        ..*key
+    };
+    match lookup_master(&ext) {
+        Some(m) => (ext, m),
+        None => (
+            ext,
+            Service4Value {
+                backend_id: 0,
+                count: 0,
+                rev_nat_index: master.rev_nat_index,
+                flags: SVC_FLAG_NO_BACKENDS,
+                pad: 0,
+            },
+        ),
     }
 }
 
@@ -42,6 +72,11 @@ pub fn backend(id: u32) -> Option<Backend4> {
 /// backend id it names and the backend.
 #[inline(always)]
 pub fn select_backend(master: &Service4Key, count: u16) -> Option<(u32, Backend4)> {
+    // Callers check, but a modulo by zero would be a panic path (which BPF
+    // cannot have), so it is ruled out here too.
+    if count == 0 {
+        return None;
+    }
     // SAFETY: helper without arguments.
     let rnd = unsafe { bpf_get_prandom_u32() };
     let slot = (rnd % count as u32) as u16 + 1;
@@ -57,13 +92,18 @@ pub fn select_backend(master: &Service4Key, count: u16) -> Option<(u32, Backend4
 /// Backend for a flow whose 5-tuple hashes to `hash`: the entry of the
 /// frontend's Maglev table when it has one (and the backend it names still
 /// exists), else a random slot (`master.count` must be > 0). For every path
-/// that translates a new flow (pods here, external traffic alike).
+/// that translates a new flow (pods here, external traffic alike). The
+/// table holds the internal scope's backends, so an external scope (its
+/// own, smaller backend set) always picks a random slot of its own.
 #[inline(always)]
 pub fn select_by_hash(
     key: &Service4Key,
     master: &Service4Value,
     hash: u32,
 ) -> Option<(u32, Backend4)> {
+    if key.scope != SCOPE_INTERNAL {
+        return select_backend(key, master.count);
+    }
     if let Some(id) = maglev::lookup(master.rev_nat_index, hash) {
         // A missing backend is the short moment between a backend's removal
         // and the table's rewrite: fall back rather than fail the flow.

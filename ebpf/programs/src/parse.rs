@@ -94,6 +94,16 @@ impl Flow4 {
     pub fn is_tcp_udp(&self) -> bool {
         !self.fragment && (self.proto == IPPROTO_TCP || self.proto == IPPROTO_UDP)
     }
+
+    /// A TCP SYN without ACK: the first segment of a new connection.
+    #[inline(always)]
+    pub fn is_tcp_syn(&self, ctx: &TcContext) -> bool {
+        const SYN: u8 = 0x02;
+        const ACK: u8 = 0x10;
+        !self.fragment
+            && self.proto == IPPROTO_TCP
+            && matches!(ctx.load::<u8>(self.l4_off + 13), Ok(f) if f & (SYN | ACK) == SYN)
+    }
 }
 
 pub enum Packet {

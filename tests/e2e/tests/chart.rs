@@ -524,6 +524,39 @@ fn kube_proxy_replacement_spellings() {
 }
 
 #[test]
+fn load_balancer_algorithm_reaches_the_agent() {
+    use catena_agent::compile::maglev::LbAlgorithm;
+    // Cilium's other loadBalancer values ride along unused.
+    for (sets, want, flag) in [
+        (&[][..], LbAlgorithm::Random, "random"),
+        (
+            &["loadBalancer.algorithm=maglev"][..],
+            LbAlgorithm::Maglev,
+            "maglev",
+        ),
+        (
+            &["loadBalancer.algorithm=random", "loadBalancer.mode=dsr"][..],
+            LbAlgorithm::Random,
+            "random",
+        ),
+    ] {
+        let Some(r) = render(sets) else { return };
+        let argv = r.objects.agent_argv();
+        assert!(
+            argv.contains(&format!("--lb-algorithm={flag}")),
+            "{sets:?}: {argv:?}"
+        );
+        assert_eq!(
+            r.objects.config().get("lbAlgorithm").map(String::as_str),
+            Some(flag)
+        );
+        let config = AgentConfig::try_parse_from(&argv)
+            .unwrap_or_else(|e| panic!("catena-agent rejects the chart's args {argv:?}: {e}"));
+        assert_eq!(config.lb_algorithm, want, "{sets:?}");
+    }
+}
+
+#[test]
 fn the_agent_accepts_every_rendered_command_line() {
     let api = ["k8sServiceHost=10.0.0.1", "k8sServicePort=6443"];
     let mut cases: Vec<Vec<&str>> = MODES.iter().map(|m| vec![*m]).collect();
@@ -533,6 +566,7 @@ fn the_agent_accepts_every_rendered_command_line() {
         api[0],
         api[1],
         "devices={eth0,eth1}",
+        "loadBalancer.algorithm=maglev",
     ]);
     for sets in cases {
         let sets: Vec<String> = sets
@@ -776,6 +810,7 @@ fn invalid_values_fail_with_clear_messages() {
         (&["securityContext.capabilities.add={PERFMON}"], "needs at least NET_ADMIN and BPF"),
         (&["cni.customConf=yes"], "want boolean"),
         (&["agent.logFormat=xml"], "agent.logFormat"),
+        (&["loadBalancer.algorithm=roundrobin"], "loadBalancer.algorithm=\"roundrobin\" is not random or maglev"),
     ];
     for (sets, want) in cases {
         match helm(sets, &[], false) {

@@ -460,3 +460,276 @@ fn cli_metrics_monitor_and_conntrack_gc() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// ptp + host-local with an IPv4 and an IPv6 range, then catena.
+fn dual_stack_conflist(node: &Node, v4: &str, v6: &str) -> anyhow::Result<catena_lab::Conflist> {
+    Ok(catena_lab::Conflist::from_value(serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "ops-dual",
+        "plugins": [
+            {
+                "type": "ptp",
+                "ipMasq": false,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": v4}], [{"subnet": v6}]],
+                    "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}],
+                    "dataDir": node.ipam_dir(),
+                }
+            },
+            node.catena_plugin(),
+        ]
+    }))?)
+}
+
+/// No duplicate address detection in `ns`, so IPv6 addresses are usable at
+/// once (must run before the interfaces exist).
+fn no_dad(ns: &catena_lab::Netns) -> anyhow::Result<()> {
+    ns.run(
+        "sysctl",
+        &[
+            "-q",
+            "-w",
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+        ],
+    )?;
+    Ok(())
+}
+
+fn pod_ipv6(pod: &catena_lab::Pod) -> anyhow::Result<std::net::Ipv6Addr> {
+    let result = pod
+        .result()
+        .ok_or_else(|| anyhow::anyhow!("{} has no ADD result", pod.name))?;
+    let ips = result.raw["ips"].as_array().cloned().unwrap_or_default();
+    ips.iter()
+        .filter_map(|ip| ip["address"].as_str()?.split('/').next()?.parse().ok())
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("{}'s ADD result has no IPv6 address", pod.name))
+}
+
+/// IPv6 conntrack is listed (`ct list`, `bpf ct list`, with `-o json`),
+/// shown next to the IPv6 service maps (`bpf lb list`), collected by the
+/// periodic GC like IPv4 (idle flows go, an open connection keeps both its
+/// entries) and flushed.
+#[test]
+fn ipv6_conntrack_listed_collected_and_flushed() -> anyhow::Result<()> {
+    const VIP6: &str = "fd00:96::60";
+    let node = Node::new("ops-ct6")?;
+    no_dad(node.netns())?;
+    let manifests = node.dir().join("manifests");
+    catena_e2e::write_manifest(
+        &manifests,
+        "web.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web6, namespace: default}}\nspec:\n  clusterIP: 10.96.0.60\n  clusterIPs: [10.96.0.60, \"{VIP6}\"]\n  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: RequireDualStack\n  selector: {{app: web}}\n  ports:\n  - {{name: tcp, port: 80, targetPort: 8080, protocol: TCP}}\n  - {{name: udp, port: 53, targetPort: 5353, protocol: UDP}}\n  - {{name: hold, port: 81, targetPort: 8081, protocol: TCP}}\n---\n{}",
+            pod_yaml("web-1", "web")
+        ),
+    )?;
+    let agent = node.start_agent(
+        &manifests,
+        &[
+            "--ct-gc-interval",
+            "1s",
+            "--ct-tcp-closing-timeout",
+            "3s",
+            "--ct-any-timeout",
+            "3s",
+        ],
+    )?;
+    let cni = CniRunner::new(
+        &node,
+        dual_stack_conflist(&node, "10.244.51.0/24", "fd00:10:244:51::/64")?,
+    );
+    let client = node.pod("client")?;
+    let web = node.pod("web-1")?;
+    for pod in [&client, &web] {
+        no_dad(pod.netns())?;
+        cni.add(pod, "eth0", &CallArgs::default())?;
+    }
+    let web_ip = pod_ipv6(&web)?;
+    let mut servers = Vec::new();
+    for (listen, port) in [("TCP6-LISTEN", 8080), ("UDP6-RECVFROM", 5353)] {
+        let mut cmd = Command::new("socat");
+        cmd.args([
+            &format!("{listen}:{port},fork,reuseaddr"),
+            "SYSTEM:echo web-1",
+        ]);
+        servers.push(web.netns().spawn(cmd)?);
+    }
+    // Answers one line on one held connection, when asked.
+    let holder = web
+        .netns()
+        .enter_thread(|| std::net::TcpListener::bind("[::]:8081"))??;
+    let held = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut conn, _) = holder.accept()?;
+        let mut buf = [0u8; 5];
+        conn.read_exact(&mut buf)?;
+        conn.write_all(b"pong\n")
+    });
+    let tcp = |addr: SocketAddr| -> anyhow::Result<String> {
+        client
+            .netns()
+            .enter_thread(move || -> anyhow::Result<String> {
+                let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                let mut out = String::new();
+                s.read_to_string(&mut out)?;
+                Ok(out.trim().to_string())
+            })?
+    };
+    // Direct IPv6 first: routes are up and the server listens.
+    let direct = SocketAddr::from((web_ip, 8080));
+    wait_for("web-1 over IPv6", Duration::from_secs(10), || {
+        Ok((tcp(direct).ok().as_deref() == Some("web-1")).then_some(()))
+    })?;
+    let vip: SocketAddr = format!("[{VIP6}]:80").parse()?;
+    wait_for("IPv6 frontend programmed", Duration::from_secs(10), || {
+        Ok(tcp(vip).is_ok_and(|r| r == "web-1").then_some(()))
+    })?;
+
+    // What the GC removed so far (the probes above are not counted on).
+    let removed_before = json(&node, &["status"])?["detail"]["conntrack"]["gcRemoved"]
+        .as_u64()
+        .unwrap_or_default();
+
+    // A held connection (established, silent) and short-lived flows.
+    let hold_addr: SocketAddr = format!("[{VIP6}]:81").parse()?;
+    let mut open = client
+        .netns()
+        .enter_thread(move || TcpStream::connect_timeout(&hold_addr, Duration::from_secs(3)))??;
+    let open_port = open.local_addr()?.port();
+    for _ in 0..5 {
+        assert_eq!(tcp(vip)?, "web-1");
+    }
+    let dns: SocketAddr = format!("[{VIP6}]:53").parse()?;
+    let reply = client
+        .netns()
+        .enter_thread(move || -> std::io::Result<String> {
+            let s = std::net::UdpSocket::bind("[::]:0")?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.send_to(b"q\n", dns)?;
+            let mut buf = [0u8; 64];
+            let n = s.recv(&mut buf)?;
+            Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+        })??;
+    assert_eq!(reply, "web-1");
+
+    // ct list: IPv6 entries in the socket-address form, resolved through
+    // the LB6 maps.
+    let ct: Vec<CtEntry> = serde_json::from_value(json(&node, &["ct", "list"])?)?;
+    let v6: Vec<&CtEntry> = ct.iter().filter(|e| e.family == "IPv6").collect();
+    assert!(
+        v6.iter().any(|e| e.kind == "service"
+            && e.dst == hold_addr.to_string()
+            && e.backend == Some(format!("[{web_ip}]:8081"))),
+        "{ct:?}"
+    );
+    assert!(
+        v6.iter().any(|e| e.kind == "egress"
+            && e.dst == format!("[{web_ip}]:8080")
+            && e.rev_nat == Some(vip.to_string())
+            && e.packets > 0),
+        "{ct:?}"
+    );
+    assert!(
+        v6.iter()
+            .any(|e| e.proto == "UDP" && e.dst == dns.to_string()),
+        "{ct:?}"
+    );
+    let short_lived = v6
+        .iter()
+        .filter(|e| !e.src.ends_with(&format!(":{open_port}")))
+        .count();
+    assert!(
+        short_lived >= 12,
+        "5 TCP + 1 UDP flows, 2 entries each: {ct:?}"
+    );
+    let table = ok(&node, &["ct", "list", "--address", VIP6])?;
+    assert!(table.contains(&hold_addr.to_string()), "{table}");
+    assert!(!table.contains("10.96.0.60"), "{table}");
+
+    // bpf dumps: CT6 and LB6 rows next to the IPv4 ones.
+    let bct = json(&node, &["bpf", "ct", "list"])?;
+    assert!(
+        bct["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["dst"] == hold_addr.to_string().as_str()),
+        "{bct}"
+    );
+    assert!(
+        bct["maps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "CT6" && m["entries"].as_u64() >= Some(2)),
+        "{bct}"
+    );
+    let lb = json(&node, &["bpf", "lb", "list"])?;
+    let rows = lb["entries"].as_array().unwrap();
+    assert!(
+        rows.iter()
+            .any(|e| e["frontend"] == format!("{vip}/TCP").as_str() && e["slot"] == "0"),
+        "{lb}"
+    );
+    assert!(
+        rows.iter().any(|e| e["backend"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("[{web_ip}]:8080"))),
+        "{lb}"
+    );
+    let lb_table = ok(&node, &["bpf", "lb", "list"])?;
+    assert!(
+        lb_table.contains("LB6_SERVICES:") && lb_table.contains("LB4_SERVICES:"),
+        "{lb_table}"
+    );
+
+    // GC: the short-lived IPv6 flows expire (closing/any timeouts 3 s, GC
+    // every 1 s); the open connection keeps both its entries.
+    let left = wait_for("idle IPv6 flows collected", Duration::from_secs(20), || {
+        let ct: Vec<CtEntry> = agent.client().get("/v1/ct")?;
+        let v6: Vec<CtEntry> = ct.into_iter().filter(|e| e.family == "IPv6").collect();
+        let others = v6
+            .iter()
+            .filter(|e| !e.src.ends_with(&format!(":{open_port}")))
+            .count();
+        Ok((others == 0).then_some(v6))
+    })?;
+    assert_eq!(
+        left.len(),
+        2,
+        "the open connection keeps both entries: {left:?}"
+    );
+    let removed_after = json(&node, &["status"])?["detail"]["conntrack"]["gcRemoved"]
+        .as_u64()
+        .unwrap_or_default();
+    assert!(
+        removed_after >= removed_before + short_lived as u64,
+        "GC counted {removed_before} -> {removed_after}, {short_lived} IPv6 entries were idle"
+    );
+    // The kept connection still carries traffic.
+    open.set_read_timeout(Some(Duration::from_secs(3)))?;
+    open.write_all(b"ping\n")?;
+    let mut pong = String::new();
+    open.read_to_string(&mut pong)?;
+    assert_eq!(pong.trim(), "pong");
+    held.join().expect("holder thread")?;
+    drop(open);
+
+    // ct flush removes the IPv6 entries too.
+    let flushed = json(&node, &["ct", "flush"])?;
+    assert!(flushed["removedIpv6"].as_u64() >= Some(2), "{flushed}");
+    assert!(agent.client().get::<Vec<CtEntry>>("/v1/ct")?.is_empty());
+
+    for mut s in servers {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+    for pod in [&client, &web] {
+        cni.del(pod, "eth0", &CallArgs::default())?;
+    }
+    Ok(())
+}

@@ -328,6 +328,10 @@ fn nodeport_external_ips_and_traffic_policies() -> anyhow::Result<()> {
                 Some(30998),
                 &[],
                 None
+            )
+            .replace(
+                "namespace: default}",
+                "namespace: default, annotations: {service.cilium.io/lb-algorithm: maglev}}"
             ),
             slice("remote-only-1", "remote-only", &[ip_remote.to_string()])
         ),
@@ -358,12 +362,76 @@ fn nodeport_external_ips_and_traffic_policies() -> anyhow::Result<()> {
             .map(|s| s.backends.clone())
             .unwrap_or_default()
     };
+    let status = |fe: &str| {
+        services
+            .iter()
+            .find(|s| s.frontend == fe)
+            .cloned()
+            .unwrap_or_else(|| panic!("{fe} not listed: {services:?}"))
+    };
     let mut local = vec![format!("{ip1}:8080"), format!("{ip2}:8080")];
     local.sort();
+    // eTP=Local, iTP=Cluster: two scopes. The NodePort of web-local has only
+    // local endpoints anyway; remote-only's in-cluster scope keeps the
+    // remote endpoint while its external scope is empty.
     assert_eq!(backends(&format!("{NODE_EXT}:30080/TCP")), local);
+    let remote_only = status(&format!("{NODE_EXT}:30082/TCP"));
+    assert_eq!(remote_only.backends, vec![format!("{ip_remote}:8080")]);
+    assert_eq!(remote_only.external_backends, Some(vec![]));
+    // eTP=Cluster: one scope.
     assert_eq!(
-        backends(&format!("{NODE_EXT}:30082/TCP")),
-        Vec::<String>::new()
+        status(&format!("{NODE_EXT}:30081/TCP")).external_backends,
+        None
+    );
+    // Each frontend's kind and algorithm (remote-only by annotation).
+    for (fe, kind, algorithm) in [
+        ("10.96.0.20:80/TCP".to_string(), "ClusterIP", "random"),
+        (format!("{NODE_EXT}:30080/TCP"), "NodePort", "random"),
+        (format!("{NODE_LINK}:30081/TCP"), "NodePort", "random"),
+        (format!("{EXTERNAL_IP}:80/TCP"), "ExternalIP", "random"),
+        (format!("{LB_IP}:80/TCP"), "LoadBalancer", "random"),
+        (format!("{NODE_EXT}:30082/TCP"), "NodePort", "maglev"),
+        ("10.96.0.22:80/TCP".to_string(), "ClusterIP", "maglev"),
+    ] {
+        let s = status(&fe);
+        assert_eq!(
+            (s.kind.as_str(), s.algorithm.as_str()),
+            (kind, algorithm),
+            "{fe}"
+        );
+    }
+    // The CLI shows the same, as a table and as JSON.
+    let cli = |args: &[&str]| -> anyhow::Result<String> {
+        let out = std::process::Command::new(catena_lab::bin_path("catena")?)
+            .arg("--socket")
+            .arg(node1.agent_socket())
+            .args(args)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    };
+    let table = cli(&["service", "list"])?;
+    let row = table
+        .lines()
+        .find(|l| l.contains(&format!("{NODE_EXT}:30082/TCP")))
+        .unwrap_or_else(|| panic!("{table}"));
+    for want in ["NodePort", "maglev", "(external: <none: rejects>)"] {
+        assert!(row.contains(want), "{want:?} missing: {row}");
+    }
+    assert!(table.lines().next().unwrap().contains("KIND"), "{table}");
+    let listed: Vec<ServiceStatus> =
+        serde_json::from_str(&cli(&["service", "list", "-o", "json"])?)?;
+    let lb = listed
+        .iter()
+        .find(|s| s.frontend == format!("{LB_IP}:80/TCP"))
+        .expect("LB frontend in JSON");
+    assert_eq!(
+        (lb.kind.as_str(), lb.algorithm.as_str()),
+        ("LoadBalancer", "random")
     );
 
     // eTP=Local NodePort: both local backends serve, the client's address
@@ -403,12 +471,21 @@ fn nodeport_external_ips_and_traffic_policies() -> anyhow::Result<()> {
         );
     }
 
-    // eTP=Local without a local endpoint: refused at once (TCP RST).
+    // eTP=Local without a local endpoint: an external client is refused at
+    // once (TCP RST)...
     let err = request(&client, sa(NODE_EXT, 30082)).unwrap_err();
     assert!(
         format!("{err:#}").contains("refused"),
         "remote-only NodePort must be refused: {err:#}"
     );
+    // ...while a pod on this node, an in-cluster client, reaches the same
+    // NodePort through the remote endpoint (kube-proxy and Cilium alike),
+    // with its own address and the reply from the NodePort.
+    for _ in 0..5 {
+        let (by, seen, peer) = request(web1.netns(), sa(NODE_EXT, 30082))?;
+        assert_eq!((by.as_str(), seen), ("remote-1", ip1.to_string()));
+        assert_eq!(peer, sa(NODE_EXT, 30082));
+    }
 
     // Health-check node ports: 200 with the local count, 503 with none. The
     // agent re-syncs them every second: wait for the answer to settle.

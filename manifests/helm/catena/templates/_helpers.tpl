@@ -22,6 +22,7 @@ agent:
   kubeProxyReplacement: --kube-proxy-replacement
   healthzBindAddress: --healthz-bind-address
   devices: --devices
+  lbAlgorithm: --lb-algorithm
 install:
   confDir: --cni-conf-dir
   binDir: --cni-bin-dir
@@ -107,6 +108,12 @@ healthzBindAddress: {{ printf "0.0.0.0:%v" .Values.agent.healthzPort | quote }}
 {{- if $devices }}
 devices: {{ $devices | quote }}
 {{- end }}
+lbAlgorithm: {{ include "catena.lbAlgorithm" . | quote }}
+{{- end -}}
+
+{{/* loadBalancer.algorithm, checked in catena.validate; "random" when unset. */}}
+{{- define "catena.lbAlgorithm" -}}
+{{- (.Values.loadBalancer | default dict).algorithm | default "random" | toString -}}
 {{- end -}}
 
 {{/* "bpffsDir" -> "CATENA_BPFFS_DIR" */}}
@@ -169,6 +176,10 @@ devices: {{ $devices | quote }}
 {{- end -}}
 {{- if and .Values.k8sServicePort (not .Values.k8sServiceHost) -}}
 {{- fail "k8sServicePort is set but k8sServiceHost is not" -}}
+{{- end -}}
+{{- $lb := include "catena.lbAlgorithm" . -}}
+{{- if not (has $lb (list "random" "maglev")) -}}
+{{- fail (printf "loadBalancer.algorithm=%q is not random or maglev" $lb) -}}
 {{- end -}}
 {{- if not (has .Values.agent.logFormat (list "text" "json")) -}}
 {{- fail (printf "agent.logFormat=%q is not text or json" .Values.agent.logFormat) -}}

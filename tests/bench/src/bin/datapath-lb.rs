@@ -91,6 +91,7 @@ fn desired(services: usize) -> LbDesired {
                 name: format!("ns-{}/svc-{i}", i % 50),
                 backends,
                 affinity_timeout: None,
+                external_backends: None,
             },
         );
     }
@@ -107,6 +108,7 @@ fn desired(services: usize) -> LbDesired {
                 port: 80,
             }],
             affinity_timeout: None,
+            external_backends: None,
         },
     );
     d

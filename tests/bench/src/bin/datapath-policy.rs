@@ -79,7 +79,7 @@ fn cluster() -> ClusterState {
             "ingress": [{"fromEndpoints": [{"matchLabels": {"team": format!("t{}", (m + 1) % TEAMS)}}],
                          "toPorts": [{"ports": [{"port": (8000 + m).to_string(), "protocol": "TCP"}]}]}],
         });
-        if m % 10 == 0 {
+        if m.is_multiple_of(10) {
             spec["egressDeny"] = json!([{"toEndpoints": [{}],
                                          "toPorts": [{"ports": [{"port": "22", "protocol": "TCP"}]}]}]);
         }

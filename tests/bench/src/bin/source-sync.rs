@@ -189,6 +189,9 @@ fn main() -> Result<()> {
     let pid = agent.pid().context("agent pid")?;
     let rss = proc_status_kib(pid, "VmRSS:")? as f64 / 1024.0;
     let hwm = proc_status_kib(pid, "VmHWM:")? as f64 / 1024.0;
+    // Heap and stacks (anonymous) apart from the mapped binary (file).
+    let rss_anon = proc_status_kib(pid, "RssAnon:")? as f64 / 1024.0;
+    let rss_file = proc_status_kib(pid, "RssFile:")? as f64 / 1024.0;
 
     // Single changes: each takes one endpoint out of a different service's
     // slice (7919 is coprime with the service count, so all are distinct) and
@@ -240,6 +243,14 @@ fn main() -> Result<()> {
         rss,
         "<= 100MiB",
         verdict(rss <= 100.0)
+    );
+    println!(
+        "{:<44} {:>7.1}MiB",
+        "  of which anonymous (heap, stacks)", rss_anon
+    );
+    println!(
+        "{:<44} {:>7.1}MiB",
+        "  of which file-backed (the binary)", rss_file
     );
     println!("{:<44} {:>7.1}MiB", "RSS peak (VmHWM) during sync", hwm);
     println!(

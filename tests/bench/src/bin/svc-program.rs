@@ -59,6 +59,7 @@ fn lb_desired(set: &ServiceSet) -> LbDesired {
                         })
                         .collect(),
                     affinity_timeout: None,
+                    external_backends: None,
                 },
             )
         })
