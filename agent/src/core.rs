@@ -68,6 +68,9 @@ struct Inner {
     policy_inputs: Option<PolicyInputs>,
     programmed_at: Option<std::time::SystemTime>,
     policy: PolicyProgram,
+    /// This node's name (`--node-name`): its Node object is the host, every
+    /// other Node is a remote node.
+    node_name: String,
 }
 
 /// What the policy maps hold and the tables that keep numbers stable.
@@ -248,6 +251,7 @@ impl AgentCore {
             policy_inputs: None,
             programmed_at: None,
             policy: PolicyProgram::default(),
+            node_name: self.config.node_name(),
         };
         let endpoints: Vec<Endpoint> = inner.registry.all().cloned().collect();
         for ep in endpoints {
@@ -1239,7 +1243,8 @@ fn reconcile_policy(inner: &mut Inner, pending: &[Endpoint]) -> Result<BTreeMap<
     registered.extend(pending.iter().cloned());
     let current: BTreeMap<u32, u32> = registered.iter().map(|e| (e.id, e.identity)).collect();
     let host_addrs = local_ipv4_addrs();
-    let inputs = PolicyInputs::capture(&inner.cluster, &registered, &host_addrs);
+    let peers = crate::compile::policy::NodePeers::of(&inner.cluster, &inner.node_name);
+    let inputs = PolicyInputs::capture(&inner.cluster, &registered, &host_addrs, &peers);
     if pending.is_empty()
         && inner
             .policy_inputs
@@ -1281,9 +1286,8 @@ fn reconcile_policy(inner: &mut Inner, pending: &[Endpoint]) -> Result<BTreeMap<
         cluster: &inner.cluster,
         pods: &pods,
         host_addrs: &host_addrs,
-        // Remote nodes: catena's sources carry no Node objects yet, so other
-        // nodes' addresses are WORLD (a CIDR can select them).
-        remote_node_addrs: &[],
+        remote_node_addrs: &peers.remote_nodes,
+        apiserver_addrs: &peers.apiserver,
         prev_cidr_ids: &prev_cidr,
         prev_rule_refs: &inner.policy.rule_refs,
     });
@@ -1380,6 +1384,9 @@ struct PolicyInputs {
     uses_services: bool,
     registered: Vec<Endpoint>,
     host_addrs: Vec<Ipv4Addr>,
+    /// Other nodes' and the API server's addresses (from Nodes and the
+    /// `default/kubernetes` EndpointSlices).
+    peers: crate::compile::policy::NodePeers,
 }
 
 impl PolicyInputs {
@@ -1387,8 +1394,10 @@ impl PolicyInputs {
         cluster: &Arc<ClusterState>,
         registered: &[Endpoint],
         host_addrs: &[Ipv4Addr],
+        peers: &crate::compile::policy::NodePeers,
     ) -> Self {
         PolicyInputs {
+            peers: peers.clone(),
             cluster: cluster.clone(),
             uses_services: cluster
                 .cilium_policies
@@ -1414,6 +1423,7 @@ impl PolicyInputs {
             && self.uses_services == other.uses_services
             && self.registered == other.registered
             && self.host_addrs == other.host_addrs
+            && self.peers == other.peers
     }
 }
 

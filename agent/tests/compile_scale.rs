@@ -80,6 +80,7 @@ fn compile_cost_at_scale() {
             pods: &ppods,
             host_addrs: &[],
             remote_node_addrs: &[],
+            apiserver_addrs: &[],
             prev_cidr_ids: &BTreeMap::new(),
             prev_rule_refs: &BTreeMap::new(),
         });

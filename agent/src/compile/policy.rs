@@ -62,6 +62,8 @@ pub struct PolicyInput<'a> {
     pub host_addrs: &'a [Ipv4Addr],
     /// Addresses of the other nodes (REMOTE_NODE).
     pub remote_node_addrs: &'a [Ipv4Addr],
+    /// Addresses of the API server (KUBE_APISERVER), see [`NodePeers`].
+    pub apiserver_addrs: &'a [Ipv4Addr],
     /// The previous compile's CIDR identities, kept stable while in use.
     pub prev_cidr_ids: &'a BTreeMap<Prefix, u32>,
     /// The previous compile's rule refs, kept stable while in use.
@@ -74,6 +76,53 @@ pub struct PolicyOutput {
     pub cidr_ids: BTreeMap<Prefix, u32>,
     pub rule_refs: BTreeMap<RuleOrigin, u32>,
     pub reports: Vec<PolicyReport>,
+}
+
+/// The addresses behind the `remote-node` and `kube-apiserver` entities.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodePeers {
+    /// IPv4 addresses of every Node but this one.
+    pub remote_nodes: Vec<Ipv4Addr>,
+    /// IPv4 endpoints of the `default/kubernetes` Service (Cilium's
+    /// kube-apiserver entity). An address that is also a node's keeps the
+    /// kube-apiserver identity; the `host`/`remote-node` entities include it
+    /// then (see `entity_ids`).
+    pub apiserver: Vec<Ipv4Addr>,
+}
+
+impl NodePeers {
+    pub fn of(cluster: &ClusterState, own_node: &str) -> NodePeers {
+        let v4 = |a: std::net::IpAddr| match a {
+            std::net::IpAddr::V4(a) => Some(a),
+            std::net::IpAddr::V6(_) => None,
+        };
+        let mut remote_nodes: Vec<Ipv4Addr> = cluster
+            .nodes
+            .values()
+            .filter(|n| n.name != own_node)
+            .flat_map(|n| n.addresses.iter().copied().filter_map(v4))
+            .collect();
+        remote_nodes.sort_unstable();
+        remote_nodes.dedup();
+        let mut apiserver: Vec<Ipv4Addr> = cluster
+            .endpoint_slices
+            .iter()
+            .filter(|(k, s)| {
+                k.namespace == "default" && s.service_name.as_deref() == Some("kubernetes")
+            })
+            .flat_map(|(_, s)| {
+                s.endpoints
+                    .iter()
+                    .flat_map(|e| e.addresses().filter_map(v4))
+            })
+            .collect();
+        apiserver.sort_unstable();
+        apiserver.dedup();
+        NodePeers {
+            remote_nodes,
+            apiserver,
+        }
+    }
 }
 
 /// Synthetic origins.
@@ -124,6 +173,11 @@ struct Universe<'a> {
     /// with value ""), so a selector with an `In` requirement only checks the
     /// identities that can match instead of all of them.
     by_label: HashMap<(String, String), Vec<u32>>,
+    /// The API server runs on this node / on another node: its identity is
+    /// then also part of the `host` / `remote-node` entity (Cilium gives such
+    /// an address both labels).
+    apiserver_on_host: bool,
+    apiserver_on_remote_node: bool,
 }
 
 impl Universe<'_> {
@@ -195,6 +249,9 @@ pub fn compile_policy(input: &PolicyInput) -> PolicyOutput {
     for a in input.host_addrs {
         addr_ids.insert(*a, id::HOST);
     }
+    for a in input.apiserver_addrs {
+        addr_ids.insert(*a, id::KUBE_APISERVER);
+    }
     for p in input.pods {
         for a in &p.ipv4 {
             addr_ids.insert(*a, p.identity);
@@ -259,6 +316,14 @@ pub fn compile_policy(input: &PolicyInput) -> PolicyOutput {
             });
     }
     let uni = Universe {
+        apiserver_on_host: input
+            .apiserver_addrs
+            .iter()
+            .any(|a| input.host_addrs.contains(a)),
+        apiserver_on_remote_node: input
+            .apiserver_addrs
+            .iter()
+            .any(|a| input.remote_node_addrs.contains(a)),
         by_label: Universe::index(&labelled),
         pod_ids: input.pods.iter().map(|p| p.identity).collect(),
         labelled,
@@ -592,7 +657,11 @@ fn entity_ids(uni: &Universe, e: Entity) -> Vec<u32> {
         .into_iter()
         .chain(uni.pod_ids.iter().copied())
         .collect(),
+        Entity::Host if uni.apiserver_on_host => vec![id::HOST, id::KUBE_APISERVER],
         Entity::Host => vec![id::HOST],
+        Entity::RemoteNode if uni.apiserver_on_remote_node => {
+            vec![id::REMOTE_NODE, id::KUBE_APISERVER]
+        }
         Entity::RemoteNode => vec![id::REMOTE_NODE],
         Entity::KubeApiserver => vec![id::KUBE_APISERVER],
         Entity::Init => vec![id::INIT],
@@ -790,6 +859,7 @@ mod tests {
     use crate::sources::{CiliumPolicy, Object};
     use catena_datapath::policy::Direction::{Egress, Ingress};
     use serde_json::json;
+    use std::sync::Arc;
 
     const TCP: u8 = 6;
     const UDP: u8 = 17;
@@ -802,8 +872,17 @@ mod tests {
 
     impl Lab {
         fn new() -> Lab {
+            let mut cluster = ClusterState::default();
+            // This node and one other, as the sources report them.
+            for (name, addr) in [("self", "10.244.1.1"), ("other", "192.168.0.2")] {
+                cluster.insert(Object::Node(Arc::new(crate::sources::NodeInfo {
+                    name: name.into(),
+                    addresses: vec![addr.parse().unwrap()],
+                    resource_version: None,
+                })));
+            }
             Lab {
-                cluster: ClusterState::default(),
+                cluster,
                 pods: vec![],
                 host: vec!["10.244.1.1".parse().unwrap()],
             }
@@ -874,11 +953,13 @@ mod tests {
         }
 
         fn compile(&self) -> PolicyOutput {
+            let peers = NodePeers::of(&self.cluster, "self");
             compile_policy(&PolicyInput {
                 cluster: &self.cluster,
                 pods: &self.pods,
                 host_addrs: &self.host,
-                remote_node_addrs: &["192.168.0.2".parse().unwrap()],
+                remote_node_addrs: &peers.remote_nodes,
+                apiserver_addrs: &peers.apiserver,
                 prev_cidr_ids: &BTreeMap::new(),
                 prev_rule_refs: &BTreeMap::new(),
             })
@@ -1109,6 +1190,54 @@ mod tests {
         assert!(!verdict(&out, a, Ingress, b, TCP, 80));
     }
 
+    /// Remote nodes come from Node objects (this node's own is the host); the
+    /// kube-apiserver entity is the `default/kubernetes` endpoints, and an
+    /// API server on another node is part of `remote-node` too.
+    #[test]
+    fn remote_node_and_kube_apiserver_from_nodes_and_kubernetes_endpoints() {
+        let mut lab = Lab::new();
+        lab.pod("default", "a", "10.244.1.10", &[("app", "a")]);
+        lab.cluster
+            .insert(Object::Node(Arc::new(crate::sources::NodeInfo {
+                name: "cp".into(),
+                addresses: vec!["192.168.0.9".parse().unwrap()],
+                resource_version: None,
+            })));
+        lab.cluster.insert(Object::endpoint_slice(
+            serde_json::from_value::<k8s_openapi::api::discovery::v1::EndpointSlice>(json!({
+                "metadata": {"name": "kubernetes", "namespace": "default",
+                             "labels": {"kubernetes.io/service-name": "kubernetes"}},
+                "addressType": "IPv4", "endpoints": [{"addresses": ["192.168.0.9"]}]
+            }))
+            .unwrap(),
+        ));
+        lab.cnp(
+            "CiliumNetworkPolicy",
+            json!({"metadata": meta("n", "default"), "spec": {
+                "endpointSelector": {"matchLabels": {"app": "a"}},
+                "egress": [{"toEntities": ["kube-apiserver"], "toPorts": [{"ports": [{"port": "6443", "protocol": "TCP"}]}]},
+                           {"toEntities": ["remote-node"], "toPorts": [{"ports": [{"port": "10250", "protocol": "TCP"}]}]}]
+            }}),
+        );
+        let out = lab.compile();
+        assert_eq!(lookup(&out, "192.168.0.2"), id::REMOTE_NODE);
+        assert_eq!(lookup(&out, "192.168.0.9"), id::KUBE_APISERVER);
+        assert_eq!(lookup(&out, "10.244.1.1"), id::HOST, "this node's own Node");
+        let a = lab.ep_of("a");
+        let v = |addr: &str, port: u16| verdict(&out, a, Egress, lookup(&out, addr), TCP, port);
+        assert!(v("192.168.0.9", 6443));
+        assert!(
+            !v("192.168.0.2", 6443),
+            "a plain node is not the API server"
+        );
+        assert!(v("192.168.0.2", 10250));
+        assert!(
+            v("192.168.0.9", 10250),
+            "the API server's node is a remote node"
+        );
+        assert!(!v("10.244.1.1", 10250), "the host is not a remote node");
+    }
+
     #[test]
     fn cidr_with_except_and_longest_prefix() {
         let mut lab = Lab::new();
@@ -1151,6 +1280,7 @@ mod tests {
             pods: &lab.pods,
             host_addrs: &lab.host,
             remote_node_addrs: &[],
+            apiserver_addrs: &[],
             prev_cidr_ids: &prev,
             prev_rule_refs: &out.rule_refs,
         });

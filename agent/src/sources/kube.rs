@@ -72,16 +72,18 @@ enum Kind {
     EndpointSlice,
     Pod,
     Namespace,
+    Node,
     NetworkPolicy,
     CiliumNetworkPolicy,
     CiliumClusterwideNetworkPolicy,
 }
 
-const KINDS: [Kind; 7] = [
+const KINDS: [Kind; 8] = [
     Kind::Service,
     Kind::EndpointSlice,
     Kind::Pod,
     Kind::Namespace,
+    Kind::Node,
     Kind::NetworkPolicy,
     Kind::CiliumNetworkPolicy,
     Kind::CiliumClusterwideNetworkPolicy,
@@ -94,6 +96,7 @@ impl Kind {
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Pod => "Pod",
             Kind::Namespace => "Namespace",
+            Kind::Node => "Node",
             Kind::NetworkPolicy => "NetworkPolicy",
             Kind::CiliumNetworkPolicy => "CiliumNetworkPolicy",
             Kind::CiliumClusterwideNetworkPolicy => "CiliumClusterwideNetworkPolicy",
@@ -160,6 +163,8 @@ pub async fn watch_kubernetes(client: Client) -> Result<watch::Receiver<SourceUp
             Object::Namespace(Arc::new(n))
         },
     );
+    // Nodes: their addresses are the remote-node identity (policy entities).
+    watch_kind(Kind::Node, Api::all(client.clone()), tx, Object::node);
     watch_kind(
         Kind::NetworkPolicy,
         Api::all(client.clone()),
@@ -409,6 +414,12 @@ fn replace_kind(state: &mut ClusterState, kind: Kind, mut listed: ClusterState) 
                 meta_rv(&o.metadata)
             });
             state.namespaces = listed.namespaces;
+        }
+        Kind::Node => {
+            keep(&state.nodes, listed.nodes.make_mut(), |o| {
+                o.resource_version.as_deref()
+            });
+            state.nodes = listed.nodes;
         }
         Kind::NetworkPolicy => {
             keep(

@@ -107,6 +107,7 @@ fn collect(value: serde_json::Value, parsed: &mut Parsed) -> Result<(), String> 
         ("discovery.k8s.io/v1", "EndpointSlice") => Object::endpoint_slice(typed(value, &kind)?),
         ("v1", "Pod") => Object::pod(typed(value, &kind)?),
         ("v1", "Namespace") => Object::Namespace(Arc::new(typed(value, &kind)?)),
+        ("v1", "Node") => Object::node(typed(value, &kind)?),
         ("networking.k8s.io/v1", "NetworkPolicy") => {
             Object::NetworkPolicy(Arc::new(typed(value, &kind)?))
         }
@@ -116,7 +117,7 @@ fn collect(value: serde_json::Value, parsed: &mut Parsed) -> Result<(), String> 
                 object: value,
             }))
         }
-        (_, "Service" | "EndpointSlice" | "Pod" | "Namespace" | "NetworkPolicy") => {
+        (_, "Service" | "EndpointSlice" | "Pod" | "Namespace" | "Node" | "NetworkPolicy") => {
             return Err(format!("unsupported apiVersion {api_version} for {kind}"));
         }
         _ => {

@@ -6,12 +6,14 @@ pub mod compact;
 pub mod kube;
 pub mod manifest_dir;
 pub mod manifests;
+pub mod node;
 pub mod watch;
 
 use compact::meta_key;
 pub use compact::{PodInfo, SliceInfo};
 use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+pub use node::NodeInfo;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
@@ -60,6 +62,7 @@ pub enum Object {
     Namespace(Arc<Namespace>),
     NetworkPolicy(Arc<NetworkPolicy>),
     CiliumPolicy(Arc<CiliumPolicy>),
+    Node(Arc<NodeInfo>),
 }
 
 impl Object {
@@ -71,6 +74,7 @@ impl Object {
             Object::Namespace(_) => "Namespace",
             Object::NetworkPolicy(_) => "NetworkPolicy",
             Object::CiliumPolicy(p) => &p.kind,
+            Object::Node(_) => "Node",
         }
     }
 }
@@ -79,6 +83,11 @@ impl Object {
     /// A Kubernetes EndpointSlice, converted.
     pub fn endpoint_slice(s: k8s_openapi::api::discovery::v1::EndpointSlice) -> Object {
         Object::EndpointSlice(meta_key(&s.metadata), Arc::new(SliceInfo::from(s)))
+    }
+
+    /// A Kubernetes Node, converted.
+    pub fn node(n: k8s_openapi::api::core::v1::Node) -> Object {
+        Object::Node(Arc::new(NodeInfo::from(n)))
     }
 
     /// A Kubernetes Pod, converted.
@@ -172,6 +181,8 @@ pub struct ClusterState {
     pub namespaces: KindMap<String, Arc<Namespace>>,
     pub network_policies: KindMap<ObjectKey, Arc<NetworkPolicy>>,
     pub cilium_policies: KindMap<(String, ObjectKey), Arc<CiliumPolicy>>,
+    /// By node name.
+    pub nodes: KindMap<String, Arc<NodeInfo>>,
 }
 
 impl ClusterState {
@@ -201,6 +212,12 @@ impl ClusterState {
                     .insert((p.kind.clone(), k.clone()), p)
                     .map(|_| k)
             }
+            Object::Node(n) => {
+                let name = n.name.clone();
+                self.nodes
+                    .insert(name.clone(), n)
+                    .map(|_| ObjectKey::new("", name))
+            }
         };
         replaced.map(|k| format!("{kind} {k}"))
     }
@@ -223,6 +240,7 @@ impl ClusterState {
                 .cilium_policies
                 .remove(&(p.kind.clone(), cilium_key(p)))
                 .is_some(),
+            Object::Node(n) => self.nodes.remove(&n.name).is_some(),
         }
     }
 

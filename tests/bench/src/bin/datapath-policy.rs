@@ -149,6 +149,7 @@ fn main() -> Result<()> {
         pods: &pods,
         host_addrs: &[],
         remote_node_addrs: &[],
+        apiserver_addrs: &[],
         prev_cidr_ids: &BTreeMap::new(),
         prev_rule_refs: &BTreeMap::new(),
     });
