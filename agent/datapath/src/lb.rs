@@ -18,7 +18,7 @@ use catena_common::lb::{
 };
 use tracing::{debug, warn};
 
-use crate::{ApplyStats, BackendAddr, Frontend, LbDesired, ProgrammedService, Proto};
+use crate::{ApplyStats, BackendAddr, Frontend, LbDesired, LbService, ProgrammedService, Proto};
 
 pub(crate) fn addr_to_map(a: Ipv4Addr) -> u32 {
     // Network order as in the packet: the octets in memory order.
@@ -177,6 +177,10 @@ pub(crate) struct LbState {
     /// Map writes and deletes done so far (observability and tests).
     pub writes: u64,
 }
+
+/// One frontend's plan: its service, reverse-NAT index, the backend ids of
+/// its slots and of its external scope.
+type Planned<'d> = (Frontend, &'d LbService, u16, Vec<u32>, Option<Vec<u32>>);
 
 impl LbState {
     /// Rebuilds the mirror from the pinned maps.
@@ -583,23 +587,16 @@ impl LbState {
         Ok(stats)
     }
 
-    /// Brings the `touched` frontends in line with `desired` (every frontend
-    /// when `full`, which also collects every unreferenced backend).
-    fn write_frontends(
+    /// Step 1 of a write: the reverse-NAT index and backend ids of every
+    /// touched frontend; backend ids new to the maps are reserved and listed
+    /// in `new_backends` (even when this fails part-way).
+    fn plan_frontends<'d>(
         &mut self,
-        maps: &mut LbMaps,
-        desired: &LbDesired,
+        desired: &'d LbDesired,
         touched: &BTreeSet<Frontend>,
-        full: bool,
-    ) -> anyhow::Result<ApplyStats> {
-        let mut stats = ApplyStats::default();
-        if full {
-            self.recount();
-        }
-
-        // 1. Ids: existing ones are kept, new ones allocated.
-        let mut plan = Vec::new();
-        let mut new_backends = Vec::new();
+        plan: &mut Vec<Planned<'d>>,
+        new_backends: &mut Vec<(u32, BackendKey)>,
+    ) -> anyhow::Result<()> {
         for fe in touched {
             let Some(svc) = desired.services.get(fe) else {
                 continue;
@@ -618,7 +615,7 @@ impl LbState {
             };
             let mut ids = Vec::with_capacity(svc.backends.len());
             for b in &svc.backends {
-                ids.push(self.backend_id(b, fe.proto, &mut new_backends)?);
+                ids.push(self.backend_id(b, fe.proto, new_backends)?);
             }
             let mut ext_ids = None;
             if let Some(external) = &svc.external_backends {
@@ -627,11 +624,43 @@ impl LbState {
                 }
                 let mut e = Vec::with_capacity(external.len());
                 for b in external {
-                    e.push(self.backend_id(b, fe.proto, &mut new_backends)?);
+                    e.push(self.backend_id(b, fe.proto, new_backends)?);
                 }
                 ext_ids = Some(e);
             }
             plan.push((*fe, svc, rev, ids, ext_ids));
+        }
+
+        Ok(())
+    }
+
+    /// Brings the `touched` frontends in line with `desired` (every frontend
+    /// when `full`, which also collects every unreferenced backend).
+    fn write_frontends(
+        &mut self,
+        maps: &mut LbMaps,
+        desired: &LbDesired,
+        touched: &BTreeSet<Frontend>,
+        full: bool,
+    ) -> anyhow::Result<ApplyStats> {
+        let mut stats = ApplyStats::default();
+        if full {
+            self.recount();
+        }
+
+        // 1. Ids: existing ones are kept, new ones allocated.
+        let mut plan = Vec::new();
+        let mut new_backends = Vec::new();
+        if let Err(e) = self.plan_frontends(desired, touched, &mut plan, &mut new_backends) {
+            // Nothing was written: forget the backend ids reserved so far, or
+            // a later apply would take them as written and point slots at
+            // backends that are not in the map. (Reverse-NAT indices are
+            // recounted by the full apply that follows a failed one.)
+            for (id, key) in &new_backends {
+                self.backends.remove(id);
+                self.backend_ids.remove(key);
+            }
+            return Err(e);
         }
 
         // 2. New backends first: slots may only name existing backends.

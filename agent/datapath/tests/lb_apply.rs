@@ -401,3 +401,35 @@ fn partial_applies_match_full_applies() {
     dp.apply_services_changed(&d, &BTreeSet::new()).unwrap();
     assert_eq!(dp.service_map_writes(), writes);
 }
+
+/// An apply that fails while planning (here a Service with more backends
+/// than a frontend can have slots) writes nothing and reserves nothing: the
+/// next apply writes the backends it needs instead of pointing slots at
+/// backend ids that were reserved but never written.
+#[test]
+fn a_failed_plan_leaves_no_unwritten_backend_ids() {
+    let dir = BpffsDir::new();
+    let mut dp = Datapath::open(dir.path()).unwrap();
+    let mut d = LbDesired::default();
+    // Planned first (frontends are planned in order): its backends get ids.
+    d.services.insert(
+        fe(1, 80, Proto::Tcp),
+        svc("a/web", vec![be(1, 80), be(2, 80)]),
+    );
+    let huge: Vec<BackendAddr> = (0..=u16::MAX as u32)
+        .map(|i| BackendAddr {
+            address: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 2, 0, 0)) + i),
+            port: 80,
+        })
+        .collect();
+    d.services
+        .insert(fe(2, 80, Proto::Tcp), svc("a/huge", huge));
+    let err = dp.apply_services(&d).unwrap_err();
+    assert!(format!("{err:#}").contains("a/huge"), "{err:#}");
+    assert!(dump(dir.path()).backends.is_empty(), "nothing written");
+
+    d.services.remove(&fe(2, 80, Proto::Tcp));
+    dp.apply_services(&d).unwrap();
+    assert_maps_match(dir.path(), &dp, &d);
+    assert_eq!(dump(dir.path()).backends.len(), 2);
+}
