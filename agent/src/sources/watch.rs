@@ -27,7 +27,7 @@ pub struct SourceUpdate {
 /// An editor that writes a file in steps further apart than this can make
 /// one rescan see a half-written file: that file is reported and its last
 /// good content stays in force until the next event, so nothing is lost.
-const DEBOUNCE: Duration = Duration::from_millis(3);
+pub const DEBOUNCE: Duration = Duration::from_millis(3);
 const SAFETY_RESCAN: Duration = Duration::from_secs(2);
 
 /// Reads the directory once (so the caller can program the datapath before
