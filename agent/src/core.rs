@@ -1319,6 +1319,12 @@ fn reconcile_policy(inner: &mut Inner, pending: &[Endpoint]) -> Result<BTreeMap<
     inner.policy.addresses = addresses;
     inner.policy_inputs = Some(inputs);
     inner.policy.cidr_ids = Some(out.cidr_ids);
+    crate::ops::monitor::publish_rule_names(
+        out.rule_refs
+            .iter()
+            .map(|(o, r)| (*r, o.describe()))
+            .collect(),
+    );
     inner.policy.rule_refs = out.rule_refs;
     inner.policy.reports = out.reports;
 

@@ -349,6 +349,10 @@ pub struct MonitorEvent {
     pub dst: String,
     pub proto: String,
     pub rule_ref: u32,
+    /// The policy rule that decided (`CiliumNetworkPolicy ns/name
+    /// spec.egress[0]`), when the agent knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
 }
 
 /// How a network policy is enforced.

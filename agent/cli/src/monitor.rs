@@ -156,10 +156,10 @@ fn describe(line: &str) -> String {
                 e.proto,
                 e.src,
                 e.dst,
-                if e.rule_ref != 0 {
-                    format!(" rule {}", e.rule_ref)
-                } else {
-                    String::new()
+                match (&e.policy, e.rule_ref) {
+                    (Some(p), _) => format!(" by {p}"),
+                    (None, 0) => String::new(),
+                    (None, r) => format!(" rule {r}"),
                 }
             )
         }

@@ -47,6 +47,14 @@ pub struct RuleOrigin {
     pub deny: bool,
 }
 
+impl RuleOrigin {
+    /// `CiliumNetworkPolicy shop/web spec.ingress[0] (allow)`.
+    pub fn describe(&self) -> String {
+        let verdict = if self.deny { "deny" } else { "allow" };
+        format!("{} {} {} ({verdict})", self.kind, self.policy, self.path)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicyReport {
     pub kind: String,

@@ -5,8 +5,9 @@
 use catena_api::MonitorEvent;
 use catena_datapath::events::{DatapathEvent, EventKind, EventReader};
 use serde::Deserialize;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::broadcast;
 
@@ -16,6 +17,24 @@ const SUBSCRIBER_BUFFER: usize = 4096;
 /// How long one poll of the reader waits, which bounds how late shutdown is
 /// noticed.
 const POLL: Duration = Duration::from_millis(200);
+
+/// rule_ref -> the policy rule it stands for, as of the last policy
+/// compile. Kept apart from the agent's state lock: the event thread looks
+/// names up for every event and must never wait for a reconcile.
+static RULE_NAMES: RwLock<Option<Arc<HashMap<u32, String>>>> = RwLock::new(None);
+
+/// Publishes the names events are labelled with (after each policy compile).
+pub fn publish_rule_names(names: HashMap<u32, String>) {
+    *RULE_NAMES.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(names));
+}
+
+fn rule_name(rule_ref: u32) -> Option<String> {
+    if rule_ref == 0 {
+        return None;
+    }
+    let names = RULE_NAMES.read().unwrap_or_else(|p| p.into_inner());
+    names.as_ref()?.get(&rule_ref).cloned()
+}
 
 /// Whether events can be streamed.
 pub enum Events {
@@ -78,6 +97,7 @@ pub fn convert(ev: &DatapathEvent) -> MonitorEvent {
         dst: format!("{}:{}", ev.daddr, ev.dport),
         proto: super::dump::proto(ev.proto),
         rule_ref: ev.rule_ref,
+        policy: rule_name(ev.rule_ref),
     }
 }
 
