@@ -243,6 +243,12 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
+/// A family with one unlabelled sample.
+fn scalar(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    family(out, name, kind, help);
+    let _ = writeln!(out, "{name} {value}");
+}
+
 fn family_help(name: &str) -> &'static str {
     match name {
         "catena_datapath_packets_total" => "Packets seen by catena's programs on pod veths (egress: sent by pods; ingress: delivered to pods).",
@@ -261,34 +267,34 @@ impl Metrics {
             "catena_build_info{{version=\"{}\"}} 1",
             escape(s.version)
         );
-        family(
+        scalar(
             &mut out,
             "catena_agent_ready",
             "gauge",
             "1 once the agent restored its state and synced its source.",
+            u8::from(s.ready),
         );
-        let _ = writeln!(out, "catena_agent_ready {}", u8::from(s.ready));
-        family(
+        scalar(
             &mut out,
             "catena_endpoints",
             "gauge",
             "Pod endpoints managed on this node.",
+            s.endpoints,
         );
-        let _ = writeln!(out, "catena_endpoints {}", s.endpoints);
-        family(
+        scalar(
             &mut out,
             "catena_services",
             "gauge",
             "Service frontends programmed into the datapath.",
+            s.services,
         );
-        let _ = writeln!(out, "catena_services {}", s.services);
-        family(
+        scalar(
             &mut out,
             "catena_bpf_links",
             "gauge",
             "BPF links pinned by catena (TCX and cgroup).",
+            s.links,
         );
-        let _ = writeln!(out, "catena_bpf_links {}", s.links);
 
         // Datapath counters, grouped by family (a family must be contiguous).
         let mut families: BTreeMap<&str, Vec<(String, u64)>> = BTreeMap::new();
@@ -363,97 +369,69 @@ impl Metrics {
             .maps
             .iter()
             .find(|m| m.name == catena_common::map_names::CT4);
-        family(
+        scalar(
             &mut out,
             "catena_conntrack_entries",
             "gauge",
             "Entries in the conntrack map.",
+            ct_entries.map_or(0, |m| m.entries),
         );
-        let _ = writeln!(
-            out,
-            "catena_conntrack_entries {}",
-            ct_entries.map_or(0, |m| m.entries)
-        );
-        family(
+        scalar(
             &mut out,
             "catena_conntrack_gc_runs_total",
             "counter",
             "Conntrack GC passes completed.",
+            self.ct_gc_runs.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "catena_conntrack_gc_runs_total {}",
-            self.ct_gc_runs.load(Ordering::Relaxed)
-        );
-        family(
+        scalar(
             &mut out,
             "catena_conntrack_gc_entries_removed_total",
             "counter",
             "Expired conntrack entries removed by the GC.",
+            self.ct_gc_removed.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "catena_conntrack_gc_entries_removed_total {}",
-            self.ct_gc_removed.load(Ordering::Relaxed)
-        );
-        family(
+        scalar(
             &mut out,
             "catena_conntrack_gc_failures_total",
             "counter",
             "Conntrack GC passes that failed.",
-        );
-        let _ = writeln!(
-            out,
-            "catena_conntrack_gc_failures_total {}",
-            self.ct_gc_failures.load(Ordering::Relaxed)
+            self.ct_gc_failures.load(Ordering::Relaxed),
         );
 
-        family(
+        scalar(
             &mut out,
             "catena_source_synced",
             "gauge",
             "1 once the cluster source completed its first sync.",
+            u8::from(s.source_synced),
         );
-        let _ = writeln!(out, "catena_source_synced {}", u8::from(s.source_synced));
-        family(
+        scalar(
             &mut out,
             "catena_source_errors",
             "gauge",
             "Problems in the source's current input (unparsable manifests, ...).",
+            s.source_errors,
         );
-        let _ = writeln!(out, "catena_source_errors {}", s.source_errors);
-        family(
+        scalar(
             &mut out,
             "catena_source_updates_total",
             "counter",
             "Cluster snapshots received from the source.",
+            self.source_updates.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "catena_source_updates_total {}",
-            self.source_updates.load(Ordering::Relaxed)
-        );
-        family(
+        scalar(
             &mut out,
             "catena_source_sync_errors_total",
             "counter",
             "Source snapshots that carried errors.",
+            self.source_updates_with_errors.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "catena_source_sync_errors_total {}",
-            self.source_updates_with_errors.load(Ordering::Relaxed)
-        );
-        family(
+        scalar(
             &mut out,
             "catena_reconcile_failures_total",
             "counter",
             "Reconciles of the datapath that failed (retried on the next change).",
-        );
-        let _ = writeln!(
-            out,
-            "catena_reconcile_failures_total {}",
-            self.reconcile_failures.load(Ordering::Relaxed)
+            self.reconcile_failures.load(Ordering::Relaxed),
         );
 
         family(
