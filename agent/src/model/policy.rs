@@ -239,10 +239,27 @@ impl Selector {
     /// prefixes. Unknown operators or sources are errors (the caller decides
     /// what failing closed means for its rule).
     pub fn from_label_selector(sel: &LabelSelector) -> Result<Selector, String> {
+        Selector::build(sel, LabelKey::parse, true)
+    }
+
+    /// A plain Kubernetes selector (NetworkPolicy): keys are pod label keys,
+    /// optionally re-rooted under `prefix` (namespace labels).
+    fn from_k8s(sel: &LabelSelector, prefix: &str) -> Result<Selector, String> {
+        Selector::build(sel, |k| Ok(LabelKey::k8s(format!("{prefix}{k}"))), false)
+    }
+
+    /// `matchLabels` and `matchExpressions` as requirements, each key made
+    /// by `key`. `check_values`: `In`/`NotIn` without values is an error
+    /// (the API server already refuses it for NetworkPolicy).
+    fn build(
+        sel: &LabelSelector,
+        key: impl Fn(&str) -> Result<LabelKey, String>,
+        check_values: bool,
+    ) -> Result<Selector, String> {
         let mut reqs = Vec::new();
         for (k, v) in sel.match_labels.iter().flatten() {
             reqs.push(Requirement {
-                key: LabelKey::parse(k)?,
+                key: key(k)?,
                 op: Op::In,
                 values: vec![v.clone()],
             });
@@ -256,44 +273,16 @@ impl Selector {
                 other => return Err(format!("unknown selector operator {other:?}")),
             };
             let values = e.values.clone().unwrap_or_default();
-            if matches!(op, Op::In | Op::NotIn) && values.is_empty() {
+            if check_values && matches!(op, Op::In | Op::NotIn) && values.is_empty() {
                 return Err(format!(
                     "operator {} on {:?} needs values",
                     e.operator, e.key
                 ));
             }
             reqs.push(Requirement {
-                key: LabelKey::parse(&e.key)?,
+                key: key(&e.key)?,
                 op,
                 values,
-            });
-        }
-        Ok(Selector { reqs })
-    }
-
-    /// A plain Kubernetes selector (NetworkPolicy): keys are pod label keys,
-    /// optionally re-rooted under `prefix` (namespace labels).
-    fn from_k8s(sel: &LabelSelector, prefix: &str) -> Result<Selector, String> {
-        let mut reqs = Vec::new();
-        for (k, v) in sel.match_labels.iter().flatten() {
-            reqs.push(Requirement {
-                key: LabelKey::k8s(format!("{prefix}{k}")),
-                op: Op::In,
-                values: vec![v.clone()],
-            });
-        }
-        for e in sel.match_expressions.iter().flatten() {
-            let op = match e.operator.as_str() {
-                "In" => Op::In,
-                "NotIn" => Op::NotIn,
-                "Exists" => Op::Exists,
-                "DoesNotExist" => Op::DoesNotExist,
-                other => return Err(format!("unknown selector operator {other:?}")),
-            };
-            reqs.push(Requirement {
-                key: LabelKey::k8s(format!("{prefix}{}", e.key)),
-                op,
-                values: e.values.clone().unwrap_or_default(),
             });
         }
         Ok(Selector { reqs })
