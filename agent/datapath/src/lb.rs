@@ -18,6 +18,8 @@ use catena_common::lb::{
 };
 use tracing::{debug, warn};
 
+use crate::lb_common::{alloc_backend_id, alloc_rev_nat, del, normalize_affinity, put, unref};
+
 use crate::{ApplyStats, BackendAddr, Frontend, LbDesired, LbService, ProgrammedService, Proto};
 
 pub(crate) fn addr_to_map(a: Ipv4Addr) -> u32 {
@@ -102,11 +104,6 @@ fn scoped_key(fe: &Frontend, scope: u8, slot: u16) -> Service4Key {
         scope,
         pad: [0; 2],
     }
-}
-
-/// `Some(0)` means no affinity (a zero timeout could never match).
-fn normalize_affinity(timeout: Option<u32>) -> Option<u32> {
-    timeout.filter(|t| *t != 0)
 }
 
 /// `two_scopes` only on the internal master of a frontend with two scopes.
@@ -356,32 +353,6 @@ impl LbState {
             .map(|p| (p.rev_nat_index, p.backends.as_slice(), p.ids.as_slice()))
     }
 
-    fn alloc_backend_id(&mut self) -> anyhow::Result<u32> {
-        // Monotonic (wrapping, skipping live ids): a freed id is not reused
-        // soon, so a conntrack entry naming a removed backend does not
-        // silently follow a new backend that got its id.
-        for _ in 0..=self.backends.len() {
-            let id = self.next_backend_id.max(1);
-            self.next_backend_id = id.wrapping_add(1);
-            if !self.backends.contains_key(&id) {
-                return Ok(id);
-            }
-        }
-        bail!("no free backend id")
-    }
-
-    fn alloc_rev_nat(&mut self) -> anyhow::Result<u16> {
-        for _ in 0..=u16::MAX {
-            let idx = self.next_rev_nat.max(1);
-            self.next_rev_nat = idx.wrapping_add(1);
-            if !self.rev_nats.contains(&idx) {
-                self.rev_nats.insert(idx);
-                return Ok(idx);
-            }
-        }
-        bail!("no free reverse-NAT index (65535 frontends)")
-    }
-
     /// Recomputes the backend reference counts and the reverse-NAT indices
     /// in use from the mirror (after open, and before a full apply: a failed
     /// apply may have left counts for writes that never happened).
@@ -395,20 +366,6 @@ impl LbState {
             }
             if p.rev_nat_index != 0 {
                 self.rev_nats.insert(p.rev_nat_index);
-            }
-        }
-    }
-
-    /// Drops one slot's reference; whether the backend is now unreferenced.
-    fn unref(&mut self, id: u32) -> bool {
-        match self.backend_refs.get_mut(&id) {
-            Some(n) if *n > 1 => {
-                *n -= 1;
-                false
-            }
-            _ => {
-                self.backend_refs.remove(&id);
-                true
             }
         }
     }
@@ -433,7 +390,7 @@ impl LbState {
         if let Some(id) = self.backend_ids.get(&key) {
             return Ok(*id);
         }
-        let id = self.alloc_backend_id()?;
+        let id = alloc_backend_id(&mut self.next_backend_id, &self.backends)?;
         self.backend_ids.insert(key, id);
         // Reserve the id before the write so the next allocation cannot
         // return it again.
@@ -462,7 +419,7 @@ impl LbState {
         for (i, id) in ids.iter().enumerate() {
             if rewrite || old_ids.and_then(|o| o.get(i)) != Some(id) {
                 let key = scoped_key(fe, SCOPE_EXTERNAL, i as u16 + 1);
-                Self::put(
+                put(
                     writes,
                     &mut maps.services,
                     "LB4_SERVICES",
@@ -479,7 +436,7 @@ impl LbState {
             || old_count != count
             || old.is_some_and(|o| o.rev_nat_index != rev || o.affinity != affinity)
         {
-            Self::put(
+            put(
                 writes,
                 &mut maps.services,
                 "LB4_SERVICES",
@@ -489,7 +446,7 @@ impl LbState {
             changed = true;
         }
         for slot in count + 1..=old_count {
-            Self::del(
+            del(
                 writes,
                 &mut maps.services,
                 "LB4_SERVICES",
@@ -509,7 +466,7 @@ impl LbState {
         slots: u16,
     ) -> anyhow::Result<()> {
         for slot in 0..=slots {
-            Self::del(
+            del(
                 writes,
                 &mut maps.services,
                 "LB4_SERVICES",
@@ -517,32 +474,6 @@ impl LbState {
             )?;
         }
         Ok(())
-    }
-
-    fn put<K: aya::Pod, V: aya::Pod>(
-        writes: &mut u64,
-        map: &mut HashMap<MapData, K, V>,
-        name: &str,
-        key: &K,
-        value: &V,
-    ) -> anyhow::Result<()> {
-        *writes += 1;
-        map.insert(key, value, 0)
-            .with_context(|| format!("writing {name}"))
-    }
-
-    fn del<K: aya::Pod, V: aya::Pod>(
-        writes: &mut u64,
-        map: &mut HashMap<MapData, K, V>,
-        name: &str,
-        key: &K,
-    ) -> anyhow::Result<()> {
-        *writes += 1;
-        match map.remove(key) {
-            Ok(()) => Ok(()),
-            Err(e) if is_not_found(&e) => Ok(()),
-            Err(e) => Err(e).with_context(|| format!("deleting from {name}")),
-        }
     }
 
     /// Makes the maps hold exactly `desired`, looking at every frontend.
@@ -611,7 +542,7 @@ impl LbState {
             }
             let rev = match self.services.get(fe).map(|p| p.rev_nat_index) {
                 Some(i) if i != 0 => i,
-                _ => self.alloc_rev_nat()?,
+                _ => alloc_rev_nat(&mut self.next_rev_nat, &mut self.rev_nats)?,
             };
             let mut ids = Vec::with_capacity(svc.backends.len());
             for b in &svc.backends {
@@ -665,7 +596,7 @@ impl LbState {
 
         // 2. New backends first: slots may only name existing backends.
         for (n, (id, key)) in new_backends.iter().enumerate() {
-            if let Err(e) = Self::put(
+            if let Err(e) = put(
                 &mut self.writes,
                 &mut maps.backends,
                 "LB4_BACKENDS",
@@ -690,7 +621,7 @@ impl LbState {
             let fresh = old.is_none_or(|o| o.dirty);
             let mut changed = false;
             if fresh || old.is_some_and(|o| o.rev_nat_index != rev) {
-                Self::put(
+                put(
                     &mut self.writes,
                     &mut maps.revnat,
                     "LB4_REVNAT",
@@ -702,7 +633,7 @@ impl LbState {
             for (i, id) in ids.iter().enumerate() {
                 if fresh || old.and_then(|o| o.ids.get(i)) != Some(id) {
                     let key = master_key(&fe, i as u16 + 1);
-                    Self::put(
+                    put(
                         &mut self.writes,
                         &mut maps.services,
                         "LB4_SERVICES",
@@ -739,7 +670,7 @@ impl LbState {
                 || had_two_scopes != two_scopes
                 || old.is_some_and(|o| o.rev_nat_index != rev || o.affinity != affinity)
             {
-                Self::put(
+                put(
                     &mut self.writes,
                     &mut maps.services,
                     "LB4_SERVICES",
@@ -756,7 +687,7 @@ impl LbState {
                 }
             }
             for slot in count + 1..=old_count {
-                Self::del(
+                del(
                     &mut self.writes,
                     &mut maps.services,
                     "LB4_SERVICES",
@@ -793,7 +724,7 @@ impl LbState {
                 },
             );
             for id in previous.map(Programmed::all_ids).unwrap_or_default() {
-                if self.unref(id) {
+                if unref(&mut self.backend_refs, id) {
                     released.push(id);
                 }
             }
@@ -810,7 +741,7 @@ impl LbState {
             let p = &self.services[&fe];
             let (slots, rev_nat_index) = (p.ids.len() as u16, p.rev_nat_index);
             let ext_slots = p.external.as_ref().map(|e| e.ids.len() as u16);
-            Self::del(
+            del(
                 &mut self.writes,
                 &mut maps.services,
                 "LB4_SERVICES",
@@ -820,7 +751,7 @@ impl LbState {
                 Self::delete_external(&mut self.writes, maps, &fe, ext_slots)?;
             }
             for slot in 1..=slots {
-                Self::del(
+                del(
                     &mut self.writes,
                     &mut maps.services,
                     "LB4_SERVICES",
@@ -828,7 +759,7 @@ impl LbState {
                 )?;
             }
             if rev_nat_index != 0 {
-                Self::del(
+                del(
                     &mut self.writes,
                     &mut maps.revnat,
                     "LB4_REVNAT",
@@ -838,7 +769,7 @@ impl LbState {
             let p = self.services.remove(&fe).expect("listed above");
             self.rev_nats.remove(&p.rev_nat_index);
             for id in p.all_ids() {
-                if self.unref(id) {
+                if unref(&mut self.backend_refs, id) {
                     released.push(id);
                 }
             }
@@ -847,16 +778,16 @@ impl LbState {
 
         // 5. Leftovers found at open.
         for key in std::mem::take(&mut self.stray_service_keys) {
-            Self::del(&mut self.writes, &mut maps.services, "LB4_SERVICES", &key)?;
+            del(&mut self.writes, &mut maps.services, "LB4_SERVICES", &key)?;
         }
         for idx in std::mem::take(&mut self.stray_revnat) {
             if !self.rev_nats.contains(&idx) {
-                Self::del(&mut self.writes, &mut maps.revnat, "LB4_REVNAT", &idx)?;
+                del(&mut self.writes, &mut maps.revnat, "LB4_REVNAT", &idx)?;
             }
         }
         for id in std::mem::take(&mut self.stray_backends) {
             if !self.referenced(id) {
-                Self::del(&mut self.writes, &mut maps.backends, "LB4_BACKENDS", &id)?;
+                del(&mut self.writes, &mut maps.backends, "LB4_BACKENDS", &id)?;
             }
         }
 
@@ -876,7 +807,7 @@ impl LbState {
         unused.sort_unstable();
         unused.dedup();
         for id in unused {
-            Self::del(&mut self.writes, &mut maps.backends, "LB4_BACKENDS", &id)?;
+            del(&mut self.writes, &mut maps.backends, "LB4_BACKENDS", &id)?;
             if let Some(key) = self.backends.remove(&id) {
                 self.backend_ids.remove(&key);
             }

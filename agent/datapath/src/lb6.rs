@@ -20,7 +20,8 @@ use catena_common::lb6::{
 };
 use tracing::{debug, warn};
 
-use crate::lb::is_not_found;
+use crate::lb_common::{alloc_backend_id, alloc_rev_nat, del, normalize_affinity, put, unref};
+
 use crate::{ApplyStats, BackendAddr6, Frontend6, LbDesired, Proto};
 
 /// One IPv6 frontend as programmed.
@@ -81,11 +82,6 @@ fn master_key(fe: &Frontend6, slot: u16) -> Service6Key {
         scope: 0,
         pad: [0; 2],
     }
-}
-
-/// `Some(0)` means no affinity (a zero timeout could never match).
-fn normalize_affinity(timeout: Option<u32>) -> Option<u32> {
-    timeout.filter(|t| *t != 0)
 }
 
 fn master_value(count: u16, rev_nat_index: u16, affinity: Option<u32>) -> Service6Value {
@@ -277,32 +273,6 @@ impl LbState6 {
             .collect()
     }
 
-    fn alloc_backend_id(&mut self) -> anyhow::Result<u32> {
-        // Monotonic (wrapping, skipping live ids): a freed id is not reused
-        // soon, so a conntrack entry naming a removed backend does not
-        // silently follow a new backend that got its id.
-        for _ in 0..=self.backends.len() {
-            let id = self.next_backend_id.max(1);
-            self.next_backend_id = id.wrapping_add(1);
-            if !self.backends.contains_key(&id) {
-                return Ok(id);
-            }
-        }
-        bail!("no free backend id")
-    }
-
-    fn alloc_rev_nat(&mut self) -> anyhow::Result<u16> {
-        for _ in 0..=u16::MAX {
-            let idx = self.next_rev_nat.max(1);
-            self.next_rev_nat = idx.wrapping_add(1);
-            if !self.rev_nats.contains(&idx) {
-                self.rev_nats.insert(idx);
-                return Ok(idx);
-            }
-        }
-        bail!("no free reverse-NAT index (65535 frontends)")
-    }
-
     /// Recomputes the backend reference counts and the reverse-NAT indices
     /// in use from the mirror (after open, and before a full apply: a failed
     /// apply may have left counts for writes that never happened).
@@ -319,48 +289,8 @@ impl LbState6 {
         }
     }
 
-    /// Drops one slot's reference; whether the backend is now unreferenced.
-    fn unref(&mut self, id: u32) -> bool {
-        match self.backend_refs.get_mut(&id) {
-            Some(n) if *n > 1 => {
-                *n -= 1;
-                false
-            }
-            _ => {
-                self.backend_refs.remove(&id);
-                true
-            }
-        }
-    }
-
     fn referenced(&self, id: u32) -> bool {
         self.backend_refs.contains_key(&id)
-    }
-
-    fn put<K: aya::Pod, V: aya::Pod>(
-        writes: &mut u64,
-        map: &mut HashMap<MapData, K, V>,
-        name: &str,
-        key: &K,
-        value: &V,
-    ) -> anyhow::Result<()> {
-        *writes += 1;
-        map.insert(key, value, 0)
-            .with_context(|| format!("writing {name}"))
-    }
-
-    fn del<K: aya::Pod, V: aya::Pod>(
-        writes: &mut u64,
-        map: &mut HashMap<MapData, K, V>,
-        name: &str,
-        key: &K,
-    ) -> anyhow::Result<()> {
-        *writes += 1;
-        match map.remove(key) {
-            Ok(()) => Ok(()),
-            Err(e) if is_not_found(&e) => Ok(()),
-            Err(e) => Err(e).with_context(|| format!("deleting from {name}")),
-        }
     }
 
     /// Makes the maps hold exactly `desired`, looking at every frontend.
@@ -484,7 +414,7 @@ impl LbState6 {
             }
             let rev = match self.services.get(fe).map(|p| p.rev_nat_index) {
                 Some(i) if i != 0 => i,
-                _ => self.alloc_rev_nat()?,
+                _ => alloc_rev_nat(&mut self.next_rev_nat, &mut self.rev_nats)?,
             };
             let mut ids = Vec::with_capacity(svc.backends.len());
             for b in &svc.backends {
@@ -496,7 +426,7 @@ impl LbState6 {
                 let id = match self.backend_ids.get(&key) {
                     Some(id) => *id,
                     None => {
-                        let id = self.alloc_backend_id()?;
+                        let id = alloc_backend_id(&mut self.next_backend_id, &self.backends)?;
                         self.backend_ids.insert(key, id);
                         // Reserve the id before the write so the next
                         // allocation cannot return it again.
@@ -512,7 +442,7 @@ impl LbState6 {
 
         // 2. New backends first: slots may only name existing backends.
         for (n, (id, key)) in new_backends.iter().enumerate() {
-            if let Err(e) = Self::put(
+            if let Err(e) = put(
                 &mut self.writes,
                 &mut maps.backends,
                 "LB6_BACKENDS",
@@ -537,7 +467,7 @@ impl LbState6 {
             let fresh = old.is_none_or(|o| o.dirty);
             let mut changed = false;
             if fresh || old.is_some_and(|o| o.rev_nat_index != rev) {
-                Self::put(
+                put(
                     &mut self.writes,
                     &mut maps.revnat,
                     "LB6_REVNAT",
@@ -549,7 +479,7 @@ impl LbState6 {
             for (i, id) in ids.iter().enumerate() {
                 if fresh || old.and_then(|o| o.ids.get(i)) != Some(id) {
                     let key = master_key(&fe, i as u16 + 1);
-                    Self::put(
+                    put(
                         &mut self.writes,
                         &mut maps.services,
                         "LB6_SERVICES",
@@ -566,7 +496,7 @@ impl LbState6 {
                 || old_count != count
                 || old.is_some_and(|o| o.rev_nat_index != rev || o.affinity != affinity)
             {
-                Self::put(
+                put(
                     &mut self.writes,
                     &mut maps.services,
                     "LB6_SERVICES",
@@ -576,7 +506,7 @@ impl LbState6 {
                 changed = true;
             }
             for slot in count + 1..=old_count {
-                Self::del(
+                del(
                     &mut self.writes,
                     &mut maps.services,
                     "LB6_SERVICES",
@@ -605,7 +535,7 @@ impl LbState6 {
                 },
             );
             for id in previous.map(|p| p.ids).unwrap_or_default() {
-                if self.unref(id) {
+                if unref(&mut self.backend_refs, id) {
                     released.push(id);
                 }
             }
@@ -621,14 +551,14 @@ impl LbState6 {
         for fe in removed {
             let p = &self.services[&fe];
             let (slots, rev_nat_index) = (p.ids.len() as u16, p.rev_nat_index);
-            Self::del(
+            del(
                 &mut self.writes,
                 &mut maps.services,
                 "LB6_SERVICES",
                 &master_key(&fe, 0),
             )?;
             for slot in 1..=slots {
-                Self::del(
+                del(
                     &mut self.writes,
                     &mut maps.services,
                     "LB6_SERVICES",
@@ -636,7 +566,7 @@ impl LbState6 {
                 )?;
             }
             if rev_nat_index != 0 {
-                Self::del(
+                del(
                     &mut self.writes,
                     &mut maps.revnat,
                     "LB6_REVNAT",
@@ -646,7 +576,7 @@ impl LbState6 {
             let p = self.services.remove(&fe).expect("listed above");
             self.rev_nats.remove(&p.rev_nat_index);
             for id in p.ids {
-                if self.unref(id) {
+                if unref(&mut self.backend_refs, id) {
                     released.push(id);
                 }
             }
@@ -655,16 +585,16 @@ impl LbState6 {
 
         // 5. Leftovers found at open.
         for key in std::mem::take(&mut self.stray_service_keys) {
-            Self::del(&mut self.writes, &mut maps.services, "LB6_SERVICES", &key)?;
+            del(&mut self.writes, &mut maps.services, "LB6_SERVICES", &key)?;
         }
         for idx in std::mem::take(&mut self.stray_revnat) {
             if !self.rev_nats.contains(&idx) {
-                Self::del(&mut self.writes, &mut maps.revnat, "LB6_REVNAT", &idx)?;
+                del(&mut self.writes, &mut maps.revnat, "LB6_REVNAT", &idx)?;
             }
         }
         for id in std::mem::take(&mut self.stray_backends) {
             if !self.referenced(id) {
-                Self::del(&mut self.writes, &mut maps.backends, "LB6_BACKENDS", &id)?;
+                del(&mut self.writes, &mut maps.backends, "LB6_BACKENDS", &id)?;
             }
         }
 
@@ -684,7 +614,7 @@ impl LbState6 {
         unused.sort_unstable();
         unused.dedup();
         for id in unused {
-            Self::del(&mut self.writes, &mut maps.backends, "LB6_BACKENDS", &id)?;
+            del(&mut self.writes, &mut maps.backends, "LB6_BACKENDS", &id)?;
             if let Some(key) = self.backends.remove(&id) {
                 self.backend_ids.remove(&key);
             }

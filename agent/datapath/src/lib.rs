@@ -12,6 +12,7 @@ mod endpoints;
 pub mod events;
 mod lb;
 mod lb6;
+mod lb_common;
 mod loader;
 /// Maglev lookup tables; `populate` is public for tests and benchmarks.
 pub mod maglev;
