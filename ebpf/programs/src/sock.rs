@@ -24,7 +24,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use catena_common::{
-    lb::{SockRevNat4Key, SockRevNat4Value},
+    lb::{Backend4, SockRevNat4Key, SockRevNat4Value},
     metrics::Counter,
     IPPROTO_TCP, IPPROTO_UDP,
 };
@@ -77,18 +77,44 @@ fn translate(ctx: &SockAddrContext) -> i32 {
     // user_port holds the network-order port in its low 16 bits, exactly as
     // the maps store ports.
     let port = port as u16;
+    let backend = match choose_backend4(ctx, addr, port, proto) {
+        Ok(Some(b)) => b,
+        Ok(None) => return SYS_PROCEED,
+        Err(verdict) => return verdict,
+    };
+    // SAFETY: user_ip4 and user_port are writable in connect4/sendmsg4.
+    unsafe {
+        (*sa).user_ip4 = backend.address;
+        (*sa).user_port = backend.port as u32;
+    }
+    count(Counter::SockTranslated);
+    SYS_PROCEED
+}
+
+/// The IPv4 frontend `addr:port/proto` of a socket call: `Ok(None)` if it is
+/// no frontend, `Ok(Some(backend))` once the backend is chosen and the
+/// reverse entry written (so replies and getpeername show the frontend),
+/// `Err(verdict)` when the call must be refused. Shared by the IPv4 hooks
+/// and the IPv6 ones for IPv4-mapped addresses.
+#[inline(always)]
+pub(crate) fn choose_backend4(
+    ctx: &SockAddrContext,
+    addr: u32,
+    port: u16,
+    proto: u8,
+) -> Result<Option<Backend4>, i32> {
     let key = lb::master_key(addr, port, proto);
     let Some(master) = lb::lookup_master(&key) else {
-        return SYS_PROCEED;
+        return Ok(None);
     };
     if master.count == 0 {
         count(Counter::SockRejected);
-        return reject();
+        return Err(reject());
     }
     let Some((_, backend)) = lb::select_backend(&key, master.count) else {
         // The slot vanished under an update: as for the tc path, no backend.
         count(Counter::SockRejected);
-        return reject();
+        return Err(reject());
     };
     let rev_key = SockRevNat4Key {
         cookie: cookie(ctx),
@@ -105,15 +131,9 @@ fn translate(ctx: &SockAddrContext) -> i32 {
     // and be dropped by the application: refuse rather than half-work.
     if LB4_SOCK_REVNAT.insert(rev_key, rev, 0).is_err() {
         count(Counter::SockRejected);
-        return reject();
+        return Err(reject());
     }
-    // SAFETY: user_ip4 and user_port are writable in connect4/sendmsg4.
-    unsafe {
-        (*sa).user_ip4 = backend.address;
-        (*sa).user_port = backend.port as u32;
-    }
-    count(Counter::SockTranslated);
-    SYS_PROCEED
+    Ok(Some(backend))
 }
 
 /// Fails the socket call with ECONNREFUSED (a plain `0` would be EPERM, which

@@ -11,17 +11,17 @@
 
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use catena_common::{
-    lb::{SockRevNat4Key, SockRevNat4Value},
+    lb::SockRevNat4Key,
     lb6::{SockRevNat6Key, SockRevNat6Value},
     metrics::Counter,
     IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
-    lb, lb6,
+    lb6,
     maps::{LB4_SOCK_REVNAT, LB6_SOCK_REVNAT},
     metrics::count,
-    sock::{cookie, reject, SYS_PROCEED},
+    sock::{self, cookie, reject, SYS_PROCEED},
 };
 
 /// Word 2 of an IPv4-mapped address (`::ffff:0:0/96`) in memory order.
@@ -137,33 +137,11 @@ fn translate(ctx: &SockAddrContext) -> i32 {
 /// the backend is written back mapped.
 #[inline(always)]
 fn translate_mapped(ctx: &SockAddrContext, addr: &[u32; 4], port: u16, proto: u8) -> i32 {
-    let key = lb::master_key(addr[3], port, proto);
-    let Some(master) = lb::lookup_master(&key) else {
-        return SYS_PROCEED;
+    let backend = match sock::choose_backend4(ctx, addr[3], port, proto) {
+        Ok(Some(b)) => b,
+        Ok(None) => return SYS_PROCEED,
+        Err(verdict) => return verdict,
     };
-    if master.count == 0 {
-        count(Counter::SockRejected);
-        return reject();
-    }
-    let Some((_, backend)) = lb::select_backend(&key, master.count) else {
-        count(Counter::SockRejected);
-        return reject();
-    };
-    let rev_key = SockRevNat4Key {
-        cookie: cookie(ctx),
-        address: backend.address,
-        port: backend.port,
-        pad: 0,
-    };
-    let rev = SockRevNat4Value {
-        address: addr[3],
-        port,
-        rev_nat_index: master.rev_nat_index,
-    };
-    if LB4_SOCK_REVNAT.insert(&rev_key, &rev, 0).is_err() {
-        count(Counter::SockRejected);
-        return reject();
-    }
     let mapped = [0, 0, V4_MAPPED_WORD, backend.address];
     // SAFETY: writable in connect6/sendmsg6.
     unsafe { set_user(ctx, &mapped, backend.port) };
