@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use aya::programs::SchedClassifier;
 use catena_common::ct::{CT_EGRESS, CT_FLAG_CLOSING, CT_FLAG_SEEN_REPLY, CT_SERVICE};
 use catena_common::endpoint::EP_FLAG_ANTI_SPOOF;
 use catena_datapath::{BackendAddr, Datapath, Frontend, LbDesired, LbService, Proto};
@@ -117,19 +117,6 @@ fn progs(dp: &Datapath) -> Progs {
     }
 }
 
-fn run(prog: &SchedClassifier, pkt: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; pkt.len() + 64];
-    let res = prog
-        .test_run(TestRunOptions {
-            data_in: Some(pkt),
-            data_out: Some(&mut out),
-            ..TestRunOptions::default()
-        })
-        .expect("BPF_PROG_TEST_RUN");
-    out.truncate(res.data_size_out as usize);
-    (res.return_value, out)
-}
-
 fn setup() -> (BpffsDir, Datapath, Progs) {
     let dir = BpffsDir::new();
     let mut dp = Datapath::open(dir.path()).expect("open");
@@ -143,7 +130,7 @@ fn setup() -> (BpffsDir, Datapath, Progs) {
 fn tcp_dnat_ct_and_reverse_nat() {
     let (_dir, dp, p) = setup();
     let syn = Ipv4Packet::tcp(CLIENT, 40000, VIP_TCP, 80).build();
-    let (rc, out) = run(&p.from, &syn);
+    let (rc, out) = run_prog(&p.from, &syn);
     assert_eq!(rc, PASS);
     let got = parse_and_verify(&out, false);
     let allowed: BTreeSet<Ipv4Addr> = backends(2, 8080).iter().map(|b| b.address).collect();
@@ -180,19 +167,19 @@ fn tcp_dnat_ct_and_reverse_nat() {
 
     // Same flow: same backend, every time.
     for _ in 0..8 {
-        let (rc, out) = run(&p.from, &syn);
+        let (rc, out) = run_prog(&p.from, &syn);
         assert_eq!(rc, PASS);
         assert_eq!(parse_and_verify(&out, false).dst, got.dst);
     }
     // FIN marks the entry closing.
     let mut fin = Ipv4Packet::tcp(CLIENT, 40000, VIP_TCP, 80);
     fin.tcp_flags = 0x11;
-    let (_, out) = run(&p.from, &fin.build());
+    let (_, out) = run_prog(&p.from, &fin.build());
     assert_eq!(parse_and_verify(&out, false).dst, got.dst);
 
     // Reply through to_container: source back to the VIP:80.
     let reply = Ipv4Packet::tcp(got.dst, 8080, CLIENT, 40000).build();
-    let (rc, out) = run(&p.to, &reply);
+    let (rc, out) = run_prog(&p.to, &reply);
     assert_eq!(rc, PASS);
     let r = parse_and_verify(&out, false);
     assert_eq!(
@@ -224,16 +211,16 @@ fn tcp_dnat_ct_and_reverse_nat() {
 fn direct_connection_reusing_a_service_flows_tuple_is_not_reverse_natted() {
     let (_dir, dp, p) = setup();
     let syn = Ipv4Packet::tcp(CLIENT, 40001, VIP_TCP, 80).build();
-    let (_, out) = run(&p.from, &syn);
+    let (_, out) = run_prog(&p.from, &syn);
     let backend = parse_and_verify(&out, false).dst;
 
     let direct = Ipv4Packet::tcp(CLIENT, 40001, backend, 8080).build();
-    let (rc, out) = run(&p.from, &direct);
+    let (rc, out) = run_prog(&p.from, &direct);
     assert_eq!(rc, PASS);
     assert_eq!(out, direct, "a direct SYN passes untouched");
 
     let reply = Ipv4Packet::tcp(backend, 8080, CLIENT, 40001).build();
-    let (rc, out) = run(&p.to, &reply);
+    let (rc, out) = run_prog(&p.to, &reply);
     assert_eq!(rc, PASS);
     let r = parse_and_verify(&out, false);
     assert_eq!((r.src, r.sport), (backend, 8080), "reply keeps its source");
@@ -251,7 +238,7 @@ fn different_flows_spread_over_backends() {
     let (_dir, _dp, p) = setup();
     let mut seen = BTreeSet::new();
     for sport in 41000..41040 {
-        let (_, out) = run(
+        let (_, out) = run_prog(
             &p.from,
             &Ipv4Packet::tcp(CLIENT, sport, VIP_TCP, 80).build(),
         );
@@ -265,7 +252,7 @@ fn different_flows_spread_over_backends() {
 fn udp_dnat_with_and_without_checksum() {
     let (_dir, _dp, p) = setup();
     let pkt = Ipv4Packet::udp(CLIENT, 50000, VIP_UDP, 53).build();
-    let (rc, out) = run(&p.from, &pkt);
+    let (rc, out) = run_prog(&p.from, &pkt);
     assert_eq!(rc, PASS);
     let got = parse_and_verify(&out, false);
     assert_eq!((got.dst, got.dport), (Ipv4Addr::new(10, 0, 1, 5), 5353));
@@ -273,14 +260,14 @@ fn udp_dnat_with_and_without_checksum() {
 
     let mut nocsum = Ipv4Packet::udp(CLIENT, 50001, VIP_UDP, 53);
     nocsum.udp_no_csum = true;
-    let (rc, out) = run(&p.from, &nocsum.build());
+    let (rc, out) = run_prog(&p.from, &nocsum.build());
     assert_eq!(rc, PASS);
     let got = parse_and_verify(&out, true);
     assert_eq!((got.dst, got.dport), (Ipv4Addr::new(10, 0, 1, 5), 5353));
     assert_eq!(got.l4_csum, 0, "a UDP checksum of 0 must stay 0");
 
     let reply = Ipv4Packet::udp(Ipv4Addr::new(10, 0, 1, 5), 5353, CLIENT, 50000).build();
-    let (_, out) = run(&p.to, &reply);
+    let (_, out) = run_prog(&p.to, &reply);
     let r = parse_and_verify(&out, false);
     assert_eq!((r.src, r.sport), (VIP_UDP, 53));
 }
@@ -290,7 +277,7 @@ fn ip_options_are_honoured() {
     let (_dir, _dp, p) = setup();
     let mut pkt = Ipv4Packet::tcp(CLIENT, 42000, VIP_TCP, 80);
     pkt.options = vec![1, 1, 1, 0]; // NOP NOP NOP EOL
-    let (rc, out) = run(&p.from, &pkt.build());
+    let (rc, out) = run_prog(&p.from, &pkt.build());
     assert_eq!(rc, PASS);
     let got = parse_and_verify(&out, false);
     assert_eq!(got.dport, 8080);
@@ -320,7 +307,7 @@ fn untouched_traffic_is_byte_identical() {
     ];
     for (what, pkt) in &cases {
         for prog in [&p.from, &p.to] {
-            let (rc, out) = run(prog, pkt);
+            let (rc, out) = run_prog(prog, pkt);
             assert_eq!(rc, PASS, "{what}");
             assert_eq!(&out, pkt, "{what} was modified");
         }
@@ -339,7 +326,7 @@ fn syn_to_service_without_backends_is_answered_with_rst() {
     let mut syn = Ipv4Packet::tcp(CLIENT, 40000, VIP_EMPTY, 80);
     syn.options = vec![1, 1, 1, 0];
     let syn = syn.build();
-    let (rc, out) = run(&p.from, &syn);
+    let (rc, out) = run_prog(&p.from, &syn);
     assert_eq!(rc, REDIRECT, "the RST goes back out of the host veth");
     assert_eq!(
         out.len(),
@@ -390,7 +377,7 @@ fn non_syn_to_service_without_backends_is_dropped() {
     let mut synack = Ipv4Packet::tcp(CLIENT, 40000, VIP_EMPTY, 80);
     synack.tcp_flags = 0x12;
     for (what, pkt) in [("ack", ack), ("rst", rst), ("syn-ack", synack)] {
-        let (rc, _) = run(&p.from, &pkt.build());
+        let (rc, _) = run_prog(&p.from, &pkt.build());
         assert_eq!(rc, SHOT, "{what}");
     }
     let c = dp.counters().unwrap();
@@ -402,7 +389,7 @@ fn non_syn_to_service_without_backends_is_dropped() {
 #[test]
 fn flow_moves_when_its_backend_is_removed() {
     let (_dir, mut dp, p) = setup();
-    let (_, out) = run(
+    let (_, out) = run_prog(
         &p.from,
         &Ipv4Packet::tcp(CLIENT, 43000, VIP_TCP, 80).build(),
     );
@@ -420,7 +407,7 @@ fn flow_moves_when_its_backend_is_removed() {
         .backends
         .retain(|b| b.address != first);
     dp.apply_services(&d).unwrap();
-    let (_, out) = run(
+    let (_, out) = run_prog(
         &p.from,
         &Ipv4Packet::tcp(CLIENT, 43000, VIP_TCP, 80).build(),
     );
@@ -432,7 +419,7 @@ fn flow_moves_when_its_backend_is_removed() {
 fn hairpin_pod_reaching_itself_through_its_service() {
     let (_dir, dp, p) = setup();
     let syn = Ipv4Packet::tcp(CLIENT, 40000, VIP_SELF, 80).build();
-    let (rc, out) = run(&p.from, &syn);
+    let (rc, out) = run_prog(&p.from, &syn);
     assert_eq!(rc, REDIRECT, "straight back to the pod");
     // MACs swapped: the pod's own interface must accept it.
     assert_eq!(&out[0..6], &syn[6..12]);
@@ -447,7 +434,7 @@ fn hairpin_pod_reaching_itself_through_its_service() {
     // The pod answers the hairpin address; the reply comes in through
     // from_container again and leaves towards the pod as VIP -> client.
     let reply = Ipv4Packet::tcp(CLIENT, 8080, HAIRPIN, 40000).build();
-    let (rc, out) = run(&p.from, &reply);
+    let (rc, out) = run_prog(&p.from, &reply);
     assert_eq!(rc, REDIRECT);
     assert_eq!(&out[0..6], &reply[6..12]);
     let r = parse_and_verify(&out, false);
@@ -458,7 +445,7 @@ fn hairpin_pod_reaching_itself_through_its_service() {
     // Traffic to the hairpin address that belongs to no flow is not ours.
     let mut udp = Ipv4Packet::udp(CLIENT, 40001, HAIRPIN, 9);
     udp.udp_no_csum = true;
-    let (rc, out) = run(&p.from, &udp.build());
+    let (rc, out) = run_prog(&p.from, &udp.build());
     assert_eq!(rc, PASS, "no conntrack entry: not ours");
     assert_eq!(out, udp.build());
 
@@ -473,6 +460,6 @@ fn hairpin_pod_reaching_itself_through_its_service() {
 
     // A reply to the hairpin address without a flow is left alone.
     let stray = Ipv4Packet::tcp(CLIENT, 8080, HAIRPIN, 40999).build();
-    let (rc, out) = run(&p.from, &stray);
+    let (rc, out) = run_prog(&p.from, &stray);
     assert_eq!((rc, out), (PASS, stray));
 }

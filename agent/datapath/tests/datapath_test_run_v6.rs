@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use aya::programs::SchedClassifier;
 use catena_common::ct::{CT_EGRESS, CT_FLAG_SEEN_REPLY, CT_SERVICE};
 use catena_common::endpoint::EP_FLAG_ANTI_SPOOF;
 use catena_common::lb6::addr6_from_octets;
@@ -217,19 +217,6 @@ struct Progs {
     to: SchedClassifier,
 }
 
-fn run(prog: &SchedClassifier, pkt: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; pkt.len() + 128];
-    let res = prog
-        .test_run(TestRunOptions {
-            data_in: Some(pkt),
-            data_out: Some(&mut out),
-            ..TestRunOptions::default()
-        })
-        .expect("BPF_PROG_TEST_RUN");
-    out.truncate(res.data_size_out as usize);
-    (res.return_value, out)
-}
-
 fn setup() -> (BpffsDir, Datapath, Progs) {
     let dir = BpffsDir::new();
     let mut dp = Datapath::open(dir.path()).expect("open");
@@ -250,7 +237,7 @@ fn m(a: Ipv6Addr) -> [u32; 4] {
 fn tcp_dnat_conntrack_and_reverse_nat_are_byte_exact() {
     let (_dir, dp, p) = setup();
     let syn = Pkt6::tcp(CLIENT, 40000, VIP_TCP, 80);
-    let (rc, out) = run(&p.from, &syn.build());
+    let (rc, out) = run_prog(&p.from, &syn.build());
     assert_eq!(rc, PASS);
     let got = parse_and_verify6(&out);
     assert!(
@@ -281,14 +268,14 @@ fn tcp_dnat_conntrack_and_reverse_nat_are_byte_exact() {
 
     // The same flow keeps its backend.
     for _ in 0..8 {
-        let (_, again) = run(&p.from, &syn.build());
+        let (_, again) = run_prog(&p.from, &syn.build());
         assert_eq!(again, out);
     }
 
     // The backend's reply leaves towards the pod from VIP:80.
     let mut reply = Pkt6::tcp(got.dst, 8080, CLIENT, 40000);
     reply.tcp_flags = 0x12;
-    let (rc, back) = run(&p.to, &reply.build());
+    let (rc, back) = run_prog(&p.to, &reply.build());
     assert_eq!(rc, PASS);
     parse_and_verify6(&back);
     assert_eq!(back, reply.with(VIP_TCP, 80, CLIENT, 40000).build());
@@ -312,7 +299,7 @@ fn flows_spread_over_backends() {
     let (_dir, _dp, p) = setup();
     let mut seen = BTreeSet::new();
     for sport in 41000..41040 {
-        let (_, out) = run(&p.from, &Pkt6::tcp(CLIENT, sport, VIP_TCP, 80).build());
+        let (_, out) = run_prog(&p.from, &Pkt6::tcp(CLIENT, sport, VIP_TCP, 80).build());
         seen.insert(parse_and_verify6(&out).dst);
     }
     // 40 random picks over 2 backends all landing on one: p = 2^-39.
@@ -323,13 +310,13 @@ fn flows_spread_over_backends() {
 fn udp_dnat_and_reverse_nat_are_byte_exact() {
     let (_dir, _dp, p) = setup();
     let q = Pkt6::udp(CLIENT, 50000, VIP_UDP, 53);
-    let (rc, out) = run(&p.from, &q.build());
+    let (rc, out) = run_prog(&p.from, &q.build());
     assert_eq!(rc, PASS);
     parse_and_verify6(&out);
     assert_eq!(out, q.with(CLIENT, 50000, backend(0), 5353).build());
 
     let a = Pkt6::udp(backend(0), 5353, CLIENT, 50000);
-    let (rc, back) = run(&p.to, &a.build());
+    let (rc, back) = run_prog(&p.to, &a.build());
     assert_eq!(rc, PASS);
     assert_eq!(back, a.with(VIP_UDP, 53, CLIENT, 50000).build());
 }
@@ -339,7 +326,7 @@ fn hairpin_uses_the_ipv6_hairpin_address_both_ways() {
     let (_dir, _dp, p) = setup();
     let syn = Pkt6::tcp(CLIENT, 40000, VIP_SELF, 80);
     let built = syn.build();
-    let (rc, out) = run(&p.from, &built);
+    let (rc, out) = run_prog(&p.from, &built);
     assert_eq!(rc, REDIRECT, "straight back to the pod");
     let mut want = syn.with(HAIRPIN6, 40000, CLIENT, 8080).build();
     want[0..6].copy_from_slice(&built[6..12]);
@@ -351,7 +338,7 @@ fn hairpin_uses_the_ipv6_hairpin_address_both_ways() {
     let mut reply = Pkt6::tcp(CLIENT, 8080, HAIRPIN6, 40000);
     reply.tcp_flags = 0x12;
     let built = reply.build();
-    let (rc, out) = run(&p.from, &built);
+    let (rc, out) = run_prog(&p.from, &built);
     assert_eq!(rc, REDIRECT);
     let mut want = reply.with(VIP_SELF, 80, CLIENT, 40000).build();
     want[0..6].copy_from_slice(&built[6..12]);
@@ -363,7 +350,7 @@ fn hairpin_uses_the_ipv6_hairpin_address_both_ways() {
 fn syn_without_backends_gets_a_rst() {
     let (_dir, dp, p) = setup();
     let syn = Pkt6::tcp(CLIENT, 40000, VIP_EMPTY, 80).build();
-    let (rc, out) = run(&p.from, &syn);
+    let (rc, out) = run_prog(&p.from, &syn);
     assert_eq!(rc, REDIRECT);
     assert_eq!(out.len(), 14 + 40 + 20, "Ethernet + IPv6 + TCP");
     assert_eq!(&out[0..6], &syn[6..12]);
@@ -388,7 +375,7 @@ fn syn_without_backends_gets_a_rst() {
     // Anything but a SYN is dropped.
     let mut ack = Pkt6::tcp(CLIENT, 40000, VIP_EMPTY, 80);
     ack.tcp_flags = 0x10;
-    assert_eq!(run(&p.from, &ack.build()).0, SHOT);
+    assert_eq!(run_prog(&p.from, &ack.build()).0, SHOT);
     assert_eq!(dp.counters().unwrap()["drop_no_backend"], 1);
 }
 
@@ -396,7 +383,7 @@ fn syn_without_backends_gets_a_rst() {
 fn udp_without_backends_gets_icmpv6_port_unreachable() {
     let (_dir, dp, p) = setup();
     let q = Pkt6::udp(CLIENT, 50000, VIP_EMPTY, 53).build();
-    let (rc, out) = run(&p.from, &q);
+    let (rc, out) = run_prog(&p.from, &q);
     assert_eq!(rc, REDIRECT);
     assert_eq!(out.len(), 14 + 40 + 8 + 48, "IPv6 + ICMPv6 + quote");
     assert_eq!(&out[0..6], &q[6..12]);
@@ -430,7 +417,7 @@ fn other_ipv6_traffic_is_byte_identical() {
     ];
     for (what, pkt) in &cases {
         for prog in [&p.from, &p.to] {
-            let (rc, out) = run(prog, pkt);
+            let (rc, out) = run_prog(prog, pkt);
             assert_eq!(rc, PASS, "{what}");
             assert_eq!(&out, pkt, "{what} was modified");
         }
@@ -452,7 +439,7 @@ fn enforced_endpoint_still_drops_ipv6_service_traffic() {
         },
     );
     dp.apply_policy(&pol).expect("apply_policy");
-    let (rc, _) = run(&p.from, &Pkt6::tcp(CLIENT, 40000, VIP_TCP, 80).build());
+    let (rc, _) = run_prog(&p.from, &Pkt6::tcp(CLIENT, 40000, VIP_TCP, 80).build());
     assert_eq!(rc, SHOT, "policy is IPv4-only: fail closed");
     assert_eq!(dp.counters().unwrap()["service_dnat"], 0);
 }

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use aya::maps::{HashMap, Map, MapData};
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use aya::programs::SchedClassifier;
 use catena_common::endpoint::EP_FLAG_ANTI_SPOOF;
 use catena_common::maglev::MaglevTable;
 use catena_datapath::{BackendAddr, Datapath, Frontend, LbDesired, LbService, Proto};
@@ -68,19 +68,6 @@ fn desired(maglev_backends: Vec<BackendAddr>) -> LbDesired {
     d
 }
 
-fn run(prog: &SchedClassifier, pkt: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; pkt.len() + 128];
-    let res = prog
-        .test_run(TestRunOptions {
-            data_in: Some(pkt),
-            data_out: Some(&mut out),
-            ..TestRunOptions::default()
-        })
-        .expect("BPF_PROG_TEST_RUN");
-    out.truncate(res.data_size_out as usize);
-    (res.return_value, out)
-}
-
 fn setup(maglev_backends: Vec<BackendAddr>) -> (BpffsDir, Datapath, SchedClassifier) {
     let dir = BpffsDir::new();
     let mut dp = Datapath::open(dir.path()).expect("open");
@@ -94,7 +81,7 @@ fn setup(maglev_backends: Vec<BackendAddr>) -> (BpffsDir, Datapath, SchedClassif
 /// flushed first so the choice is made afresh, not remembered.
 fn pick(dp: &mut Datapath, from: &SchedClassifier, vip: Ipv4Addr, sport: u16) -> Ipv4Addr {
     dp.ct_flush().unwrap();
-    let (rc, out) = run(from, &Ipv4Packet::tcp(CLIENT, sport, vip, 80).build());
+    let (rc, out) = run_prog(from, &Ipv4Packet::tcp(CLIENT, sport, vip, 80).build());
     assert_eq!(rc, PASS);
     parse_and_verify(&out, false).dst
 }
@@ -221,7 +208,7 @@ fn folds_to_zero(bytes: &[u8]) -> bool {
 fn udp_to_service_without_backends_gets_icmp_port_unreachable() {
     let (_dir, dp, from) = setup(backends(2));
     let pkt = Ipv4Packet::udp(CLIENT, 50000, VIP_EMPTY, 53).build();
-    let (rc, out) = run(&from, &pkt);
+    let (rc, out) = run_prog(&from, &pkt);
     assert_eq!(
         rc, REDIRECT,
         "the ICMP error goes back out of the host veth"
@@ -251,6 +238,6 @@ fn udp_to_service_without_backends_gets_icmp_port_unreachable() {
     // With IP options the datagram is dropped (the quote would be cut).
     let mut opts = Ipv4Packet::udp(CLIENT, 50001, VIP_EMPTY, 53);
     opts.options = vec![1, 1, 1, 0];
-    let (rc, _) = run(&from, &opts.build());
+    let (rc, _) = run_prog(&from, &opts.build());
     assert_eq!(rc, SHOT);
 }

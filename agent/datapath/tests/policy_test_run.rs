@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use aya::programs::SchedClassifier;
 use catena_common::ct::{CT_EGRESS, CT_INGRESS};
 use catena_common::endpoint::EP_FLAG_ANTI_SPOOF;
 use catena_datapath::events::{DatapathEvent, EventKind};
@@ -147,21 +147,8 @@ fn env(ep: Option<EndpointPolicy>) -> Env {
     }
 }
 
-fn run(prog: &SchedClassifier, pkt: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; pkt.len() + 64];
-    let res = prog
-        .test_run(TestRunOptions {
-            data_in: Some(pkt),
-            data_out: Some(&mut out),
-            ..TestRunOptions::default()
-        })
-        .expect("BPF_PROG_TEST_RUN");
-    out.truncate(res.data_size_out as usize);
-    (res.return_value, out)
-}
-
 fn rc(prog: &SchedClassifier, pkt: &[u8]) -> u32 {
-    run(prog, pkt).0
+    run_prog(prog, pkt).0
 }
 
 // ---- packets the common builder does not make ----
@@ -301,7 +288,7 @@ fn egress_truth_table() {
         ("ipv6 neighbour solicitation", ipv6(58, 135), PASS),
     ];
     for (what, pkt, want) in &cases {
-        let (got, out) = run(&e.from, pkt);
+        let (got, out) = run_prog(&e.from, pkt);
         assert_eq!(got, *want, "{what}");
         if *want == PASS {
             assert_eq!(&out, pkt, "{what}: a passed packet must be untouched");
@@ -309,7 +296,7 @@ fn egress_truth_table() {
     }
 
     // Services: egress policy judges the backend (identity and port).
-    let (got, out) = run(&e.from, &syn(POD, 41000, VIP, 80));
+    let (got, out) = run_prog(&e.from, &syn(POD, 41000, VIP, 80));
     assert_eq!(got, PASS, "service to an allowed backend port");
     let p = parse_and_verify(&out, false);
     assert_eq!((p.dst, p.dport), (WEB, 8080));
@@ -397,7 +384,7 @@ fn unenforced_endpoint_allows_all_and_tracks_nothing() {
             ("icmp", icmp(POD, WEB, 13, 1)),
             ("ipv6", ipv6(6, 0)),
         ] {
-            let (got, out) = run(&e.from, &pkt);
+            let (got, out) = run_prog(&e.from, &pkt);
             assert_eq!((got, &out), (PASS, &pkt), "from: {what}");
         }
         assert_eq!(rc(&e.to, &syn(DB, 1, POD, 22)), PASS);
@@ -455,13 +442,13 @@ fn hairpin_under_ingress_and_egress_policy() {
     dp.apply_policy(&d).unwrap();
     let from = SchedClassifier::from_pin(dp.program_pin("from_container")).unwrap();
     let to = SchedClassifier::from_pin(dp.program_pin("to_container")).unwrap();
-    let (got, out) = run(&from, &syn(POD, 40000, VIP, 80));
+    let (got, out) = run_prog(&from, &syn(POD, 40000, VIP, 80));
     assert_eq!(got, 7, "redirected back to the pod");
     // What reaches the pod's interface: hairpin address -> pod:8080.
     assert_eq!(rc(&to, &out), PASS);
     // The pod's reply comes back through from_container (reverse-NATed and
     // bounced), then reaches the pod as VIP -> pod.
-    let (got, out) = run(
+    let (got, out) = run_prog(
         &from,
         &ack(POD, 8080, Ipv4Addr::new(169, 254, 42, 1), 40000),
     );
@@ -471,7 +458,7 @@ fn hairpin_under_ingress_and_egress_policy() {
     // Without the ingress rule the hairpin connection is refused at the pod.
     d.endpoints.get_mut(&EP_ID).unwrap().rules.pop();
     dp.apply_policy(&d).unwrap();
-    let (_, out) = run(&from, &syn(POD, 40001, VIP, 80));
+    let (_, out) = run_prog(&from, &syn(POD, 40001, VIP, 80));
     assert_eq!(rc(&to, &out), SHOT);
 }
 

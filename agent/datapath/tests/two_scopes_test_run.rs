@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 use aya::maps::{HashMap, Map, MapData};
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use aya::programs::SchedClassifier;
 use catena_common::endpoint::EndpointInfo;
 use catena_common::lb::{
     Service4Key, Service4Value, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_TWO_SCOPES,
@@ -63,19 +63,6 @@ fn prog(dp: &Datapath, name: &str) -> SchedClassifier {
     SchedClassifier::from_pin(dp.program_pin(name)).unwrap()
 }
 
-fn run(prog: &SchedClassifier, pkt: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; pkt.len() + 64];
-    let res = prog
-        .test_run(TestRunOptions {
-            data_in: Some(pkt),
-            data_out: Some(&mut out),
-            ..TestRunOptions::default()
-        })
-        .expect("BPF_PROG_TEST_RUN");
-    out.truncate(res.data_size_out as usize);
-    (res.return_value, out)
-}
-
 /// Backends new flows from `src` (ports from `first_port`) went to.
 fn destinations(
     prog: &SchedClassifier,
@@ -86,7 +73,7 @@ fn destinations(
     (0..flows)
         .map(|i| {
             let syn = Ipv4Packet::tcp(src, first_port + i, NODE, NODE_PORT).build();
-            let (rc, out) = run(prog, &syn);
+            let (rc, out) = run_prog(prog, &syn);
             assert_eq!(rc, PASS, "flow {i} from {src}");
             let got = parse_and_verify(&out, false);
             assert_eq!((got.src, got.dport), (src, 8080), "DNAT only");
@@ -180,7 +167,7 @@ fn external_clients_use_the_external_scope_pods_the_internal_one() {
     // reach the remote backend.
     dp.apply_services(&desired(Some(vec![]))).unwrap();
     let syn = Ipv4Packet::tcp(EXTERNAL_CLIENT, 41000, NODE, NODE_PORT).build();
-    let (rc, _) = run(&netdev, &syn);
+    let (rc, _) = run_prog(&netdev, &syn);
     assert_eq!(rc, REDIRECT, "answered with a RST");
     assert_eq!(dp.counters().unwrap()["reject_no_backend"], 1);
     let pods = destinations(&container, POD, 41000, 20);
@@ -201,7 +188,7 @@ fn external_clients_use_the_external_scope_pods_the_internal_one() {
     let mut picked_local = false;
     for i in 0..40 {
         let syn = Ipv4Packet::tcp(EXTERNAL_CLIENT, 42000 + i, NODE, NODE_PORT).build();
-        let (rc, out) = run(&netdev, &syn);
+        let (rc, out) = run_prog(&netdev, &syn);
         if rc == PASS && parse_and_verify(&out, false).dst == LOCAL {
             picked_local = true;
         }

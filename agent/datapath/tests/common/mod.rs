@@ -324,3 +324,19 @@ pub fn arp_request() -> Vec<u8> {
     p.resize(60, 0);
     p
 }
+
+/// Runs `prog` once on `pkt` (BPF_PROG_TEST_RUN): its verdict and the packet
+/// as it left (room for the growth a reply or ICMP error needs).
+pub fn run_prog(prog: &aya::programs::SchedClassifier, pkt: &[u8]) -> (u32, Vec<u8>) {
+    use aya::programs::TestRun;
+    let mut out = vec![0u8; pkt.len() + 128];
+    let res = prog
+        .test_run(aya::programs::TestRunOptions {
+            data_in: Some(pkt),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(res.data_size_out as usize);
+    (res.return_value, out)
+}
