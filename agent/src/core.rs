@@ -697,7 +697,7 @@ impl AgentCore {
             }
         }
         for d in &devices {
-            let addr = d.addresses[0];
+            let addr = d.snat4();
             if !programmed.contains(&(d.ifindex, addr)) {
                 let mode = inner
                     .datapath
@@ -706,12 +706,14 @@ impl AgentCore {
                 tracing::info!(device = %d.name, ifindex = d.ifindex, snat = %addr, mode = mode.as_str(), "external device attached");
             }
         }
+        crate::nodeport::devices::sync_ipv6(&mut inner.datapath, &devices)?;
         let ns = crate::compile::external::NorthSouth {
             enabled: true,
             node_addresses: crate::nodeport::devices::node_addresses(&devices),
+            node_addresses6: crate::nodeport::devices::node_addresses6(&devices),
         };
         if *inner.services.north_south() != ns {
-            tracing::info!(addresses = ?ns.node_addresses, "NodePort addresses changed");
+            tracing::info!(addresses = ?ns.node_addresses, addresses6 = ?ns.node_addresses6, "NodePort addresses changed");
             inner.services.set_north_south(ns);
             reconcile_services(inner)?;
         }
@@ -815,7 +817,8 @@ impl AgentCore {
             .chain(inner.datapath.services6().into_iter().map(|s| {
                 // IPv6 as `[addr]:port`, the usual socket-address form.
                 let sock = |a, p| std::net::SocketAddr::from((a, p)).to_string();
-                let known = service_of(&s.name).is_some();
+                let kind =
+                    crate::compile::external::frontend_kind6(service_of(&s.name), &s.frontend);
                 ServiceStatus {
                     name: s.name,
                     frontend: format!(
@@ -825,14 +828,12 @@ impl AgentCore {
                     ),
                     backends: s.backends.iter().map(|b| sock(b.address, b.port)).collect(),
                     rev_nat_index: s.rev_nat_index,
-                    // IPv6 frontends are ClusterIPs, and pick at random.
-                    kind: if known {
-                        "ClusterIP".into()
-                    } else {
-                        String::new()
-                    },
+                    kind: kind.to_string(),
+                    // IPv6 frontends pick at random.
                     algorithm: algorithm(false),
-                    external_backends: None,
+                    external_backends: s
+                        .external_backends
+                        .map(|b| b.iter().map(|b| sock(b.address, b.port)).collect()),
                 }
             }))
             .collect())
@@ -1242,7 +1243,7 @@ fn reconcile_policy(inner: &mut Inner, pending: &[Endpoint]) -> Result<BTreeMap<
         .collect();
     registered.extend(pending.iter().cloned());
     let current: BTreeMap<u32, u32> = registered.iter().map(|e| (e.id, e.identity)).collect();
-    let host_addrs = local_ipv4_addrs();
+    let host_addrs = local_addrs();
     let peers = crate::compile::policy::NodePeers::of(&inner.cluster, &inner.node_name);
     let inputs = PolicyInputs::capture(&inner.cluster, &registered, &host_addrs, &peers);
     if pending.is_empty()
@@ -1360,12 +1361,20 @@ fn reconcile_policy(inner: &mut Inner, pending: &[Endpoint]) -> Result<BTreeMap<
 
 /// IPv4 addresses of the agent's network namespace (the node's): the host
 /// identity. Loopback is left out, a pod never sees it as a source.
-fn local_ipv4_addrs() -> Vec<Ipv4Addr> {
+/// This node's addresses (the HOST identity), IPv4 and IPv6. IPv6 link-local
+/// ones included: the host reaches a pod over its veth from its fe80::
+/// address there (neighbour discovery's peer, and any link-local traffic).
+fn local_addrs() -> Vec<std::net::IpAddr> {
     let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
         return vec![];
     };
-    let mut out: Vec<Ipv4Addr> = addrs
-        .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
+    let mut out: Vec<std::net::IpAddr> = addrs
+        .filter_map(|a| {
+            let a = a.address?;
+            a.as_sockaddr_in()
+                .map(|s| std::net::IpAddr::V4(s.ip()))
+                .or_else(|| a.as_sockaddr_in6().map(|s| std::net::IpAddr::V6(s.ip())))
+        })
         .filter(|ip| !ip.is_loopback())
         .collect();
     out.sort();
@@ -1389,7 +1398,7 @@ struct PolicyInputs {
     /// Services and slices matter only to `toServices` rules.
     uses_services: bool,
     registered: Vec<Endpoint>,
-    host_addrs: Vec<Ipv4Addr>,
+    host_addrs: Vec<std::net::IpAddr>,
     /// Other nodes' and the API server's addresses (from Nodes and the
     /// `default/kubernetes` EndpointSlices).
     peers: crate::compile::policy::NodePeers,
@@ -1399,7 +1408,7 @@ impl PolicyInputs {
     fn capture(
         cluster: &Arc<ClusterState>,
         registered: &[Endpoint],
-        host_addrs: &[Ipv4Addr],
+        host_addrs: &[std::net::IpAddr],
         peers: &crate::compile::policy::NodePeers,
     ) -> Self {
         PolicyInputs {

@@ -1,6 +1,7 @@
 //! The node's external devices: `from_netdev` (ingress) and `to_netdev`
 //! (egress) attached per device, and the maps only north-south traffic
-//! reads (`DEVICES4`, `LOCAL_EP4`; `SNAT4` is written by the programs alone).
+//! reads (`DEVICES4`, `LOCAL_EP4`, and `DEVICES6` for IPv6; `SNAT4` and
+//! `SNAT6` are written by the programs alone).
 //!
 //! Attachment mirrors the host veths' (TCX links pinned so they outlive the
 //! agent, clsact where TCX is missing) but the pins are named
@@ -11,7 +12,7 @@
 use std::fs;
 use std::io;
 use std::mem::size_of;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 
@@ -22,7 +23,9 @@ use aya::programs::tc::{NlOptions, TcAttachOptions};
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::Ebpf;
 use catena_common::map_names;
-use catena_common::nodeport::{NodeDevice, Snat4Key, Snat4Value};
+use catena_common::nodeport::{
+    NodeDevice, NodeDevice6, Snat4Key, Snat4Value, Snat6Key, Snat6Value,
+};
 use catena_common::program_names;
 use tracing::{debug, info};
 
@@ -33,7 +36,7 @@ use crate::{netlink, sys, AttachMode};
 
 /// (name, type, key size, value size) of the maps this module owns, checked
 /// by the loader like every other map.
-pub(crate) fn expected_maps() -> [(&'static str, MapType, usize, usize); 3] {
+pub(crate) fn expected_maps() -> [(&'static str, MapType, usize, usize); 5] {
     [
         (
             map_names::DEVICES4,
@@ -52,6 +55,18 @@ pub(crate) fn expected_maps() -> [(&'static str, MapType, usize, usize); 3] {
             MapType::LruHash,
             size_of::<Snat4Key>(),
             size_of::<Snat4Value>(),
+        ),
+        (
+            map_names::DEVICES6,
+            MapType::Hash,
+            size_of::<u32>(),
+            size_of::<NodeDevice6>(),
+        ),
+        (
+            map_names::SNAT6,
+            MapType::LruHash,
+            size_of::<Snat6Key>(),
+            size_of::<Snat6Value>(),
         ),
     ]
 }
@@ -179,6 +194,56 @@ impl DeviceMaps {
                 Err(e) => return Err(e).context("iterating LOCAL_EP4"),
             }
         }
+        Ok(out)
+    }
+}
+
+/// `DEVICES6` as held by the loaded object. The map is not taken out of
+/// the `Ebpf` like the IPv4 ones: only these methods use it, so the
+/// datapath's fields stay as they are.
+fn devices6_map(ebpf: &mut Ebpf) -> anyhow::Result<HashMap<&mut MapData, u32, NodeDevice6>> {
+    let map = ebpf
+        .map_mut(map_names::DEVICES6)
+        .context("the eBPF object has no map DEVICES6")?;
+    HashMap::try_from(map).context("map DEVICES6 has an unexpected type")
+}
+
+impl crate::Datapath {
+    /// Records (or, with `None`, forgets) the IPv6 address flows SNATed
+    /// out of external device `ifindex` leave with (`DEVICES6`). The
+    /// device's hooks are attached by [`crate::Datapath::attach_device`],
+    /// which both address families share.
+    pub fn set_device6(&mut self, ifindex: u32, ipv6: Option<Ipv6Addr>) -> anyhow::Result<()> {
+        let mut map = devices6_map(&mut self.ebpf)?;
+        match ipv6 {
+            Some(addr) => {
+                let value = NodeDevice6 {
+                    ipv6: crate::lb6::addr_to_map(addr),
+                    flags: 0,
+                };
+                map.insert(ifindex, value, 0)
+                    .with_context(|| format!("writing DEVICES6[{ifindex}]"))
+            }
+            None => match map.remove(&ifindex) {
+                Ok(()) => Ok(()),
+                Err(e) if not_found(&e) => Ok(()),
+                Err(e) => Err(e).with_context(|| format!("deleting DEVICES6[{ifindex}]")),
+            },
+        }
+    }
+
+    /// External devices with an IPv6 SNAT address (ifindex, address), sorted.
+    pub fn devices6(&mut self) -> anyhow::Result<Vec<(u32, Ipv6Addr)>> {
+        let map = devices6_map(&mut self.ebpf)?;
+        let mut out = Vec::new();
+        for item in map.iter() {
+            match item {
+                Ok((ifindex, dev)) => out.push((ifindex, crate::lb6::addr_from_map(dev.ipv6))),
+                Err(e) if not_found(&e) => {}
+                Err(e) => return Err(e).context("iterating DEVICES6"),
+            }
+        }
+        out.sort();
         Ok(out)
     }
 }

@@ -10,10 +10,10 @@ use crate::policy::Direction;
 use crate::Datapath;
 use anyhow::Context;
 use aya::maps::{Map, MapData, RingBuf};
-use catena_common::events::{Event, Reason, EVENT_DROP, EVENT_POLICY_VERDICT};
+use catena_common::events::{Event, Event6, Reason, EVENT_DROP, EVENT_POLICY_VERDICT};
 use catena_common::map_names;
 use catena_common::policy::DIR_EGRESS;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
@@ -42,8 +42,9 @@ pub struct DatapathEvent {
     /// looked it up (policy decisions); 0 where not known.
     pub src_identity: u32,
     pub dst_identity: u32,
-    pub saddr: Ipv4Addr,
-    pub daddr: Ipv4Addr,
+    /// IPv4 or IPv6 (`0.0.0.0` where the packet's tuple is not known).
+    pub saddr: IpAddr,
+    pub daddr: IpAddr,
     /// For a service flow's egress decision: the backend (after DNAT).
     /// ICMP echo: the identifier (sport of a request, dport of a reply).
     pub sport: u16,
@@ -64,6 +65,19 @@ fn decode(bytes: &[u8]) -> Option<DatapathEvent> {
     }
     // SAFETY: length checked; Event is plain data, read unaligned.
     let ev: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let (saddr, daddr) = if ev.ipv6 != 0 {
+        if bytes.len() < std::mem::size_of::<Event6>() {
+            return None;
+        }
+        // SAFETY: as above, for the longer IPv6 record.
+        let ev6: Event6 = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        (IpAddr::V6(addr6(ev6.saddr6)), IpAddr::V6(addr6(ev6.daddr6)))
+    } else {
+        (
+            IpAddr::V4(Ipv4Addr::from(ev.saddr.to_ne_bytes())),
+            IpAddr::V4(Ipv4Addr::from(ev.daddr.to_ne_bytes())),
+        )
+    };
     let kind = match ev.kind {
         EVENT_DROP => EventKind::Drop,
         EVENT_POLICY_VERDICT => EventKind::PolicyVerdict,
@@ -84,13 +98,22 @@ fn decode(bytes: &[u8]) -> Option<DatapathEvent> {
         endpoint_id: ev.endpoint_id,
         src_identity: ev.src_identity,
         dst_identity: ev.dst_identity,
-        saddr: Ipv4Addr::from(ev.saddr.to_ne_bytes()),
-        daddr: Ipv4Addr::from(ev.daddr.to_ne_bytes()),
+        saddr,
+        daddr,
         sport: u16::from_be(ev.sport),
         dport: u16::from_be(ev.dport),
         proto: ev.proto,
         rule_ref: ev.rule_ref,
     })
+}
+
+/// An address as the programs hold it: four words in network order.
+fn addr6(words: [u32; 4]) -> Ipv6Addr {
+    let mut o = [0u8; 16];
+    for (i, w) in words.iter().enumerate() {
+        o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    Ipv6Addr::from(o)
 }
 
 impl EventReader {

@@ -13,6 +13,7 @@ pub mod events;
 mod lb;
 mod lb6;
 mod lb_common;
+mod lb_state;
 mod loader;
 /// Maglev lookup tables; `populate` is public for tests and benchmarks.
 pub mod maglev;
@@ -180,6 +181,8 @@ impl Datapath {
             policy::PolicyMaps {
                 ipcache: LpmTrie::try_from(take_map(&mut ebpf, map_names::IPCACHE)?)
                     .context("map IPCACHE has an unexpected type")?,
+                ipcache6: LpmTrie::try_from(take_map(&mut ebpf, map_names::IPCACHE6)?)
+                    .context("map IPCACHE6 has an unexpected type")?,
                 policy: LpmTrie::try_from(take_map(&mut ebpf, map_names::POLICY)?)
                     .context("map POLICY has an unexpected type")?,
                 endpoints: Array::try_from(take_map(&mut ebpf, map_names::POLICY_EP)?)

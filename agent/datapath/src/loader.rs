@@ -21,7 +21,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ca
 
 /// Every tc classifier loaded and pinned: the two attached to host veths, the
 /// two attached to external devices, and `noop`, the baseline for per-packet cost measurements (never attached).
-const TC_PROGRAMS: [&str; 8] = [
+const TC_PROGRAMS: [&str; 14] = [
     program_names::FROM_CONTAINER,
     program_names::TO_CONTAINER,
     program_names::FROM_NETDEV,
@@ -30,13 +30,28 @@ const TC_PROGRAMS: [&str; 8] = [
     program_names::FROM_CONTAINER6,
     program_names::TO_CONTAINER6,
     program_names::REFUSE6,
+    program_names::POLICY6_EGRESS,
+    program_names::POLICY6_INGRESS,
+    program_names::FROM_NETDEV6,
+    program_names::TO_NETDEV6,
+    program_names::FROM_NETDEV6_LB,
+    program_names::FROM_NETDEV6_SNAT,
 ];
 
 /// The IPv6 service programs and their `TAIL_CALLS6` slots.
-const TAIL_CALLS6: [(&str, u32); 3] = [
+const TAIL_CALLS6: [(&str, u32); 9] = [
     (program_names::FROM_CONTAINER6, tail_calls::FROM_CONTAINER6),
     (program_names::TO_CONTAINER6, tail_calls::TO_CONTAINER6),
     (program_names::REFUSE6, tail_calls::REFUSE6),
+    (program_names::POLICY6_EGRESS, tail_calls::POLICY6_EGRESS),
+    (program_names::POLICY6_INGRESS, tail_calls::POLICY6_INGRESS),
+    (program_names::FROM_NETDEV6, tail_calls::FROM_NETDEV6),
+    (program_names::TO_NETDEV6, tail_calls::TO_NETDEV6),
+    (program_names::FROM_NETDEV6_LB, tail_calls::FROM_NETDEV6_LB),
+    (
+        program_names::FROM_NETDEV6_SNAT,
+        tail_calls::FROM_NETDEV6_SNAT,
+    ),
 ];
 
 /// The cgroup sock_addr programs (socket-level load balancing).
@@ -187,7 +202,7 @@ fn expected_maps() -> [(&'static str, MapType, usize, usize); 14] {
 }
 
 /// The IPv6 service and conntrack maps, checked like [`expected_maps`].
-fn expected_maps6() -> [(&'static str, MapType, usize, usize); 7] {
+fn expected_maps6() -> [(&'static str, MapType, usize, usize); 9] {
     [
         (
             map_names::TAIL_CALLS6,
@@ -230,6 +245,18 @@ fn expected_maps6() -> [(&'static str, MapType, usize, usize); 7] {
             MapType::LruHash,
             size_of::<lb6::Affinity6Key>(),
             size_of::<lb6::Affinity6Value>(),
+        ),
+        (
+            map_names::LB_SOCK_AFFINITY,
+            MapType::LruHash,
+            size_of::<catena_common::lb::SockAffinityKey>(),
+            size_of::<catena_common::lb::Affinity4Value>(),
+        ),
+        (
+            map_names::IPCACHE6,
+            MapType::LpmTrie,
+            size_of::<aya::maps::lpm_trie::Key<policy::Ipcache6Key>>(),
+            size_of::<policy::IpcacheValue>(),
         ),
     ]
 }

@@ -8,7 +8,9 @@
 //!   smallest `rule_ref` naming it;
 //! - `POLICY_EP[endpoint_id]` carries the enforcement flags (and whether deny
 //!   entries exist, so the programs skip the deny lookups otherwise);
-//! - the ipcache prefixes are normalised (host bits cleared).
+//! - the ipcache prefixes are normalised (host bits cleared); IPv4 ones go
+//!   to `IPCACHE`, IPv6 ones to `IPCACHE6` (the rules are shared: they name
+//!   identities, never addresses).
 //!
 //! `apply_policy` diffs against a mirror rebuilt from the pinned maps at open,
 //! so a restarted agent writes only what changed. Endpoint ids are reused by
@@ -21,13 +23,13 @@ use anyhow::{bail, Context};
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, MapData};
 use catena_common::policy::{
-    IpcacheValue, PolicyKey, PolicyValue, DIR_EGRESS, DIR_INGRESS, KIND_ALLOW, KIND_DENY,
-    POLICY_EP_EGRESS, POLICY_EP_EGRESS_DENY, POLICY_EP_INGRESS, POLICY_EP_INGRESS_DENY,
+    Ipcache6Key, IpcacheValue, PolicyKey, PolicyValue, DIR_EGRESS, DIR_INGRESS, KIND_ALLOW,
+    KIND_DENY, POLICY_EP_EGRESS, POLICY_EP_EGRESS_DENY, POLICY_EP_INGRESS, POLICY_EP_INGRESS_DENY,
     POLICY_EP_MAX, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, POLICY_PREFIX_PROTO,
 };
-use catena_common::{IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
+use catena_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsFd;
 use std::path::Path;
 use tracing::debug;
@@ -42,8 +44,8 @@ pub enum Direction {
     Egress,
 }
 
-/// An inclusive port range; `{0, 0}` means any port. For ICMP (proto 1) the
-/// "port" is the ICMP type.
+/// An inclusive port range; `{0, 0}` means any port. For ICMP (proto 1) and
+/// ICMPv6 (proto 58) the "port" is the type.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub struct PortRange {
     pub start: u16,
@@ -95,9 +97,10 @@ pub struct EndpointPolicy {
 /// Everything the policy maps should hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PolicyDesired {
-    /// Prefix (address, length) -> identity. Longest prefix wins; an address
-    /// matching nothing is `identity::WORLD`.
-    pub ipcache: BTreeMap<(Ipv4Addr, u8), u32>,
+    /// Prefix (address, length) -> identity, IPv4 and IPv6. Longest prefix
+    /// of the address's family wins; an address matching nothing is
+    /// `identity::WORLD`.
+    pub ipcache: BTreeMap<(IpAddr, u8), u32>,
     /// Endpoint id -> its policy. An endpoint id absent here allows all.
     pub endpoints: BTreeMap<u32, EndpointPolicy>,
 }
@@ -129,7 +132,7 @@ impl Datapath {
     }
 
     /// The ipcache as programmed.
-    pub fn ipcache(&self) -> anyhow::Result<BTreeMap<(Ipv4Addr, u8), u32>> {
+    pub fn ipcache(&self) -> anyhow::Result<BTreeMap<(IpAddr, u8), u32>> {
         self.policy.read_ipcache()
     }
 }
@@ -139,6 +142,7 @@ type EntryKey = (PolicyKey, u32);
 
 pub(crate) struct PolicyMaps {
     pub ipcache: LpmTrie<MapData, u32, IpcacheValue>,
+    pub ipcache6: LpmTrie<MapData, Ipcache6Key, IpcacheValue>,
     pub policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
     pub endpoints: Array<MapData, u32>,
 }
@@ -149,7 +153,7 @@ pub(crate) struct Policy {
     entries: BTreeMap<EntryKey, PolicyValue>,
     /// Endpoint id -> non-zero flags.
     flags: BTreeMap<u32, u32>,
-    ipcache: BTreeMap<(Ipv4Addr, u8), u32>,
+    ipcache: BTreeMap<(IpAddr, u8), u32>,
 }
 
 fn dir_code(d: Direction) -> u8 {
@@ -183,7 +187,7 @@ pub(crate) fn port_prefixes(start: u16, end: u16) -> Vec<(u16, u32)> {
 fn has_ports(proto: u8) -> bool {
     matches!(
         proto,
-        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP | IPPROTO_ICMP
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP | IPPROTO_ICMP | IPPROTO_ICMPV6
     )
 }
 
@@ -218,7 +222,7 @@ fn rule_entries(endpoint_id: u32, rule: &PolicyRule) -> anyhow::Result<Vec<Entry
     if rule.ports.start > rule.ports.end {
         bail!("endpoint {endpoint_id}: rule {rule:?}: port range start > end");
     }
-    if rule.proto == IPPROTO_ICMP && rule.ports.end > u8::MAX as u16 {
+    if matches!(rule.proto, IPPROTO_ICMP | IPPROTO_ICMPV6) && rule.ports.end > u8::MAX as u16 {
         bail!("endpoint {endpoint_id}: rule {rule:?}: ICMP types are 0..=255");
     }
     Ok(port_prefixes(rule.ports.start, rule.ports.end)
@@ -277,7 +281,7 @@ fn deny_flags<'a>(endpoint_id: u32, keys: impl Iterator<Item = &'a EntryKey>) ->
 type Compiled = (
     BTreeMap<EntryKey, PolicyValue>,
     BTreeMap<u32, u32>,
-    BTreeMap<(Ipv4Addr, u8), u32>,
+    BTreeMap<(IpAddr, u8), u32>,
 );
 
 fn compile(desired: &PolicyDesired) -> anyhow::Result<Compiled> {
@@ -308,8 +312,9 @@ fn compile(desired: &PolicyDesired) -> anyhow::Result<Compiled> {
     }
     let mut ipcache = BTreeMap::new();
     for (&(addr, len), &identity) in &desired.ipcache {
-        if len > 32 {
-            bail!("ipcache prefix {addr}/{len}: length above 32");
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        if len > max {
+            bail!("ipcache prefix {addr}/{len}: length above {max}");
         }
         let key = (mask(addr, len), len);
         if let Some(old) = ipcache.insert(key, identity) {
@@ -324,18 +329,53 @@ fn compile(desired: &PolicyDesired) -> anyhow::Result<Compiled> {
     Ok((entries, flags, ipcache))
 }
 
-fn mask(addr: Ipv4Addr, len: u8) -> Ipv4Addr {
-    let bits = u32::from(addr);
-    let m = if len == 0 {
-        0
-    } else {
-        u32::MAX << (32 - len as u32)
-    };
-    Ipv4Addr::from(bits & m)
+/// `addr` with the bits beyond `len` cleared (`len` within the family).
+fn mask(addr: IpAddr, len: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let m = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            IpAddr::V4(Ipv4Addr::from(u32::from(a) & m))
+        }
+        IpAddr::V6(a) => {
+            let m = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from(u128::from(a) & m))
+        }
+    }
 }
 
 fn ipcache_key(addr: Ipv4Addr, len: u8) -> Key<u32> {
     Key::new(len as u32, u32::from_ne_bytes(addr.octets()))
+}
+
+/// The address as the programs hold it: four words in network order.
+fn ipcache6_key(addr: Ipv6Addr, len: u8) -> Key<Ipcache6Key> {
+    let o = addr.octets();
+    let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+    Key::new(len as u32, [word(0), word(4), word(8), word(12)])
+}
+
+fn ipcache6_addr(words: Ipcache6Key) -> Ipv6Addr {
+    let mut o = [0u8; 16];
+    for (i, w) in words.iter().enumerate() {
+        o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    Ipv6Addr::from(o)
+}
+
+/// Both ipcache maps' contents.
+fn read_ipcaches(maps: &PolicyMaps) -> anyhow::Result<BTreeMap<(IpAddr, u8), u32>> {
+    let mut out = BTreeMap::new();
+    for item in maps.ipcache.iter() {
+        let (k, v) = item.context("reading IPCACHE")?;
+        let addr = Ipv4Addr::from(k.data().to_ne_bytes());
+        out.insert((IpAddr::V4(addr), k.prefix_len() as u8), v.identity);
+    }
+    for item in maps.ipcache6.iter() {
+        let (k, v) = item.context("reading IPCACHE6")?;
+        let addr = ipcache6_addr(k.data());
+        out.insert((IpAddr::V6(addr), k.prefix_len() as u8), v.identity);
+    }
+    Ok(out)
 }
 
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
@@ -362,12 +402,7 @@ impl Policy {
             .into_iter()
             .filter(|(_, f)| *f != 0)
             .collect();
-        let mut ipcache = BTreeMap::new();
-        for item in maps.ipcache.iter() {
-            let (k, v) = item.context("reading IPCACHE")?;
-            let addr = Ipv4Addr::from(k.data().to_ne_bytes());
-            ipcache.insert((addr, k.prefix_len() as u8), v.identity);
-        }
+        let ipcache = read_ipcaches(&maps)?;
         debug!(
             entries = entries.len(),
             endpoints = flags.len(),
@@ -419,10 +454,11 @@ impl Policy {
         for (&(addr, len), &identity) in &ipcache {
             if self.ipcache.get(&(addr, len)) != Some(&identity) {
                 let v = IpcacheValue { identity, flags: 0 };
-                self.maps
-                    .ipcache
-                    .insert(&ipcache_key(addr, len), v, 0)
-                    .with_context(|| format!("writing IPCACHE {addr}/{len}"))?;
+                match addr {
+                    IpAddr::V4(a) => self.maps.ipcache.insert(&ipcache_key(a, len), v, 0),
+                    IpAddr::V6(a) => self.maps.ipcache6.insert(&ipcache6_key(a, len), v, 0),
+                }
+                .with_context(|| format!("writing the ipcache entry {addr}/{len}"))?;
                 self.ipcache.insert((addr, len), identity);
                 stats.ipcache_written += 1;
             }
@@ -456,15 +492,18 @@ impl Policy {
             stats.entries_removed += 1;
         }
         // 5. Prefixes no longer wanted.
-        let stale: Vec<(Ipv4Addr, u8)> = self
+        let stale: Vec<(IpAddr, u8)> = self
             .ipcache
             .keys()
             .filter(|k| !ipcache.contains_key(k))
             .copied()
             .collect();
         for (addr, len) in stale {
-            ignore_missing(self.maps.ipcache.remove(&ipcache_key(addr, len)))
-                .with_context(|| format!("deleting IPCACHE {addr}/{len}"))?;
+            ignore_missing(match addr {
+                IpAddr::V4(a) => self.maps.ipcache.remove(&ipcache_key(a, len)),
+                IpAddr::V6(a) => self.maps.ipcache6.remove(&ipcache6_key(a, len)),
+            })
+            .with_context(|| format!("deleting the ipcache entry {addr}/{len}"))?;
             self.ipcache.remove(&(addr, len));
             stats.ipcache_removed += 1;
         }
@@ -518,14 +557,8 @@ impl Policy {
         }))
     }
 
-    pub fn read_ipcache(&self) -> anyhow::Result<BTreeMap<(Ipv4Addr, u8), u32>> {
-        let mut out = BTreeMap::new();
-        for item in self.maps.ipcache.iter() {
-            let (k, v) = item.context("reading IPCACHE")?;
-            let addr = Ipv4Addr::from(k.data().to_ne_bytes());
-            out.insert((addr, k.prefix_len() as u8), v.identity);
-        }
-        Ok(out)
+    pub fn read_ipcache(&self) -> anyhow::Result<BTreeMap<(IpAddr, u8), u32>> {
+        read_ipcaches(&self.maps)
     }
 }
 

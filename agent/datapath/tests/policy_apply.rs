@@ -4,7 +4,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use catena_datapath::policy::{
     Direction, EndpointPolicy, PolicyDesired, PolicyRule, PolicyStats, PortRange,
@@ -49,9 +49,9 @@ fn desired() -> PolicyDesired {
     };
     PolicyDesired {
         ipcache: [
-            ((Ipv4Addr::new(10, 0, 0, 0), 24), 300),
-            ((Ipv4Addr::new(10, 0, 0, 7), 32), 400),
-            ((Ipv4Addr::new(0, 0, 0, 0), 0), 2),
+            ((Ipv4Addr::new(10, 0, 0, 0).into(), 24), 300),
+            ((Ipv4Addr::new(10, 0, 0, 7).into(), 32), 400),
+            ((Ipv4Addr::new(0, 0, 0, 0).into(), 0), 2),
         ]
         .into_iter()
         .collect(),
@@ -103,7 +103,8 @@ fn apply_is_diff_based_idempotent_and_survives_reopen() {
     // Endpoint 1 gone, an ipcache prefix changed: its entries and flags go.
     let mut d3 = d2.clone();
     d3.endpoints.remove(&1);
-    d3.ipcache.insert((Ipv4Addr::new(10, 0, 0, 7), 32), 401);
+    d3.ipcache
+        .insert((Ipv4Addr::new(10, 0, 0, 7).into(), 32), 401);
     let s = dp.apply_policy(&d3).unwrap();
     assert_eq!(
         s,
@@ -129,18 +130,61 @@ fn ipcache_prefixes_are_normalised_and_conflicts_refused() {
     let dir = BpffsDir::new();
     let mut dp = Datapath::open(dir.path()).unwrap();
     let mut d = PolicyDesired::default();
-    d.ipcache.insert((Ipv4Addr::new(10, 1, 2, 3), 16), 500);
+    d.ipcache
+        .insert((Ipv4Addr::new(10, 1, 2, 3).into(), 16), 500);
     dp.apply_policy(&d).unwrap();
-    let want: BTreeMap<_, _> = [((Ipv4Addr::new(10, 1, 0, 0), 16), 500)].into();
+    let want: BTreeMap<_, _> = [((Ipv4Addr::new(10, 1, 0, 0).into(), 16), 500)].into();
     assert_eq!(dp.ipcache().unwrap(), want);
     assert_eq!(dp.apply_policy(&d).unwrap(), PolicyStats::default());
-    d.ipcache.insert((Ipv4Addr::new(10, 1, 9, 9), 16), 501);
+    d.ipcache
+        .insert((Ipv4Addr::new(10, 1, 9, 9).into(), 16), 501);
     assert!(dp.apply_policy(&d).is_err());
     d.ipcache.clear();
-    d.ipcache.insert((Ipv4Addr::new(10, 1, 9, 9), 33), 501);
+    d.ipcache
+        .insert((Ipv4Addr::new(10, 1, 9, 9).into(), 33), 501);
     assert!(dp.apply_policy(&d).is_err());
     // A refused desired state changes nothing.
     assert_eq!(dp.ipcache().unwrap(), want);
+}
+
+/// IPv6 prefixes go to `IPCACHE6`, normalised, and read back (a restarted
+/// agent's mirror) next to the IPv4 ones; ::/0 is a prefix like any other.
+#[test]
+fn ipv6_prefixes_share_the_ipcache_contract() {
+    let dir = BpffsDir::new();
+    let mut dp = Datapath::open(dir.path()).unwrap();
+    let v6 = |s: &str| -> IpAddr { s.parse().unwrap() };
+    let mut d = PolicyDesired::default();
+    d.ipcache
+        .insert((v6("fd00:10:244:6::1234"), 64), 16_777_216);
+    d.ipcache.insert((v6("fd00:10:244:6::7"), 128), 300);
+    d.ipcache.insert((v6("::"), 0), 16_777_217);
+    d.ipcache
+        .insert((Ipv4Addr::new(10, 0, 0, 7).into(), 32), 300);
+    let s = dp.apply_policy(&d).unwrap();
+    assert_eq!((s.ipcache_written, s.ipcache_removed), (4, 0));
+    let want: BTreeMap<_, _> = [
+        ((Ipv4Addr::new(10, 0, 0, 7).into(), 32), 300),
+        ((v6("fd00:10:244:6::"), 64), 16_777_216),
+        ((v6("fd00:10:244:6::7"), 128), 300),
+        ((v6("::"), 0), 16_777_217),
+    ]
+    .into();
+    assert_eq!(dp.ipcache().unwrap(), want);
+    drop(dp);
+    // Reopened: the mirror is rebuilt from both pinned maps, nothing to write.
+    let mut dp = Datapath::open(dir.path()).unwrap();
+    assert_eq!(dp.ipcache().unwrap(), want);
+    assert_eq!(dp.apply_policy(&d).unwrap(), PolicyStats::default());
+    d.ipcache.insert((v6("fd00::1"), 129), 1);
+    assert!(
+        dp.apply_policy(&d).is_err(),
+        "an IPv6 prefix above 128 bits"
+    );
+    d.ipcache.clear();
+    let s = dp.apply_policy(&d).unwrap();
+    assert_eq!(s.ipcache_removed, 4);
+    assert!(dp.ipcache().unwrap().is_empty());
 }
 
 #[test]

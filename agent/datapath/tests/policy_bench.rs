@@ -81,8 +81,8 @@ fn per_packet_cost() {
 
     // 10k /32s over 1k identities, 1k allow entries (one per identity, port
     // 5000 + i % 7) plus one deny.
-    let ipcache: BTreeMap<(Ipv4Addr, u8), u32> = (0..10_000)
-        .map(|i| ((host(i), 32), 1000 + i % 1000))
+    let ipcache: BTreeMap<(std::net::IpAddr, u8), u32> = (0..10_000)
+        .map(|i| ((host(i).into(), 32), 1000 + i % 1000))
         .collect();
     let mut rules: Vec<PolicyRule> = (0..1000)
         .map(|i| PolicyRule {

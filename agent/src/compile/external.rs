@@ -18,14 +18,26 @@
 //! equal policies the frontend has one scope. All of this is compiled only
 //! when catena replaces kube-proxy; otherwise kube-proxy owns these
 //! addresses.
+//!
+//! Both address families get the same frontends: IPv4 NodePorts on the
+//! devices' IPv4 addresses with the Service's IPv4 backends, IPv6 NodePorts
+//! on their IPv6 addresses with its IPv6 backends (EndpointSlices of
+//! `addressType: IPv6`, or the selected pods' IPv6 addresses), and each
+//! externalIP / LoadBalancer IP in its own family. As kube-proxy does,
+//! NodePorts of a family are opened only for a Service of that family
+//! (`ipFamilies`, else the families of its ClusterIPs); an externalIP or
+//! LB IP is used whatever the Service's families say, and simply has no
+//! backends when the Service has none of its family.
 
-use super::services::{backends_from_pods, backends_from_slices, parse_proto, PodEndpoint};
+use super::services::{
+    backends_from_pods, backends_from_slices, parse_proto, Family, PodEndpoint, ServiceFrontends,
+};
 use super::traffic_policy::{internal_local, NodeLocality};
 use crate::sources::ObjectKey;
 use crate::sources::SliceInfo;
-use catena_datapath::{Frontend, LbService};
-use k8s_openapi::api::core::v1::{Service, ServiceSpec};
-use std::net::Ipv4Addr;
+use catena_datapath::{Frontend, Frontend6, LbService, Proto};
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// What the external frontends depend on besides the Service.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -34,6 +46,8 @@ pub struct NorthSouth {
     pub enabled: bool,
     /// IPv4 addresses of the external devices: the NodePort frontends.
     pub node_addresses: Vec<Ipv4Addr>,
+    /// IPv6 addresses of the external devices: the IPv6 NodePort frontends.
+    pub node_addresses6: Vec<Ipv6Addr>,
 }
 
 /// Whether external traffic to the Service only goes to local endpoints.
@@ -59,19 +73,23 @@ impl ExternalKind {
     }
 }
 
-/// How `frontend` of `svc` is reached from outside, or `None` for its
+/// How IPv4 `frontend` of `svc` is reached from outside, or `None` for its
 /// ClusterIP (or a frontend it does not have).
 pub fn kind_of(svc: &Service, frontend: &Frontend) -> Option<ExternalKind> {
+    kind_of_family(svc, frontend)
+}
+
+fn kind_of_family<A: Family>(svc: &Service, frontend: &Frontend<A>) -> Option<ExternalKind> {
     let spec = svc.spec.as_ref()?;
     for port in spec.ports.iter().flatten() {
         if parse_proto(port.protocol.as_deref()) != Some(frontend.proto) {
             continue;
         }
         if port.port == i32::from(frontend.port) {
-            if ipv4s(spec.external_ips.iter().flatten()).any(|a| a == frontend.address) {
+            if addresses::<A>(spec.external_ips.iter().flatten()).any(|a| a == frontend.address) {
                 return Some(ExternalKind::ExternalIp);
             }
-            if lb_ingress_ips(svc).any(|a| a == frontend.address) {
+            if lb_ingress_ips::<A>(svc).any(|a| a == frontend.address) {
                 return Some(ExternalKind::LoadBalancer);
             }
         }
@@ -85,30 +103,65 @@ pub fn kind_of(svc: &Service, frontend: &Frontend) -> Option<ExternalKind> {
 /// The kind `catena service list` shows for an IPv4 frontend of `svc`:
 /// its external kind, else `ClusterIP`; empty when the Service is unknown.
 pub fn frontend_kind(svc: Option<&Service>, frontend: &Frontend) -> &'static str {
+    kind_name(svc, frontend)
+}
+
+/// [`frontend_kind`] for an IPv6 frontend.
+pub fn frontend_kind6(svc: Option<&Service>, frontend: &Frontend6) -> &'static str {
+    kind_name(svc, frontend)
+}
+
+fn kind_name<A: Family>(svc: Option<&Service>, frontend: &Frontend<A>) -> &'static str {
     match svc {
         None => "",
-        Some(svc) => kind_of(svc, frontend).map_or("ClusterIP", ExternalKind::as_str),
+        Some(svc) => kind_of_family(svc, frontend).map_or("ClusterIP", ExternalKind::as_str),
     }
 }
 
-fn ipv4s<'a>(ips: impl Iterator<Item = &'a String> + 'a) -> impl Iterator<Item = Ipv4Addr> + 'a {
-    ips.filter_map(|ip| ip.parse().ok())
+/// The addresses of family `A` among `ips` (others and garbage skipped).
+fn addresses<'a, A: Family + 'a>(
+    ips: impl Iterator<Item = &'a String> + 'a,
+) -> impl Iterator<Item = A> + 'a {
+    ips.filter_map(|ip| A::of_ip(ip.parse().ok()?))
 }
 
-fn lb_ingress_ips(svc: &Service) -> impl Iterator<Item = Ipv4Addr> + '_ {
+fn lb_ingress_ips<A: Family>(svc: &Service) -> impl Iterator<Item = A> + '_ {
     svc.status
         .iter()
         .flat_map(|s| s.load_balancer.iter())
         .flat_map(|lb| lb.ingress.iter().flatten())
-        .filter_map(|i| i.ip.as_deref()?.parse().ok())
+        .filter_map(|i| A::of_ip(i.ip.as_deref()?.parse().ok()?))
+}
+
+/// Whether the Service is of family `A`: listed in `ipFamilies` (whose
+/// names, `IPv4` / `IPv6`, are the EndpointSlice address types), or,
+/// without that field (older manifests), one of its ClusterIPs is. A
+/// headless Service without either is taken as IPv4, the API server's
+/// default family.
+fn has_family<A: Family>(spec: &ServiceSpec) -> bool {
+    if let Some(families) = spec.ip_families.as_ref().filter(|f| !f.is_empty()) {
+        return families.iter().any(|f| f == A::SLICE_ADDRESS_TYPE);
+    }
+    let cluster_ips: Vec<&String> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .chain(spec.cluster_ip.iter())
+        .filter(|ip| ip.as_str() != "None")
+        .collect();
+    if cluster_ips.is_empty() {
+        return A::SLICE_ADDRESS_TYPE == "IPv4";
+    }
+    addresses::<A>(cluster_ips.into_iter()).next().is_some()
 }
 
 fn has_node_ports(spec: &ServiceSpec) -> bool {
     matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"))
 }
 
-/// The Service's external frontends (empty when north-south is disabled).
-/// `pods` must be the endpoint controller's pods when `slices` is `None`.
+/// The Service's external frontends of both families (empty when
+/// north-south is disabled). `pods` must be the endpoint controller's pods
+/// when `slices` is `None`.
 pub fn external_frontends(
     key: &ObjectKey,
     svc: &Service,
@@ -117,90 +170,136 @@ pub fn external_frontends(
     locality: &NodeLocality,
     ns: &NorthSouth,
     warnings: &mut Vec<String>,
-) -> Vec<(Frontend, LbService)> {
-    let mut out = Vec::new();
+) -> ServiceFrontends {
+    let mut out = ServiceFrontends::default();
     let Some(spec) = svc.spec.as_ref().filter(|_| ns.enabled) else {
         return out;
     };
     if spec.type_.as_deref() == Some("ExternalName") {
         return out;
     }
-    let external_ips: Vec<Ipv4Addr> = ipv4s(spec.external_ips.iter().flatten()).collect();
-    let lb_ips: Vec<Ipv4Addr> = if spec.type_.as_deref() == Some("LoadBalancer") {
-        lb_ingress_ips(svc).collect()
-    } else {
-        Vec::new()
+    let inputs = Inputs {
+        key,
+        svc,
+        spec,
+        slices,
+        pods,
+        locality,
     };
-    let node_ports = has_node_ports(spec);
-    if external_ips.is_empty() && lb_ips.is_empty() && !node_ports {
-        return out;
-    }
-    let selector = spec.selector.clone().unwrap_or_default();
-    let (int_local, ext_local) = (internal_local(spec), external_local(spec));
-    // The ClusterIP compile reports bad protocols and ports already.
+    out.v4 = inputs.frontends(&ns.node_addresses, warnings);
+    // The nodePort range warning is the same for both families: once.
     let mut ignored = Vec::new();
-    let affinity_timeout = super::services::session_affinity(key, spec, &mut ignored);
-    for port in spec.ports.as_deref().unwrap_or_default() {
-        let Some(proto) = parse_proto(port.protocol.as_deref()) else {
-            continue;
+    out.v6 = inputs.frontends(&ns.node_addresses6, &mut ignored);
+    out
+}
+
+/// What one Service's external frontends are computed from.
+struct Inputs<'a> {
+    key: &'a ObjectKey,
+    svc: &'a Service,
+    spec: &'a ServiceSpec,
+    slices: Option<&'a [&'a SliceInfo]>,
+    pods: &'a [PodEndpoint],
+    locality: &'a NodeLocality,
+}
+
+impl Inputs<'_> {
+    /// The external frontends of family `A`: externalIPs and LoadBalancer
+    /// IPs of that family on each Service port, and NodePorts on
+    /// `node_addresses` if the Service is of that family.
+    fn frontends<A: Family>(
+        &self,
+        node_addresses: &[A],
+        warnings: &mut Vec<String>,
+    ) -> Vec<(Frontend<A>, LbService<A>)> {
+        let (key, spec) = (self.key, self.spec);
+        let mut out = Vec::new();
+        let external_ips: Vec<A> = addresses::<A>(spec.external_ips.iter().flatten()).collect();
+        let lb_ips: Vec<A> = if spec.type_.as_deref() == Some("LoadBalancer") {
+            lb_ingress_ips::<A>(self.svc).collect()
+        } else {
+            Vec::new()
         };
-        let Ok(svc_port) = u16::try_from(port.port) else {
-            continue;
-        };
-        let mut backends_of = |local: bool| {
-            let local_only = local.then_some(locality);
-            match slices {
-                Some(slices) => backends_from_slices(slices, port, proto, local_only),
-                None if !selector.is_empty() => backends_from_pods(
-                    &key.namespace,
-                    &selector,
-                    port,
-                    pods,
-                    local_only,
-                    &mut ignored,
-                ),
-                None => Vec::new(),
-            }
-        };
-        let backends = backends_of(int_local);
-        let external_backends = (int_local != ext_local).then(|| backends_of(ext_local));
-        let service = LbService {
-            name: key.to_string(),
-            backends,
-            affinity_timeout,
-            external_backends,
-        };
-        let mut add = |address: Ipv4Addr, port: u16| {
-            out.push((
-                Frontend {
-                    address,
-                    port,
-                    proto,
-                },
-                service.clone(),
-            ));
-        };
-        for ip in external_ips.iter().chain(&lb_ips) {
-            add(*ip, svc_port);
+        let node_ports = has_node_ports(spec) && has_family::<A>(spec);
+        if external_ips.is_empty() && lb_ips.is_empty() && !node_ports {
+            return out;
         }
-        if node_ports {
-            match port.node_port.map(u16::try_from) {
-                Some(Ok(node_port)) if node_port != 0 => {
-                    for addr in &ns.node_addresses {
-                        add(*addr, node_port);
-                    }
-                }
-                Some(_) => warnings.push(format!(
-                    "service {key}: nodePort {:?} of port {} is out of range",
-                    port.node_port, port.port
-                )),
-                // Not allocated (yet): a manifest without nodePort, or
-                // allocateLoadBalancerNodePorts: false.
-                None => {}
+        let (int_local, ext_local) = (internal_local(spec), external_local(spec));
+        // The ClusterIP compile reports bad protocols, ports and affinity.
+        let mut ignored = Vec::new();
+        let affinity_timeout = super::services::session_affinity(key, spec, &mut ignored);
+        for port in spec.ports.as_deref().unwrap_or_default() {
+            let Some(proto) = parse_proto(port.protocol.as_deref()) else {
+                continue;
+            };
+            let Ok(svc_port) = u16::try_from(port.port) else {
+                continue;
+            };
+            let backends = self.backends::<A>(port, proto, int_local, &mut ignored);
+            let external_backends = (int_local != ext_local)
+                .then(|| self.backends::<A>(port, proto, ext_local, &mut ignored));
+            let service = LbService {
+                name: key.to_string(),
+                backends,
+                affinity_timeout,
+                external_backends,
+            };
+            let mut add = |address: A, port: u16| {
+                out.push((
+                    Frontend {
+                        address,
+                        port,
+                        proto,
+                    },
+                    service.clone(),
+                ));
+            };
+            for ip in external_ips.iter().chain(&lb_ips) {
+                add(*ip, svc_port);
             }
+            if node_ports {
+                match port.node_port.map(u16::try_from) {
+                    Some(Ok(node_port)) if node_port != 0 => {
+                        for addr in node_addresses {
+                            add(*addr, node_port);
+                        }
+                    }
+                    Some(_) => warnings.push(format!(
+                        "service {key}: nodePort {:?} of port {} is out of range",
+                        port.node_port, port.port
+                    )),
+                    // Not allocated (yet): a manifest without nodePort, or
+                    // allocateLoadBalancerNodePorts: false.
+                    None => {}
+                }
+            }
+        }
+        out
+    }
+
+    /// The port's backends of family `A`; with `local`, this node's only.
+    fn backends<A: Family>(
+        &self,
+        port: &ServicePort,
+        proto: Proto,
+        local: bool,
+        ignored: &mut Vec<String>,
+    ) -> Vec<catena_datapath::BackendAddr<A>> {
+        let local_only = local.then_some(self.locality);
+        let selector = self.spec.selector.clone().unwrap_or_default();
+        match self.slices {
+            Some(slices) => backends_from_slices(slices, port, proto, local_only),
+            None if !selector.is_empty() => backends_from_pods(
+                &self.key.namespace,
+                &selector,
+                port,
+                self.pods,
+                local_only,
+                ignored,
+            ),
+            None => Vec::new(),
         }
     }
-    out
 }
 
 /// A Service's health-check node port: what load balancers probe to find
@@ -223,6 +322,7 @@ mod tests {
     use std::path::Path;
 
     const NODE_IP: &str = "192.168.1.1";
+    const NODE_IP6: &str = "fd00:77::1";
 
     /// A NodePort Service with the given traffic policies and two
     /// endpoints, on nodes n1 and n2.
@@ -261,6 +361,7 @@ endpoints:
             north_south: NorthSouth {
                 enabled: true,
                 node_addresses: vec![NODE_IP.parse().unwrap()],
+                node_addresses6: vec![NODE_IP6.parse().unwrap()],
             },
             ..Default::default()
         };
@@ -322,5 +423,111 @@ endpoints:
         // external ones reach every endpoint.
         let (np, _) = scopes(&compile(&state("Cluster", "Local"), "n1"));
         assert_eq!(np, (vec![be("10.0.0.1")], Some(all)));
+    }
+
+    /// Parses `yaml` into a cluster state.
+    fn cluster(yaml: &str) -> ClusterState {
+        let mut s = ClusterState::default();
+        for o in parse(Path::new("t.yaml"), yaml).unwrap().objects {
+            s.insert(o);
+        }
+        s
+    }
+
+    fn fe6(ip: &str, port: u16) -> catena_datapath::Frontend6 {
+        Frontend {
+            address: ip.parse().unwrap(),
+            port,
+            proto: Proto::Tcp,
+        }
+    }
+
+    fn be6(ip: &str) -> catena_datapath::BackendAddr6 {
+        BackendAddr {
+            address: ip.parse().unwrap(),
+            port: 8080,
+        }
+    }
+
+    #[test]
+    fn dual_stack_service_gets_ipv6_nodeports_with_ipv6_backends_and_scopes() {
+        let s = cluster(
+            r#"apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  type: LoadBalancer
+  clusterIPs: [10.96.0.30, "fd00:96::30"]
+  ipFamilies: [IPv4, IPv6]
+  externalTrafficPolicy: Local
+  externalIPs: ["fd00:203::10", 203.0.113.10]
+  ports: [{name: http, port: 80, nodePort: 30080}]
+status: {loadBalancer: {ingress: [{ip: "fd00:203::20"}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-6, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: ["fd00:10::1"], nodeName: n1}
+- {addresses: ["fd00:10::2"], nodeName: n2}
+"#,
+        );
+        let d = compile(&s, "n1");
+        let all = vec![be6("fd00:10::1"), be6("fd00:10::2")];
+        // NodePort on the node's IPv6 address, externalIP and LB IP on the
+        // Service port: every endpoint in-cluster, n1's alone externally.
+        for f in [
+            fe6(NODE_IP6, 30080),
+            fe6("fd00:203::10", 80),
+            fe6("fd00:203::20", 80),
+        ] {
+            let svc = &d.services6[&f];
+            assert_eq!(svc.backends, all, "{f:?}");
+            assert_eq!(
+                svc.external_backends,
+                Some(vec![be6("fd00:10::1")]),
+                "{f:?}"
+            );
+        }
+        // The ClusterIP has one scope; the IPv4 frontends have no IPv4
+        // endpoints here (no IPv4 slice) but exist.
+        assert_eq!(d.services6[&fe6("fd00:96::30", 80)].external_backends, None);
+        assert!(d.services.contains_key(&fe(NODE_IP, 30080)));
+        assert!(d.services.contains_key(&fe("203.0.113.10", 80)));
+        assert_eq!(d.services6.len(), 4, "{:?}", d.services6.keys());
+        let svc = s.services.values().next().unwrap();
+        assert_eq!(
+            frontend_kind6(Some(svc), &fe6("fd00:203::20", 80)),
+            "LoadBalancer"
+        );
+        assert_eq!(frontend_kind6(Some(svc), &fe6(NODE_IP6, 30080)), "NodePort");
+        assert_eq!(
+            frontend_kind6(Some(svc), &fe6("fd00:96::30", 80)),
+            "ClusterIP"
+        );
+    }
+
+    #[test]
+    fn nodeports_follow_the_service_families() {
+        // IPv4 only (by ipFamilies, and by ClusterIP without them): no
+        // IPv6 NodePort; an IPv6 externalIP is still served.
+        for families in ["  ipFamilies: [IPv4]\n", ""] {
+            let s = cluster(&format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.30\n{families}  externalIPs: [\"fd00:203::10\"]\n  ports: [{{name: http, port: 80, nodePort: 30080}}]\n"
+            ));
+            let d = compile(&s, "n1");
+            assert!(d.services.contains_key(&fe(NODE_IP, 30080)));
+            let v6: Vec<_> = d.services6.keys().copied().collect();
+            assert_eq!(v6, vec![fe6("fd00:203::10", 80)], "{families:?}");
+        }
+        // IPv6 only: no IPv4 NodePort.
+        let s = cluster(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  type: NodePort\n  clusterIP: \"fd00:96::30\"\n  ipFamilies: [IPv6]\n  ports: [{name: http, port: 80, nodePort: 30080}]\n",
+        );
+        let d = compile(&s, "n1");
+        assert!(d.services.is_empty(), "{:?}", d.services.keys());
+        assert!(d.services6.contains_key(&fe6(NODE_IP6, 30080)));
     }
 }

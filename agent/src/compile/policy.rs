@@ -17,14 +17,15 @@ use catena_common::identity as id;
 use catena_datapath::policy::{EndpointPolicy, PolicyDesired, PolicyRule, PortRange};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::rc::Rc;
 
 /// A pod the compiler knows: where it is, who it is, what it exposes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PolicyPod {
     pub key: ObjectKey,
-    pub ipv4: Vec<Ipv4Addr>,
+    /// IPv4 and IPv6 addresses.
+    pub ips: Vec<IpAddr>,
     pub identity: u32,
     /// The identity's label set (see `model::identity::pod_identity_labels`).
     pub labels: BTreeMap<String, String>,
@@ -66,12 +67,12 @@ pub struct PolicyReport {
 pub struct PolicyInput<'a> {
     pub cluster: &'a ClusterState,
     pub pods: &'a [PolicyPod],
-    /// Addresses of this node (HOST).
-    pub host_addrs: &'a [Ipv4Addr],
+    /// Addresses of this node (HOST), IPv4 and IPv6.
+    pub host_addrs: &'a [IpAddr],
     /// Addresses of the other nodes (REMOTE_NODE).
-    pub remote_node_addrs: &'a [Ipv4Addr],
+    pub remote_node_addrs: &'a [IpAddr],
     /// Addresses of the API server (KUBE_APISERVER), see [`NodePeers`].
-    pub apiserver_addrs: &'a [Ipv4Addr],
+    pub apiserver_addrs: &'a [IpAddr],
     /// The previous compile's CIDR identities, kept stable while in use.
     pub prev_cidr_ids: &'a BTreeMap<Prefix, u32>,
     /// The previous compile's rule refs, kept stable while in use.
@@ -89,40 +90,32 @@ pub struct PolicyOutput {
 /// The addresses behind the `remote-node` and `kube-apiserver` entities.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodePeers {
-    /// IPv4 addresses of every Node but this one.
-    pub remote_nodes: Vec<Ipv4Addr>,
-    /// IPv4 endpoints of the `default/kubernetes` Service (Cilium's
+    /// IPv4 and IPv6 addresses of every Node but this one.
+    pub remote_nodes: Vec<IpAddr>,
+    /// Endpoints of the `default/kubernetes` Service (Cilium's
     /// kube-apiserver entity). An address that is also a node's keeps the
     /// kube-apiserver identity; the `host`/`remote-node` entities include it
     /// then (see `entity_ids`).
-    pub apiserver: Vec<Ipv4Addr>,
+    pub apiserver: Vec<IpAddr>,
 }
 
 impl NodePeers {
     pub fn of(cluster: &ClusterState, own_node: &str) -> NodePeers {
-        let v4 = |a: std::net::IpAddr| match a {
-            std::net::IpAddr::V4(a) => Some(a),
-            std::net::IpAddr::V6(_) => None,
-        };
-        let mut remote_nodes: Vec<Ipv4Addr> = cluster
+        let mut remote_nodes: Vec<IpAddr> = cluster
             .nodes
             .values()
             .filter(|n| n.name != own_node)
-            .flat_map(|n| n.addresses.iter().copied().filter_map(v4))
+            .flat_map(|n| n.addresses.iter().copied())
             .collect();
         remote_nodes.sort_unstable();
         remote_nodes.dedup();
-        let mut apiserver: Vec<Ipv4Addr> = cluster
+        let mut apiserver: Vec<IpAddr> = cluster
             .endpoint_slices
             .iter()
             .filter(|(k, s)| {
                 k.namespace == "default" && s.service_name.as_deref() == Some("kubernetes")
             })
-            .flat_map(|(_, s)| {
-                s.endpoints
-                    .iter()
-                    .flat_map(|e| e.addresses().filter_map(v4))
-            })
+            .flat_map(|(_, s)| s.endpoints.iter().flat_map(|e| e.addresses()))
             .collect();
         apiserver.sort_unstable();
         apiserver.dedup();
@@ -165,9 +158,9 @@ struct Universe<'a> {
     labelled: BTreeMap<u32, IdentityLabels>,
     pod_ids: BTreeSet<u32>,
     cidr_ids: &'a BTreeMap<Prefix, u32>,
-    /// /32 address -> identity for pods and nodes (how a Service backend
+    /// Single address -> identity for pods and nodes (how a Service backend
     /// address is resolved).
-    addr_ids: BTreeMap<Ipv4Addr, u32>,
+    addr_ids: BTreeMap<IpAddr, u32>,
     /// Peers already resolved in this compile, by the address of the rule
     /// entry's peer list (the parsed policies outlive the compile). A rule
     /// that selects many endpoints is resolved once, not once per endpoint:
@@ -248,9 +241,9 @@ pub fn compile_policy(input: &PolicyInput) -> PolicyOutput {
     let policies = parse_policies(input.cluster);
     let mut out = PolicyOutput::default();
 
-    // Addresses of pods and nodes: their /32 beats any CIDR (upstream: CIDR
-    // rules never select cluster-managed addresses).
-    let mut addr_ids: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
+    // Addresses of pods and nodes: their /32 (/128) beats any CIDR
+    // (upstream: CIDR rules never select cluster-managed addresses).
+    let mut addr_ids: BTreeMap<IpAddr, u32> = BTreeMap::new();
     for a in input.remote_node_addrs {
         addr_ids.insert(*a, id::REMOTE_NODE);
     }
@@ -261,7 +254,7 @@ pub fn compile_policy(input: &PolicyInput) -> PolicyOutput {
         addr_ids.insert(*a, id::KUBE_APISERVER);
     }
     for p in input.pods {
-        for a in &p.ipv4 {
+        for a in &p.ips {
             addr_ids.insert(*a, p.identity);
         }
     }
@@ -291,8 +284,15 @@ pub fn compile_policy(input: &PolicyInput) -> PolicyOutput {
             }
         }
     }
-    // 0.0.0.0/0 is the world itself (the ipcache miss).
-    prefixes.retain(|p| p.len > 0);
+    // 0.0.0.0/0 is the world itself (the IPv4 ipcache miss). An IPv6 miss
+    // is WORLD too, so once a policy names a /0, ::/0 gets a CIDR identity
+    // of its own: 0.0.0.0/0 then selects no IPv6 address and ::/0 no IPv4
+    // one (the families never cover each other), while the `world` entity
+    // still spans both (it includes every CIDR identity).
+    if prefixes.iter().any(|p| p.len == 0) {
+        prefixes.insert(Prefix::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), 0));
+    }
+    prefixes.retain(|p| p.len > 0 || p.addr.is_ipv6());
     out.cidr_ids = allocate_cidr_ids(&prefixes, input.prev_cidr_ids);
 
     let ipcache = &mut out.desired.ipcache;
@@ -300,7 +300,7 @@ pub fn compile_policy(input: &PolicyInput) -> PolicyOutput {
         ipcache.insert((p.addr, p.len), *cid);
     }
     for (a, ident) in &addr_ids {
-        ipcache.insert((*a, 32), *ident);
+        ipcache.insert((*a, Prefix::max_len(*a)), *ident);
     }
 
     let mut labelled: BTreeMap<u32, IdentityLabels> = RESERVED
@@ -622,7 +622,9 @@ fn resolve_peers(input: &PolicyInput, uni: &Universe, peers: &[Peer]) -> Peers {
             Peer::Entity(e) => set.extend(entity_ids(uni, *e)),
             Peer::Endpoints(sel) => set.extend(uni.select(sel).iter().copied()),
             Peer::Cidr { cidr, except } => {
-                if cidr.len == 0 {
+                if cidr.len == 0 && cidr.addr.is_ipv4() {
+                    // The IPv4 ipcache miss (IPv6 misses cannot happen while
+                    // a /0 is in use: ::/0 has its own identity then).
                     set.insert(id::WORLD);
                 }
                 set.extend(
@@ -681,7 +683,7 @@ fn entity_ids(uni: &Universe, e: Entity) -> Vec<u32> {
 
 /// Backend addresses of the Services a `toServices` entry names: its
 /// EndpointSlices' addresses, or (no slices) the pods its selector picks.
-fn service_backends(input: &PolicyInput, sel: &ServiceSelector) -> BTreeSet<Ipv4Addr> {
+fn service_backends(input: &PolicyInput, sel: &ServiceSelector) -> BTreeSet<IpAddr> {
     let cluster = input.cluster;
     let services: Vec<&ObjectKey> = cluster
         .services
@@ -709,16 +711,13 @@ fn service_backends(input: &PolicyInput, sel: &ServiceSelector) -> BTreeSet<Ipv4
         for (skey, slice) in &cluster.endpoint_slices {
             if skey.namespace != key.namespace
                 || slice.service_name.as_deref() != Some(key.name.as_str())
-                || &*slice.address_type != "IPv4"
+                || !matches!(&*slice.address_type, "IPv4" | "IPv6")
             {
                 continue;
             }
             from_slices = true;
             for ep in slice.endpoints.iter() {
-                out.extend(ep.addresses().filter_map(|a| match a {
-                    std::net::IpAddr::V4(a) => Some(a),
-                    std::net::IpAddr::V6(_) => None,
-                }));
+                out.extend(ep.addresses());
             }
         }
         if from_slices {
@@ -737,7 +736,7 @@ fn service_backends(input: &PolicyInput, sel: &ServiceSelector) -> BTreeSet<Ipv4
             if p.key.namespace == key.namespace
                 && selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
             {
-                out.extend(p.ipv4.iter().copied());
+                out.extend(p.ips.iter().copied());
             }
         }
     }
@@ -752,7 +751,7 @@ fn service_backends(input: &PolicyInput, sel: &ServiceSelector) -> BTreeSet<Ipv4
 /// addresses may already belong to someone else.
 pub fn known_pods(cluster: &ClusterState, registered: &[catena_api::Endpoint]) -> Vec<PolicyPod> {
     struct Acc<'a> {
-        ipv4: BTreeSet<Ipv4Addr>,
+        ips: BTreeSet<IpAddr>,
         labels: BTreeMap<String, String>,
         pod: Option<&'a PodInfo>,
         endpoint_id: Option<u32>,
@@ -762,14 +761,10 @@ pub fn known_pods(cluster: &ClusterState, registered: &[catena_api::Endpoint]) -
         if pod.finished() {
             continue;
         }
-        let ips = pod.ips.iter().filter_map(|ip| match ip {
-            std::net::IpAddr::V4(a) => Some(*a),
-            std::net::IpAddr::V6(_) => None,
-        });
         by_key.insert(
             key.clone(),
             Acc {
-                ipv4: ips.collect(),
+                ips: pod.ips.iter().copied().collect(),
                 labels: BTreeMap::new(),
                 pod: Some(pod.as_ref()),
                 endpoint_id: None,
@@ -779,23 +774,23 @@ pub fn known_pods(cluster: &ClusterState, registered: &[catena_api::Endpoint]) -
     for ep in registered {
         let key = endpoint_pod_key(ep);
         let acc = by_key.entry(key).or_insert_with(|| Acc {
-            ipv4: BTreeSet::new(),
+            ips: BTreeSet::new(),
             labels: BTreeMap::new(),
             pod: None,
             endpoint_id: None,
         });
         acc.labels = ep.spec.labels.clone();
         acc.endpoint_id = Some(ep.id);
-        acc.ipv4.extend(
+        acc.ips.extend(
             ep.spec
                 .ips
                 .iter()
-                .filter_map(|c| c.split('/').next()?.parse::<Ipv4Addr>().ok()),
+                .filter_map(|c| c.split('/').next()?.parse::<IpAddr>().ok()),
         );
     }
     by_key
         .into_iter()
-        .filter(|(_, a)| !a.ipv4.is_empty() || a.endpoint_id.is_some())
+        .filter(|(_, a)| !a.ips.is_empty() || a.endpoint_id.is_some())
         .map(|(key, a)| {
             let mut labels = a.labels;
             if let Some(p) = a.pod {
@@ -818,7 +813,7 @@ pub fn known_pods(cluster: &ClusterState, registered: &[catena_api::Endpoint]) -
                     sa,
                 ),
                 key,
-                ipv4: a.ipv4.into_iter().collect(),
+                ips: a.ips.into_iter().collect(),
                 identity: 0,
                 named_ports: a.pod.map(named_ports).unwrap_or_default(),
                 endpoint_id: a.endpoint_id,
@@ -875,7 +870,7 @@ mod tests {
     struct Lab {
         cluster: ClusterState,
         pods: Vec<PolicyPod>,
-        host: Vec<Ipv4Addr>,
+        host: Vec<IpAddr>,
     }
 
     impl Lab {
@@ -896,7 +891,8 @@ mod tests {
             }
         }
 
-        /// A pod on this node (endpoint id = its index + 1).
+        /// A pod on this node (endpoint id = its index + 1); `ip` may list
+        /// several addresses, comma-separated (dual stack).
         fn pod(
             &mut self,
             ns: &str,
@@ -924,7 +920,7 @@ mod tests {
             let n = self.pods.len() as u32 + 1;
             self.pods.push(PolicyPod {
                 key: ObjectKey::new(ns, name),
-                ipv4: vec![ip.parse().unwrap()],
+                ips: ip.split(',').map(|a| a.parse().unwrap()).collect(),
                 identity,
                 labels,
                 named_ports: vec![],
@@ -1022,7 +1018,7 @@ mod tests {
 
     /// The identity the ipcache gives `addr` (longest prefix, else WORLD).
     fn lookup(out: &PolicyOutput, addr: &str) -> u32 {
-        let a: Ipv4Addr = addr.parse().unwrap();
+        let a: IpAddr = addr.parse().unwrap();
         out.desired
             .ipcache
             .iter()
@@ -1308,6 +1304,121 @@ mod tests {
         let out = lab.compile();
         assert!(verdict(&out, 1, Egress, lookup(&out, "8.8.8.8"), UDP, 53));
         assert!(!verdict(&out, 1, Egress, lookup(&out, "1.2.3.4"), UDP, 53));
+    }
+
+    #[test]
+    fn ipv6_cidrs_pods_nodes_and_world() {
+        let mut lab = Lab::new();
+        lab.host.push("fd00:10:244:1::1".parse().unwrap());
+        lab.cluster
+            .insert(Object::Node(Arc::new(crate::sources::NodeInfo {
+                name: "other6".into(),
+                addresses: vec!["fd00:192:168::2".parse().unwrap()],
+                resource_version: None,
+            })));
+        lab.pod(
+            "default",
+            "a",
+            "10.244.1.10,fd00:10:244:1::10",
+            &[("app", "a")],
+        );
+        lab.pod(
+            "default",
+            "b",
+            "10.244.1.11,fd00:10:244:1::11",
+            &[("app", "b")],
+        );
+        lab.cnp("CiliumNetworkPolicy", json!({"metadata": meta("c", "default"), "spec": {
+            "endpointSelector": {"matchLabels": {"app": "a"}},
+            "egress": [
+                {"toCIDRSet": [{"cidr": "fd00:100::/32", "except": ["fd00:100:1::/48"]}]},
+                {"toCIDR": ["2001:db8::/64"], "toPorts": [{"ports": [{"port": "443", "protocol": "TCP"}]}]},
+                {"toEndpoints": [{"matchLabels": {"app": "b"}}]},
+                {"toEntities": ["remote-node"]},
+                {"icmps": [{"fields": [{"family": "IPv6", "type": "EchoRequest"}]}]}
+            ]
+        }}));
+        let out = lab.compile();
+        let a = lab.ep_of("a");
+        let v = |addr: &str, port: u16| verdict(&out, a, Egress, lookup(&out, addr), TCP, port);
+        assert!(v("fd00:100:9::1", 80));
+        assert!(!v("fd00:100:1::1", 80), "except");
+        assert!(v("2001:db8::5", 443));
+        assert!(!v("2001:db8::5", 80));
+        assert!(!v("2001:db9::1", 80), "world");
+        assert_eq!(lookup(&out, "fd00:10:244:1::11"), lab.id_of("b"));
+        assert!(v("fd00:10:244:1::11", 80), "a pod by its IPv6 address");
+        assert!(v("10.244.1.11", 80), "and by its IPv4 one");
+        assert!(!v("fd00:10:244:1::12", 80), "an address no pod has");
+        assert_eq!(lookup(&out, "fd00:10:244:1::1"), id::HOST);
+        assert_eq!(lookup(&out, "fd00:192:168::2"), id::REMOTE_NODE);
+        assert!(v("fd00:192:168::2", 80), "remote-node over IPv6");
+        assert!(!v("10.0.0.1", 80), "an IPv6 CIDR selects no IPv4 address");
+        let icmp6 = |t: u16| verdict(&out, a, Egress, id::WORLD, 58, t);
+        assert!(icmp6(128), "ICMPv6 echo request allowed to any peer");
+        assert!(!icmp6(129));
+        assert!(
+            !verdict(&out, a, Egress, id::WORLD, 1, 8),
+            "ICMPv6 is not ICMP"
+        );
+        assert_eq!(
+            out.desired.ipcache[&("fd00:100::".parse().unwrap(), 32)],
+            out.cidr_ids[&Prefix::parse("fd00:100::/32").unwrap()]
+        );
+        assert!(out.cidr_ids.values().all(|i| *i >= id::FIRST_CIDR));
+
+        // A /0 of one family selects nothing of the other; `world` is both.
+        for (peer, v4_world, v6_world) in [
+            (json!({"ipBlock": {"cidr": "0.0.0.0/0"}}), true, false),
+            (
+                json!({"ipBlock": {"cidr": "::/0", "except": ["2001:db8:bad::/48"]}}),
+                false,
+                true,
+            ),
+        ] {
+            let mut lab = Lab::new();
+            lab.pod(
+                "default",
+                "b",
+                "10.244.1.11,fd00:10:244:1::11",
+                &[("app", "b")],
+            );
+            lab.knp(json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": meta("n", "default"),
+                "spec": {"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [{"from": [peer]}]}}));
+            let out = lab.compile();
+            let b = lab.ep_of("b");
+            let v = |addr: &str| verdict(&out, b, Ingress, lookup(&out, addr), TCP, 80);
+            assert_eq!(v("8.8.8.8"), v4_world, "{peer}: IPv4 world");
+            assert_eq!(v("2001:db8::1"), v6_world, "{peer}: IPv6 world");
+            if v6_world {
+                assert!(!v("2001:db8:bad::1"), "except inside ::/0");
+            }
+            assert!(out
+                .desired
+                .ipcache
+                .contains_key(&("::".parse().unwrap(), 0)));
+        }
+        let mut lab = Lab::new();
+        lab.pod(
+            "default",
+            "b",
+            "10.244.1.11,fd00:10:244:1::11",
+            &[("app", "b")],
+        );
+        lab.cnp("CiliumNetworkPolicy", json!({"metadata": meta("w", "default"), "spec": {
+            "endpointSelector": {}, "ingress": [
+                {"fromEntities": ["world"]},
+                {"fromCIDR": ["0.0.0.0/0"], "toPorts": [{"ports": [{"port": "1", "protocol": "TCP"}]}]}
+            ]
+        }}));
+        let out = lab.compile();
+        let b = lab.ep_of("b");
+        let v = |addr: &str| verdict(&out, b, Ingress, lookup(&out, addr), TCP, 80);
+        assert!(
+            v("8.8.8.8") && v("2001:db8::1"),
+            "world spans both families"
+        );
     }
 
     #[test]

@@ -112,7 +112,7 @@ pub fn compile_services_with(
             compile_service(key, svc, slices.as_deref(), pods, &locality);
         let mut entries = frontends.v4;
         out.desired.services6.extend(frontends.v6);
-        entries.extend(super::external::external_frontends(
+        let external = super::external::external_frontends(
             key,
             svc,
             slices.as_deref(),
@@ -120,7 +120,9 @@ pub fn compile_services_with(
             &locality,
             &options.north_south,
             &mut warnings,
-        ));
+        );
+        entries.extend(external.v4);
+        out.desired.services6.extend(external.v6);
         if service_algorithm(key, svc, options.lb_algorithm, &mut warnings) == LbAlgorithm::Maglev {
             out.desired.maglev.extend(entries.iter().map(|(f, _)| *f));
         }
@@ -179,36 +181,11 @@ pub fn compile_service(
             local_only,
             port,
             proto,
+            svc_port,
+            affinity_timeout,
         };
-        let name = key.to_string();
-        for (address, backends) in inputs.frontends(&ipv4, &mut warnings) {
-            let fe = Frontend {
-                address,
-                port: svc_port,
-                proto,
-            };
-            let svc = LbService {
-                name: name.clone(),
-                backends,
-                affinity_timeout,
-                external_backends: None,
-            };
-            out.v4.push((fe, svc));
-        }
-        for (address, backends) in inputs.frontends(&ipv6, &mut warnings) {
-            let fe = Frontend6 {
-                address,
-                port: svc_port,
-                proto,
-            };
-            let svc = LbService6 {
-                name: name.clone(),
-                backends,
-                affinity_timeout,
-                external_backends: None,
-            };
-            out.v6.push((fe, svc));
-        }
+        out.v4.extend(inputs.frontends(&ipv4, &mut warnings));
+        out.v6.extend(inputs.frontends(&ipv6, &mut warnings));
     }
     (out, warnings)
 }
@@ -222,16 +199,20 @@ struct PortInputs<'a> {
     local_only: Option<&'a NodeLocality>,
     port: &'a ServicePort,
     proto: Proto,
+    /// `port.port`, checked to fit.
+    svc_port: u16,
+    affinity_timeout: Option<u32>,
 }
 
 impl PortInputs<'_> {
-    /// Each ClusterIP of family `A` with the port's backends of that family
-    /// (computed once, only if the Service has such a ClusterIP).
+    /// The port's frontend on each ClusterIP of family `A`, with the port's
+    /// backends of that family (computed once, only if the Service has such
+    /// a ClusterIP).
     fn frontends<A: Family>(
         &self,
         cluster_ips: &[A],
         warnings: &mut Vec<String>,
-    ) -> Vec<(A, Vec<BackendAddr<A>>)> {
+    ) -> Vec<(Frontend<A>, LbService<A>)> {
         if cluster_ips.is_empty() {
             return Vec::new();
         }
@@ -247,7 +228,24 @@ impl PortInputs<'_> {
             ),
             None => Vec::new(),
         };
-        cluster_ips.iter().map(|a| (*a, backends.clone())).collect()
+        let name = self.key.to_string();
+        cluster_ips
+            .iter()
+            .map(|address| {
+                let fe = Frontend {
+                    address: *address,
+                    port: self.svc_port,
+                    proto: self.proto,
+                };
+                let svc = LbService {
+                    name: name.clone(),
+                    backends: backends.clone(),
+                    affinity_timeout: self.affinity_timeout,
+                    external_backends: None,
+                };
+                (fe, svc)
+            })
+            .collect()
     }
 }
 
@@ -401,7 +399,8 @@ impl ServiceCompiler {
                     let (frontends, mut warnings) =
                         compile_service(&key, svc, slices.as_deref(), pods, locality);
                     let mut entries = frontends.v4;
-                    entries.extend(super::external::external_frontends(
+                    let mut entries6 = frontends.v6;
+                    let external = super::external::external_frontends(
                         &key,
                         svc,
                         slices.as_deref(),
@@ -409,51 +408,44 @@ impl ServiceCompiler {
                         locality,
                         &self.options.north_south,
                         &mut warnings,
-                    ));
+                    );
+                    entries.extend(external.v4);
+                    entries6.extend(external.v6);
                     maglev = service_algorithm(&key, svc, self.options.lb_algorithm, &mut warnings)
                         == LbAlgorithm::Maglev;
-                    (entries, frontends.v6, warnings)
+                    (entries, entries6, warnings)
                 }
                 None => (Vec::new(), Vec::new(), Vec::new()),
             };
             changes.recompiled += 1;
-            let old: Vec<Frontend> = self.frontends.remove(&key).unwrap_or_default();
-            let before: Vec<(Frontend, LbService)> = old
-                .iter()
-                .filter_map(|f| self.desired.services.remove(f).map(|s| (*f, s)))
-                .collect();
+            let (old, differs) = replace_frontends(
+                &mut self.frontends,
+                &mut self.desired.services,
+                &key,
+                entries,
+            );
             let mut was_maglev = false;
             for f in &old {
                 was_maglev |= self.desired.maglev.remove(f);
             }
-            if before != entries || (was_maglev != maglev && !entries.is_empty()) {
+            let new: &[Frontend] = self.frontends.get(&key).map_or(&[], Vec::as_slice);
+            if differs || (was_maglev != maglev && !new.is_empty()) {
                 changes.changed = true;
                 changes.frontends.extend(old.iter().copied());
-                changes.frontends.extend(entries.iter().map(|(f, _)| *f));
+                changes.frontends.extend(new.iter().copied());
             }
             if maglev {
-                self.desired.maglev.extend(entries.iter().map(|(f, _)| *f));
+                self.desired.maglev.extend(new.iter().copied());
             }
-            if !entries.is_empty() {
-                self.frontends
-                    .insert(key.clone(), entries.iter().map(|(f, _)| *f).collect());
-            }
-            self.desired.services.extend(entries);
             // IPv6 frontends: replaced the same way. The datapath finds the
             // changed ones itself, so only `changed` needs to say so.
-            let old6 = self.frontends6.remove(&key).unwrap_or_default();
-            let before6: Vec<(Frontend6, LbService6)> = old6
-                .iter()
-                .filter_map(|f| self.desired.services6.remove(f).map(|s| (*f, s)))
-                .collect();
-            if before6 != entries6 {
-                changes.changed = true;
-            }
-            if !entries6.is_empty() {
-                self.frontends6
-                    .insert(key.clone(), entries6.iter().map(|(f, _)| *f).collect());
-            }
-            self.desired.services6.extend(entries6);
+            let (_, differs6) = replace_frontends(
+                &mut self.frontends6,
+                &mut self.desired.services6,
+                &key,
+                entries6,
+            );
+            changes.changed |= differs6;
             if warnings.is_empty() {
                 self.warnings.remove(&key);
             } else {
@@ -463,6 +455,31 @@ impl ServiceCompiler {
         }
         changes
     }
+}
+
+/// Replaces Service `key`'s frontends of one family in `services` (listed
+/// in `owned`) by `entries`. Returns its previous frontends and whether
+/// anything differs.
+fn replace_frontends<A: Copy + Ord>(
+    owned: &mut HashMap<ObjectKey, Vec<Frontend<A>>>,
+    services: &mut BTreeMap<Frontend<A>, LbService<A>>,
+    key: &ObjectKey,
+    entries: Vec<(Frontend<A>, LbService<A>)>,
+) -> (Vec<Frontend<A>>, bool)
+where
+    LbService<A>: PartialEq,
+{
+    let old = owned.remove(key).unwrap_or_default();
+    let before: Vec<(Frontend<A>, LbService<A>)> = old
+        .iter()
+        .filter_map(|f| services.remove(f).map(|s| (*f, s)))
+        .collect();
+    let differs = before != entries;
+    if !entries.is_empty() {
+        owned.insert(key.clone(), entries.iter().map(|(f, _)| *f).collect());
+    }
+    services.extend(entries);
+    (old, differs)
 }
 
 /// The Service an EndpointSlice belongs to (`kubernetes.io/service-name`).

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 pub use catena_datapath::policy::Direction;
 
@@ -38,6 +38,7 @@ pub const IP_TCP: u8 = 6;
 pub const IP_UDP: u8 = 17;
 pub const IP_SCTP: u8 = 132;
 pub const IP_ICMP: u8 = 1;
+pub const IP_ICMPV6: u8 = 58;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum PolicyKind {
@@ -77,55 +78,78 @@ impl PolicyState {
     }
 }
 
-/// An IPv4 prefix, normalised (host bits cleared).
+/// An IPv4 or IPv6 prefix, normalised (host bits cleared). IPv4 prefixes
+/// sort before IPv6 ones; a prefix never covers one of the other family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Prefix {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub len: u8,
 }
 
 impl Prefix {
-    pub fn new(addr: Ipv4Addr, len: u8) -> Prefix {
-        let len = len.min(32);
-        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-        Prefix {
-            addr: Ipv4Addr::from(u32::from(addr) & mask),
-            len,
+    /// `len` is capped at the family's address length.
+    pub fn new(addr: IpAddr, len: u8) -> Prefix {
+        match addr {
+            IpAddr::V4(a) => {
+                let len = len.min(32);
+                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+                Prefix {
+                    addr: IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask)),
+                    len,
+                }
+            }
+            IpAddr::V6(a) => {
+                let len = len.min(128);
+                let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+                Prefix {
+                    addr: IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask)),
+                    len,
+                }
+            }
         }
     }
 
-    pub fn host(addr: Ipv4Addr) -> Prefix {
-        Prefix::new(addr, 32)
+    /// The address's family length: 32 or 128.
+    pub fn max_len(addr: IpAddr) -> u8 {
+        if addr.is_ipv4() {
+            32
+        } else {
+            128
+        }
     }
 
-    /// `a.b.c.d/n` or a bare address (a /32). `Ok(None)` for IPv6, which the
-    /// IPv4-only datapath never sees.
-    pub fn parse(s: &str) -> Result<Option<Prefix>, String> {
+    /// The single address (a /32 or /128).
+    pub fn host(addr: IpAddr) -> Prefix {
+        Prefix::new(addr, Prefix::max_len(addr))
+    }
+
+    /// `a.b.c.d/n`, `x:y::z/n` or a bare address (a /32 or /128).
+    pub fn parse(s: &str) -> Result<Prefix, String> {
         let (addr, len) = match s.split_once('/') {
             Some((a, l)) => (a, Some(l)),
             None => (s, None),
         };
-        if addr.contains(':') {
-            return Ok(None);
-        }
-        let addr: Ipv4Addr = addr.parse().map_err(|_| format!("invalid CIDR {s:?}"))?;
+        let addr: IpAddr = addr.parse().map_err(|_| format!("invalid CIDR {s:?}"))?;
+        let max = Prefix::max_len(addr);
         let len = match len {
-            None => 32,
+            None => max,
             Some(l) => l
                 .parse::<u8>()
                 .ok()
-                .filter(|l| *l <= 32)
+                .filter(|l| *l <= max)
                 .ok_or_else(|| format!("invalid prefix length in {s:?}"))?,
         };
-        Ok(Some(Prefix::new(addr, len)))
+        Ok(Prefix::new(addr, len))
     }
 
     /// Whether every address of `other` is in `self`.
     pub fn covers(&self, other: &Prefix) -> bool {
-        other.len >= self.len && Prefix::new(other.addr, self.len) == *self
+        self.addr.is_ipv4() == other.addr.is_ipv4()
+            && other.len >= self.len
+            && Prefix::new(other.addr, self.len) == *self
     }
 
-    pub fn contains(&self, addr: Ipv4Addr) -> bool {
+    pub fn contains(&self, addr: IpAddr) -> bool {
         self.covers(&Prefix::host(addr))
     }
 }
@@ -901,16 +925,10 @@ fn parse_peer_rule(ctx: &EntryCtx, raw: &Value) -> Result<ParsedEntry, String> {
     }
     for c in cidrs.iter().flatten() {
         l3_given = true;
-        match Prefix::parse(c)? {
-            Some(cidr) => peers.push(Peer::Cidr {
-                cidr,
-                except: vec![],
-            }),
-            None => out.messages.push(format!(
-                "{}: IPv6 CIDR {c} has no effect (IPv4 only)",
-                ctx.path
-            )),
-        }
+        peers.push(Peer::Cidr {
+            cidr: Prefix::parse(c)?,
+            except: vec![],
+        });
     }
     for set in cidr_sets.iter().flatten() {
         l3_given = true;
@@ -919,16 +937,10 @@ fn parse_peer_rule(ctx: &EntryCtx, raw: &Value) -> Result<ParsedEntry, String> {
             continue;
         }
         let raw = set.cidr.as_deref().ok_or("a CIDR set entry has no cidr")?;
-        let Some(cidr) = Prefix::parse(raw)? else {
-            out.messages.push(format!(
-                "{}: IPv6 CIDR {raw} has no effect (IPv4 only)",
-                ctx.path
-            ));
-            continue;
-        };
+        let cidr = Prefix::parse(raw)?;
         let mut except = Vec::new();
         for e in set.except.iter().flatten() {
-            let Some(p) = Prefix::parse(e)? else { continue };
+            let p = Prefix::parse(e)?;
             if !cidr.covers(&p) {
                 // Upstream rejects it; ignoring it is exact (it removes nothing).
                 out.messages.push(format!(
@@ -992,7 +1004,6 @@ fn parse_peer_rule(ctx: &EntryCtx, raw: &Value) -> Result<ParsedEntry, String> {
     // L4: toPorts and icmps add up; neither means every protocol and port.
     let mut ports: Option<Vec<PortMatch>> = None;
     let mut l4_given = false;
-    let mut dropped_port_rules = 0;
     for (i, pr) in w.to_ports.iter().flatten().enumerate() {
         l4_given = true;
         let l7 = [
@@ -1018,7 +1029,6 @@ fn parse_peer_rule(ctx: &EntryCtx, raw: &Value) -> Result<ParsedEntry, String> {
                     "{}: toPorts[{i}] has {what}, which needs an L7 proxy; that port rule is dropped (its traffic stays denied)",
                     ctx.path
                 ));
-                dropped_port_rules += 1;
                 continue;
             }
         }
@@ -1049,25 +1059,22 @@ fn parse_peer_rule(ctx: &EntryCtx, raw: &Value) -> Result<ParsedEntry, String> {
         l4_given = true;
         let list = ports.get_or_insert_with(Vec::new);
         for (j, f) in icmp.fields.iter().enumerate() {
-            match f.family.as_deref().unwrap_or("IPv4") {
-                "IPv4" => {}
-                "IPv6" => continue, // no ICMPv6 on an IPv4 datapath
+            let (proto, t) = match f.family.as_deref().unwrap_or("IPv4") {
+                "IPv4" => (IP_ICMP, icmp_type(&f.type_)),
+                "IPv6" => (IP_ICMPV6, icmp6_type(&f.type_)),
                 other => return Err(format!("icmps[{i}].fields[{j}]: unknown family {other:?}")),
-            }
-            let t = icmp_type(&f.type_).map_err(|e| format!("icmps[{i}].fields[{j}]: {e}"))?;
+            };
+            let t = t.map_err(|e| format!("icmps[{i}].fields[{j}]: {e}"))?;
             list.push(PortMatch {
-                proto: IP_ICMP,
+                proto,
                 port: PortSpec::Range(u16::from(t), u16::from(t)),
             });
         }
     }
     if l4_given && ports.as_ref().is_none_or(|p| p.is_empty()) {
-        if dropped_port_rules > 0 || !ctx.deny {
-            // Every L4 condition was dropped or was IPv6-only: allowing "any
-            // port" instead would widen the rule. Nothing remains.
-            return Ok(out);
-        }
-        // A deny whose every L4 part was IPv6: denies nothing over IPv4.
+        // Every L4 condition was dropped: allowing "any port" instead would
+        // widen the rule, denying it would deny what was not written.
+        // Nothing remains.
         return Ok(out);
     }
     if !l3_given {
@@ -1186,6 +1193,47 @@ fn icmp_type(v: &Value) -> Result<u8, String> {
         "ExtendedEchoRequest" => 42,
         "ExtendedEchoReply" => 43,
         other => return Err(format!("unknown ICMP type {other:?}")),
+    })
+}
+
+/// ICMPv6 type by number or by upstream's names.
+fn icmp6_type(v: &Value) -> Result<u8, String> {
+    if let Some(n) = v.as_u64() {
+        return u8::try_from(n).map_err(|_| format!("ICMPv6 type {n} out of range"));
+    }
+    let s = v.as_str().ok_or("ICMPv6 type must be a number or a name")?;
+    if let Ok(n) = s.parse::<u8>() {
+        return Ok(n);
+    }
+    Ok(match s {
+        "DestinationUnreachable" => 1,
+        "PacketTooBig" => 2,
+        "TimeExceeded" => 3,
+        "ParameterProblem" => 4,
+        "Echo" | "EchoRequest" => 128,
+        "EchoReply" => 129,
+        "MulticastListenerQuery" => 130,
+        "MulticastListenerReport" => 131,
+        "MulticastListenerDone" => 132,
+        "RouterSolicitation" => 133,
+        "RouterAdvertisement" => 134,
+        "NeighborSolicitation" => 135,
+        "NeighborAdvertisement" => 136,
+        "RedirectMessage" => 137,
+        "RouterRenumbering" => 138,
+        "ICMPNodeInformationQuery" => 139,
+        "ICMPNodeInformationResponse" => 140,
+        "InverseNeighborDiscoverySolicitation" => 141,
+        "InverseNeighborDiscoveryAdvertisement" => 142,
+        "HomeAgentAddressDiscoveryRequest" => 144,
+        "HomeAgentAddressDiscoveryReply" => 145,
+        "MobilePrefixSolicitation" => 146,
+        "MobilePrefixAdvertisement" => 147,
+        "DuplicateAddressRequestCodeSuffix" => 157,
+        "DuplicateAddressConfirmationCodeSuffix" => 158,
+        "ExtendedEchoRequest" => 160,
+        "ExtendedEchoReply" => 161,
+        other => return Err(format!("unknown ICMPv6 type {other:?}")),
     })
 }
 
@@ -1348,16 +1396,12 @@ fn np_peer(namespace: &str, p: &NetworkPolicyPeer) -> Result<Peer, String> {
         if p.pod_selector.is_some() || p.namespace_selector.is_some() {
             return Err("ipBlock cannot be combined with selectors".into());
         }
-        let Some(cidr) = Prefix::parse(&block.cidr)? else {
-            // Selects nothing on an IPv4 datapath.
-            return Ok(Peer::Entity(Entity::Nothing));
-        };
+        let cidr = Prefix::parse(&block.cidr)?;
         let mut except = Vec::new();
         for e in block.except.iter().flatten() {
-            if let Some(p) = Prefix::parse(e)? {
-                if cidr.covers(&p) {
-                    except.push(p);
-                }
+            let p = Prefix::parse(e)?;
+            if cidr.covers(&p) {
+                except.push(p);
             }
         }
         return Ok(Peer::Cidr { cidr, except });
@@ -1401,16 +1445,33 @@ mod tests {
 
     #[test]
     fn prefixes() {
-        let p = Prefix::parse("10.1.2.3/16").unwrap().unwrap();
+        let p = Prefix::parse("10.1.2.3/16").unwrap();
         assert_eq!(p.to_string(), "10.1.0.0/16");
         assert!(p.contains("10.1.255.1".parse().unwrap()));
         assert!(!p.contains("10.2.0.1".parse().unwrap()));
-        assert!(p.covers(&Prefix::parse("10.1.3.0/24").unwrap().unwrap()));
-        assert!(!p.covers(&Prefix::parse("10.0.0.0/8").unwrap().unwrap()));
-        assert_eq!(Prefix::parse("1.2.3.4").unwrap().unwrap().len, 32);
-        assert_eq!(Prefix::parse("fd00::/8").unwrap(), None);
+        assert!(p.covers(&Prefix::parse("10.1.3.0/24").unwrap()));
+        assert!(!p.covers(&Prefix::parse("10.0.0.0/8").unwrap()));
+        assert_eq!(Prefix::parse("1.2.3.4").unwrap().len, 32);
         assert!(Prefix::parse("10.0.0.0/33").is_err());
         assert!(Prefix::parse("nonsense").is_err());
+
+        let p6 = Prefix::parse("fd00:10:244:6::1234/64").unwrap();
+        assert_eq!(p6.to_string(), "fd00:10:244:6::/64");
+        assert!(p6.contains("fd00:10:244:6::9".parse().unwrap()));
+        assert!(!p6.contains("fd00:10:244:7::9".parse().unwrap()));
+        assert!(p6.covers(&Prefix::parse("fd00:10:244:6:8000::/65").unwrap()));
+        assert_eq!(Prefix::parse("::1").unwrap().len, 128);
+        assert_eq!(Prefix::parse("::/0").unwrap().len, 0);
+        assert!(Prefix::parse("fd00::/129").is_err());
+        // The families never cover each other, not even at /0.
+        assert!(!Prefix::parse("0.0.0.0/0").unwrap().covers(&p6));
+        assert!(!Prefix::parse("::/0").unwrap().covers(&p));
+        assert!(!Prefix::parse("::/0").unwrap().contains(
+            "::ffff:10.1.0.1"
+                .parse::<Ipv6Addr>()
+                .unwrap()
+                .to_canonical()
+        ));
     }
 
     #[test]
@@ -1590,10 +1651,17 @@ mod tests {
             proto: IP_ICMP,
             port: PortSpec::Range(0, 0)
         }));
+        assert_eq!(ports.iter().filter(|p| p.proto == IP_ICMP).count(), 2);
         assert_eq!(
-            ports.iter().filter(|p| p.proto == IP_ICMP).count(),
-            2,
-            "ICMPv6 skipped"
+            ports
+                .iter()
+                .filter(|p| p.proto == IP_ICMPV6)
+                .collect::<Vec<_>>(),
+            [&PortMatch {
+                proto: IP_ICMPV6,
+                port: PortSpec::Range(128, 128)
+            }],
+            "ICMPv6 types are their own protocol's ports"
         );
     }
 
@@ -1697,8 +1765,8 @@ mod tests {
         assert_eq!(
             r.entries[0].peers[2],
             Peer::Cidr {
-                cidr: Prefix::parse("192.168.0.0/16").unwrap().unwrap(),
-                except: vec![Prefix::parse("192.168.1.0/24").unwrap().unwrap()]
+                cidr: Prefix::parse("192.168.0.0/16").unwrap(),
+                except: vec![Prefix::parse("192.168.1.0/24").unwrap()]
             }
         );
         let ports = r.entries[0].ports.as_ref().unwrap();

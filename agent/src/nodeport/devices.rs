@@ -1,10 +1,11 @@
 //! External devices: the interfaces NodePort, externalIP and LoadBalancer
 //! traffic arrives on, where `from_netdev` / `to_netdev` are attached.
 //!
-//! `--devices` names them outright (each must exist, be up and have an IPv4
-//! address). Without it they are detected, Cilium-style: every interface
-//! that is up and has a global unicast IPv4 address (not 127/8, 169.254/16,
-//! 0/8, multicast), except
+//! `--devices` names them outright (each must exist, be up and have a
+//! global IPv4 or IPv6 address). Without it they are detected,
+//! Cilium-style: every interface that is up and has a global unicast IPv4
+//! address (not 127/8, 169.254/16, 0/8, multicast) or IPv6 address (not
+//! ::1, fe80::/10, multicast), except
 //! - the loopback device;
 //! - the host-side veths of endpoints registered with this agent (pods;
 //!   ptp puts the gateway address on each of them);
@@ -12,7 +13,7 @@
 //!   `vxlan`, `geneve`; kube-ovn's `ovn0`, flannel's `flannel.*`): pod
 //!   networks (`cni0`, `docker0`, OVS) and tunnels between nodes, not the
 //!   node's uplinks;
-//! - veths that do not carry the default route, as Cilium does: the
+//! - veths that do not carry an IPv4 or IPv6 default route, as Cilium does: the
 //!   primaries' pod veths (ptp puts the gateway address on each) are veths,
 //!   so a pod veth not (yet) registered is never taken for an uplink.
 //!
@@ -23,7 +24,7 @@
 
 use anyhow::{bail, Context, Result};
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// One external device.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,6 +33,20 @@ pub struct ExternalDevice {
     pub ifindex: u32,
     /// Global unicast IPv4 addresses, the first being the SNAT address.
     pub addresses: Vec<Ipv4Addr>,
+    /// Global unicast IPv6 addresses (unique-local included), the first
+    /// being the IPv6 SNAT address. A device may have only one family.
+    pub addresses6: Vec<Ipv6Addr>,
+}
+
+impl ExternalDevice {
+    /// The IPv4 SNAT address; 0.0.0.0 for a device with IPv6 only (no IPv4
+    /// flow is SNATed out of it).
+    pub fn snat4(&self) -> Ipv4Addr {
+        self.addresses
+            .first()
+            .copied()
+            .unwrap_or(Ipv4Addr::UNSPECIFIED)
+    }
 }
 
 /// An interface as the detection sees it.
@@ -40,6 +55,7 @@ struct Interface {
     up: bool,
     loopback: bool,
     addresses: Vec<Ipv4Addr>,
+    addresses6: Vec<Ipv6Addr>,
 }
 
 fn global_unicast(a: Ipv4Addr) -> bool {
@@ -49,6 +65,14 @@ fn global_unicast(a: Ipv4Addr) -> bool {
         || a.is_multicast()
         || a.is_broadcast()
         || a.octets()[0] == 0)
+}
+
+fn global_unicast6(a: Ipv6Addr) -> bool {
+    !(a.is_loopback()
+        || a.is_unspecified()
+        || a.is_multicast()
+        || a.is_unicast_link_local()
+        || a.to_ipv4_mapped().is_some())
 }
 
 fn interfaces() -> Result<BTreeMap<String, Interface>> {
@@ -63,6 +87,12 @@ fn interfaces() -> Result<BTreeMap<String, Interface>> {
             let ip = sin.ip();
             if global_unicast(ip) && !entry.addresses.contains(&ip) {
                 entry.addresses.push(ip);
+            }
+        }
+        if let Some(sin6) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in6()) {
+            let ip = sin6.ip();
+            if global_unicast6(ip) && !entry.addresses6.contains(&ip) {
+                entry.addresses6.push(ip);
             }
         }
     }
@@ -133,22 +163,36 @@ fn pod_network_device(name: &str, driver: Option<&str>) -> bool {
         || name.starts_with("flannel.")
 }
 
-/// Devices holding an IPv4 default route (`/proc/net/route`, main table).
+/// Devices holding an IPv4 default route (`/proc/net/route`, main table)
+/// or an IPv6 one (`/proc/net/ipv6_route`).
 fn default_route_devices() -> BTreeSet<String> {
-    let Ok(table) = std::fs::read_to_string("/proc/net/route") else {
-        return BTreeSet::new();
-    };
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
+    let mut out = BTreeSet::new();
+    if let Ok(table) = std::fs::read_to_string("/proc/net/route") {
+        out.extend(table.lines().skip(1).filter_map(|line| {
             let mut cols = line.split_whitespace();
             let dev = cols.next()?;
             let dest = cols.next()?;
             let mask = cols.nth(5)?;
             (dest == "00000000" && mask == "00000000").then(|| dev.to_string())
-        })
-        .collect()
+        }));
+    }
+    if let Ok(table) = std::fs::read_to_string("/proc/net/ipv6_route") {
+        out.extend(table.lines().filter_map(ipv6_default_route_device));
+    }
+    out
+}
+
+/// The device of a `/proc/net/ipv6_route` line if it is a default route
+/// (destination ::/0). Columns: destination, prefix length, source, source
+/// prefix length, next hop, metric, refcount, use, flags, device. The
+/// kernel lists its unreachable `lo` default routes too: those are skipped
+/// by the caller like any loopback device.
+fn ipv6_default_route_device(line: &str) -> Option<String> {
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    if cols.len() < 10 {
+        return None;
+    }
+    (cols[0] == "0".repeat(32) && cols[1] == "00").then(|| cols[9].to_string())
 }
 
 fn ifindex(name: &str) -> Option<u32> {
@@ -175,15 +219,17 @@ pub fn select(
             let Some(idx) = ifindex(name) else {
                 bail!("--devices: interface {name:?} vanished");
             };
-            if iface.addresses.is_empty() {
+            if iface.addresses.is_empty() && iface.addresses6.is_empty() {
                 bail!(
-                    "--devices: {name} has no global IPv4 address (needed for NodePorts and SNAT)"
+                    "--devices: {name} has no global IPv4 or IPv6 address (needed for NodePorts \
+                     and SNAT)"
                 );
             }
             out.push(ExternalDevice {
                 name: name.to_string(),
                 ifindex: idx,
                 addresses: iface.addresses.clone(),
+                addresses6: iface.addresses6.clone(),
             });
         }
         return Ok(out);
@@ -193,7 +239,7 @@ pub fn select(
         let drv = driver(&name);
         if !iface.up
             || iface.loopback
-            || iface.addresses.is_empty()
+            || (iface.addresses.is_empty() && iface.addresses6.is_empty())
             || endpoint_veths.contains(&name)
             || pod_network_device(&name, drv.as_deref())
             || (drv.as_deref() == Some("veth") && !default_routes.contains(&name))
@@ -205,6 +251,7 @@ pub fn select(
             name,
             ifindex: idx,
             addresses: iface.addresses,
+            addresses6: iface.addresses6,
         });
     }
     Ok(out)
@@ -217,6 +264,43 @@ pub fn node_addresses(devices: &[ExternalDevice]) -> Vec<Ipv4Addr> {
         .flat_map(|d| d.addresses.iter().copied())
         .collect();
     set.into_iter().collect()
+}
+
+/// Every IPv6 address of the devices (the IPv6 NodePort frontends),
+/// sorted, unique.
+pub fn node_addresses6(devices: &[ExternalDevice]) -> Vec<Ipv6Addr> {
+    let set: BTreeSet<Ipv6Addr> = devices
+        .iter()
+        .flat_map(|d| d.addresses6.iter().copied())
+        .collect();
+    set.into_iter().collect()
+}
+
+/// Brings `DEVICES6` in line with `devices` (attached already): each
+/// device's first global IPv6 address is where IPv6 flows to remote
+/// backends are SNATed to; devices without one, and devices no longer
+/// external, are removed. Writes only what differs (this runs every
+/// second).
+pub fn sync_ipv6(
+    datapath: &mut catena_datapath::Datapath,
+    devices: &[ExternalDevice],
+) -> Result<()> {
+    let programmed: BTreeMap<u32, Ipv6Addr> = datapath.devices6()?.into_iter().collect();
+    for d in devices {
+        let want = d.addresses6.first().copied();
+        if programmed.get(&d.ifindex).copied() != want {
+            datapath.set_device6(d.ifindex, want)?;
+            if let Some(addr) = want {
+                tracing::info!(device = %d.name, ifindex = d.ifindex, snat = %addr, "external device IPv6 SNAT address");
+            }
+        }
+    }
+    for ifindex in programmed.keys() {
+        if !devices.iter().any(|d| d.ifindex == *ifindex) {
+            datapath.set_device6(*ifindex, None)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -238,6 +322,27 @@ mod tests {
         for a in ["10.0.0.1", "192.168.1.1", "203.0.113.9"] {
             assert!(global_unicast(a.parse().unwrap()), "{a}");
         }
+    }
+
+    #[test]
+    fn global_unicast6_excludes_special_ranges() {
+        for a in ["::1", "::", "fe80::1", "ff02::1", "::ffff:10.0.0.1"] {
+            assert!(!global_unicast6(a.parse().unwrap()), "{a}");
+        }
+        for a in ["2001:db8::1", "fd00:77::1"] {
+            assert!(global_unicast6(a.parse().unwrap()), "{a}");
+        }
+    }
+
+    #[test]
+    fn ipv6_default_routes_are_recognised() {
+        let default = "00000000000000000000000000000000 00 00000000000000000000000000000000 00 \
+                       fd007700000000000000000000000002 00000400 00000001 00000000 00000003 ext0";
+        assert_eq!(ipv6_default_route_device(default).as_deref(), Some("ext0"));
+        let subnet = "fd007700000000000000000000000000 40 00000000000000000000000000000000 00 \
+                      00000000000000000000000000000000 00000100 00000001 00000000 00000001 ext0";
+        assert_eq!(ipv6_default_route_device(subnet), None);
+        assert_eq!(ipv6_default_route_device("garbage"), None);
     }
 
     #[test]

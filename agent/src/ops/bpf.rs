@@ -260,7 +260,8 @@ pub fn program_info(path: &Path) -> Result<(u32, String)> {
     Ok((id, tag))
 }
 
-/// Seconds on CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns()`.
+/// Nanoseconds on CLOCK_MONOTONIC, the clock of the datapath's timestamps
+/// (`bpf_ktime_get_coarse_ns()`, which trails it by at most a tick).
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,

@@ -295,6 +295,7 @@ pub fn proto(p: u8) -> String {
         catena_common::IPPROTO_UDP => "UDP".into(),
         catena_common::IPPROTO_SCTP => "SCTP".into(),
         1 => "ICMP".into(),
+        catena_common::IPPROTO_ICMPV6 => "ICMPv6".into(),
         other => other.to_string(),
     }
 }
@@ -342,7 +343,7 @@ fn ipcache(bpffs: &Path) -> Result<BpfMapDump> {
     let map = PinnedMap::open_typed::<LpmKey<u32>, IpcacheValue>(bpffs, map_names::IPCACHE)?;
     let mut entries = map.typed::<LpmKey<u32>, IpcacheValue>()?;
     entries.sort_by_key(|(k, _)| (u32::from_be(k.data), k.prefix_len));
-    let rows = entries
+    let mut rows: Vec<Vec<String>> = entries
         .iter()
         .map(|(k, v)| {
             vec![
@@ -351,8 +352,22 @@ fn ipcache(bpffs: &Path) -> Result<BpfMapDump> {
             ]
         })
         .collect();
+    // The IPv6 prefixes (words in network order, as the programs hold them).
+    let map6 = PinnedMap::open_typed::<LpmKey<[u32; 4]>, IpcacheValue>(bpffs, map_names::IPCACHE6)?;
+    let mut entries6 = map6.typed::<LpmKey<[u32; 4]>, IpcacheValue>()?;
+    let addr6 = |w: [u32; 4]| {
+        let b: Vec<u8> = w.iter().flat_map(|x| x.to_ne_bytes()).collect();
+        std::net::Ipv6Addr::from(<[u8; 16]>::try_from(b.as_slice()).unwrap_or_default())
+    };
+    entries6.sort_by_key(|(k, _)| (addr6(k.data), k.prefix_len));
+    rows.extend(entries6.iter().map(|(k, v)| {
+        vec![
+            format!("{}/{}", addr6(k.data), k.prefix_len),
+            v.identity.to_string(),
+        ]
+    }));
     Ok(BpfMapDump {
-        maps: vec![info(&map, entries.len())],
+        maps: vec![info(&map, entries.len()), info(&map6, entries6.len())],
         columns: columns(&["PREFIX", "IDENTITY"]),
         rows,
     })

@@ -1,9 +1,10 @@
 //! IPv6 connection tracking (`CT6`, an LRU hash): the same entry kinds as
-//! `ct` (`CT_SERVICE` keyed by client -> frontend, `CT_EGRESS` keyed by the
-//! translated client -> backend tuple, carrying the rev-NAT index into
-//! `LB6_REVNAT`) with 128-bit addresses. Only service flows are tracked:
-//! policy is IPv4-only, and an endpoint under policy drops IPv6 before it
-//! reaches the service code.
+//! `ct` with 128-bit addresses: `CT_SERVICE` keyed by client -> frontend,
+//! `CT_EGRESS` keyed by the translated client -> backend tuple (carrying the
+//! rev-NAT index into `LB6_REVNAT`) or, for an endpoint under policy, by any
+//! connection the pod opened (rev-NAT index 0), and `CT_INGRESS` keyed by a
+//! connection opened to such a pod. ICMPv6 echo is tracked with the
+//! identifier as a port, as ICMP echo in `CT4`.
 
 use crate::lb6::Addr6;
 
@@ -15,7 +16,7 @@ pub struct Ct6Key {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    /// `ct::CT_SERVICE` or `ct::CT_EGRESS`.
+    /// `ct::CT_SERVICE`, `ct::CT_EGRESS` or `ct::CT_INGRESS`.
     pub kind: u8,
     pub pad: [u8; 2],
 }

@@ -5,7 +5,8 @@
 pub const EVENT_DROP: u8 = 1;
 pub const EVENT_POLICY_VERDICT: u8 = 2;
 
-/// One record. Addresses and ports in network order, as in the packet.
+/// One record of an IPv4 packet (or of none). Addresses and ports in network
+/// order, as in the packet. An IPv6 packet's record is an [`Event6`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Event {
@@ -26,8 +27,21 @@ pub struct Event {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    pub pad: [u8; 3],
+    /// 1: the record is an [`Event6`] (`saddr`/`daddr` are 0).
+    pub ipv6: u8,
+    pub pad: [u8; 2],
     pub rule_ref: u32,
+}
+
+/// The record of an IPv6 packet: an [`Event`] with `ipv6` set, followed by
+/// the addresses. A separate, longer record keeps the IPv4 programs' stack
+/// (where events are built) as it was.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event6 {
+    pub event: Event,
+    pub saddr6: [u32; 4],
+    pub daddr6: [u32; 4],
 }
 
 /// Why a packet was dropped (or, for verdicts, how it was decided).
@@ -48,8 +62,9 @@ pub enum Reason {
     CtFull = 7,
     /// No `ENDPOINTS` entry for the interface (fail closed).
     UnknownEndpoint = 8,
-    /// IPv6 (other than neighbour discovery) under an enforced direction:
-    /// catena enforces IPv4 only and does not let IPv6 bypass it.
+    /// IPv6 (other than neighbour discovery) under an enforced direction
+    /// whose IPv6 policy program is missing (the agent loads it before any
+    /// endpoint exists): fail closed rather than let IPv6 bypass policy.
     UnsupportedL3 = 9,
 }
 

@@ -68,11 +68,30 @@ pub struct Affinity4Key {
     pub pad: u16,
 }
 
-/// Value of `LB4_AFFINITY`.
+/// Key of `LB_SOCK_AFFINITY`: ClientIP affinity of the socket-level load
+/// balancer. Its "client" is the caller's network namespace (a pod, or the
+/// node's own processes), as in Cilium: in connect() the source address is
+/// not chosen yet, and one netns is one client address for a pod and the
+/// node address for host processes. IPv4 and IPv6 frontends share the map;
+/// `family` keeps their rev-NAT indexes apart.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockAffinityKey {
+    pub netns_cookie: u64,
+    pub rev_nat_index: u16,
+    /// `SOCK_AFFINITY_V4` or `SOCK_AFFINITY_V6`.
+    pub family: u8,
+    pub pad: [u8; 5],
+}
+
+pub const SOCK_AFFINITY_V4: u8 = 4;
+pub const SOCK_AFFINITY_V6: u8 = 6;
+
+/// Value of `LB4_AFFINITY` (and of `LB6_AFFINITY`, `LB_SOCK_AFFINITY`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Affinity4Value {
-    /// bpf_ktime_get_ns() of the last new flow that used this entry.
+    /// The datapath clock (`ct::now_ns`) at the last new flow that used this entry.
     pub last_used_ns: u64,
     pub backend_id: u32,
     pub pad: u32,

@@ -43,7 +43,11 @@ pub mod map_names {
     pub const CT6: &str = "CT6";
     pub const LB6_SOCK_REVNAT: &str = "LB6_SOCK_REVNAT";
     pub const LB6_AFFINITY: &str = "LB6_AFFINITY";
+    pub const LB_SOCK_AFFINITY: &str = "LB_SOCK_AFFINITY";
     pub const TAIL_CALLS6: &str = "TAIL_CALLS6";
+    pub const IPCACHE6: &str = "IPCACHE6";
+    pub const DEVICES6: &str = "DEVICES6";
+    pub const SNAT6: &str = "SNAT6";
 }
 
 /// Program names as they appear in the object file (one per attach point).
@@ -80,6 +84,23 @@ pub mod program_names {
     /// Answers a new IPv6 flow to a frontend without backends (RST or
     /// ICMPv6 port unreachable); entered by tail call from `from_container6`.
     pub const REFUSE6: &str = "refuse6";
+    /// IPv6 network policy of the host-veth programs (connection tracking
+    /// in `CT6`, identities from `IPCACHE6`, the shared `POLICY` rules):
+    /// entered by tail call from `from_container6` (egress) and
+    /// `to_container6` (ingress) for endpoints under policy.
+    pub const POLICY6_EGRESS: &str = "policy6_egress";
+    pub const POLICY6_INGRESS: &str = "policy6_ingress";
+    /// The IPv6 path of the external-device programs (NodePort,
+    /// externalIPs, LoadBalancer IPs over IPv6): tc classifiers entered by
+    /// tail call from `from_netdev` / `to_netdev`, so the IPv4 path's code
+    /// and stack stay as they were.
+    pub const FROM_NETDEV6: &str = "from_netdev6";
+    pub const TO_NETDEV6: &str = "to_netdev6";
+    /// The stages of `from_netdev6` after it (tail calls, each its own
+    /// stack): load balancing of a frontend's traffic, and SNAT of a flow
+    /// sent to a remote backend.
+    pub const FROM_NETDEV6_LB: &str = "from_netdev6_lb";
+    pub const FROM_NETDEV6_SNAT: &str = "from_netdev6_snat";
     /// An empty tc classifier (returns "continue"): the baseline of per-packet
     /// cost measurements. Never attached.
     pub const NOOP: &str = "noop";
@@ -90,8 +111,14 @@ pub mod tail_calls {
     pub const FROM_CONTAINER6: u32 = 0;
     pub const TO_CONTAINER6: u32 = 1;
     pub const REFUSE6: u32 = 2;
+    pub const POLICY6_EGRESS: u32 = 3;
+    pub const POLICY6_INGRESS: u32 = 4;
+    pub const FROM_NETDEV6: u32 = 5;
+    pub const TO_NETDEV6: u32 = 6;
+    pub const FROM_NETDEV6_LB: u32 = 7;
+    pub const FROM_NETDEV6_SNAT: u32 = 8;
     /// Size of the array.
-    pub const COUNT: u32 = 3;
+    pub const COUNT: u32 = 9;
 }
 
 pub const IPPROTO_ICMP: u8 = 1;
@@ -124,6 +151,9 @@ mod pod_impls {
     unsafe impl aya::Pod for nodeport::NodeDevice {}
     unsafe impl aya::Pod for nodeport::Snat4Key {}
     unsafe impl aya::Pod for nodeport::Snat4Value {}
+    unsafe impl aya::Pod for nodeport::NodeDevice6 {}
+    unsafe impl aya::Pod for nodeport::Snat6Key {}
+    unsafe impl aya::Pod for nodeport::Snat6Value {}
     unsafe impl aya::Pod for lb6::Service6Key {}
     unsafe impl aya::Pod for lb6::Backend6 {}
     unsafe impl aya::Pod for lb6::RevNat6 {}

@@ -59,3 +59,49 @@ pub struct Snat4Value {
 /// 4-tuple of a socket the node itself opened to the same backend.
 pub const SNAT_PORT_MIN: u16 = 61_000;
 pub const SNAT_PORT_MAX: u16 = 65_535;
+
+// IPv6 (`from_netdev6` / `to_netdev6`). Maps of their own rather than
+// wider IPv4 ones: the IPv4 maps keep their layout (a changed value size
+// would make the agent replace the pins live IPv4 flows use), an IPv4-only
+// node pays nothing for IPv6, and a device may have addresses of one
+// family only. There is no `LOCAL_EP6`: the IPv6 program asks the FIB
+// where a backend is routed, and a backend routed out of a pod veth catena
+// manages (`ENDPOINTS`) is local. That needs no per-pod IPv6 bookkeeping
+// and cannot disagree with the routing that delivers the packet.
+
+/// Value of `DEVICES6` (key: ifindex, u32): an external device catena is
+/// attached to that has a global IPv6 address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeDevice6 {
+    /// The device's first global IPv6 address (packet order, see
+    /// `lb6::Addr6`): the source of IPv6 flows SNATed out of this device.
+    pub ipv6: crate::lb6::Addr6,
+    pub flags: u32,
+}
+
+/// Key of `SNAT6`: `Snat4Key` with IPv6 addresses (the same directions,
+/// `SNAT_DIR_OUT` / `SNAT_DIR_IN`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Snat6Key {
+    pub saddr: crate::lb6::Addr6,
+    pub daddr: crate::lb6::Addr6,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub dir: u8,
+    pub pad: [u8; 2],
+}
+
+/// Value of `SNAT6`: as `Snat4Value`, with an IPv6 address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Snat6Value {
+    pub to_addr: crate::lb6::Addr6,
+    pub to_port: u16,
+    pub rev_nat_index: u16,
+    pub pad: u32,
+    /// bpf_ktime_get_ns() of the last packet of the flow in this direction.
+    pub last_seen_ns: u64,
+}

@@ -1,7 +1,9 @@
 //! Network policy maps.
 //!
 //! `IPCACHE` (LPM trie): IPv4 prefix -> security identity of the remote end.
-//! A miss means `identity::WORLD`.
+//! A miss means `identity::WORLD`. `IPCACHE6`: the same for IPv6 prefixes.
+//! `POLICY` is shared by both families: its key holds identities and ports,
+//! never addresses, so one rule set judges IPv4 and IPv6 alike.
 //!
 //! `POLICY` (LPM trie) holds one entry per (endpoint, remote identity,
 //! direction, allow|deny, protocol, port prefix). The key's bits are ordered so
@@ -32,6 +34,10 @@
 /// Data part of the `IPCACHE` key (after the LPM prefix length): the address in
 /// network order. Prefix lengths 0..=32.
 pub type Ipcache4Key = u32;
+
+/// Data part of the `IPCACHE6` key: the IPv6 address as four network-order
+/// words, exactly as in the packet. Prefix lengths 0..=128.
+pub type Ipcache6Key = crate::lb6::Addr6;
 
 /// Value of `IPCACHE`: the identity of every address in the prefix.
 #[repr(C)]
@@ -64,7 +70,8 @@ pub struct PolicyKey {
     pub proto: u8,
     /// Always 0 (inside the protocol's prefix, so lookups must zero it too).
     pub pad: u8,
-    /// Destination port in network order; for ICMP the type, as `[0, type]`.
+    /// Destination port in network order; for ICMP and ICMPv6 the type, as
+    /// `[0, type]`.
     pub port: u16,
     /// Beyond the longest prefix: never compared. Always 0.
     pub pad2: u16,

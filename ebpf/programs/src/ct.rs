@@ -3,15 +3,20 @@
 //! racing on the same flow may lose an increment, which is acceptable for
 //! statistics and keeps the per-packet path free of atomics.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use catena_common::ct::{Ct4Key, Ct4Value, CT_EGRESS, CT_FLAG_CLOSING, CT_SERVICE};
 
 use crate::{maps::CT4, parse::Flow4};
 
+/// CLOCK_MONOTONIC at tick resolution (a few ms), the clock of every
+/// timestamp the datapath keeps (conntrack, affinity, event tokens). Their
+/// timeouts are seconds, and the coarse clock costs no TSC read, which the
+/// per-packet path would otherwise pay on every packet. The agent compares
+/// against CLOCK_MONOTONIC, which the coarse clock trails by at most a tick.
 #[inline(always)]
 pub fn now_ns() -> u64 {
     // SAFETY: helper without arguments.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// Key of the `CT_SERVICE` entry: the original tuple (client -> frontend).

@@ -1,6 +1,7 @@
-//! IPv6 conntrack in `CT6` (catena_common::ct6): service flows only, with
-//! the entry kinds and accounting of `ct` (whose `touch` and `now_ns` are
-//! shared: the value layout is the same).
+//! IPv6 conntrack in `CT6` (catena_common::ct6): service flows and the
+//! connections of endpoints under policy, with the entry kinds and
+//! accounting of `ct` (whose `touch` and `now_ns` are shared: the value
+//! layout is the same).
 
 use catena_common::{
     ct::{Ct4Value, CT_EGRESS, CT_FLAG_CLOSING, CT_SERVICE},
@@ -48,6 +49,41 @@ pub fn reply_key(flow: &Flow6) -> Ct6Key {
         dport: flow.sport,
         proto: flow.proto,
         kind: CT_EGRESS,
+        pad: [0; 2],
+    }
+}
+
+/// The `CT_SERVICE` entry a hairpin flow's reverse-NATed reply (frontend ->
+/// pod, bounced back by `from_container6`) belongs to: its tuple reversed.
+#[inline(always)]
+pub fn reversed_service_key(flow: &Flow6) -> Ct6Key {
+    key(
+        &flow.daddr,
+        &flow.saddr,
+        flow.dport,
+        flow.sport,
+        flow.proto,
+        CT_SERVICE,
+    )
+}
+
+/// A `kind` entry of the tuple `saddr:sport -> daddr:dport`.
+#[inline(always)]
+pub fn key(
+    saddr: &[u32; 4],
+    daddr: &[u32; 4],
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    kind: u8,
+) -> Ct6Key {
+    Ct6Key {
+        saddr: *saddr,
+        daddr: *daddr,
+        sport,
+        dport,
+        proto,
+        kind,
         pad: [0; 2],
     }
 }

@@ -1,6 +1,7 @@
 //! The start both tc programs share: whose interface this is, its policy
 //! flags, and the parsed packet. Everything that is not an IPv4 flow to judge
-//! is settled here, the same way in both directions.
+//! is settled here (IPv6 goes on to its own programs), the same way in both
+//! directions.
 
 use aya_ebpf::programs::TcContext;
 use catena_common::{endpoint::EndpointInfo, events::Reason};
@@ -24,11 +25,11 @@ pub struct Packet4 {
 /// `Err(verdict)`: already decided. No `ENDPOINTS` entry drops (fail closed:
 /// the agent writes it before attaching); ARP and other non-IP frames pass;
 /// unparseable packets pass unless `direction` is enforced (`enforced_flag`).
-/// IPv6 tail-calls the program's IPv6 service path (`ipv6_call`, a slot of
-/// `TAIL_CALLS6`) unless `direction` is enforced: policy is IPv4-only, so an
-/// enforced endpoint drops IPv6 (fail closed) except neighbour discovery,
-/// which always passes. Should the slot be empty (never, once the agent has
-/// loaded the programs), IPv6 passes untranslated, as before IPv6 services.
+/// IPv6 tail-calls the program's IPv6 path (`ipv6_call`, a slot of
+/// `TAIL_CALLS6`: services, then policy); neighbour discovery always passes
+/// here. Should the slot be empty (never, once the agent has loaded the
+/// programs), IPv6 passes untranslated, or is dropped if `direction` is
+/// enforced (fail closed: IPv6 must not bypass policy).
 #[inline(always)]
 pub fn start(
     ctx: &TcContext,
@@ -52,13 +53,15 @@ pub fn start(
             flow,
         }),
         Ok(Packet::Other) => Err(VERDICT_PASS),
-        Ok(Packet::Ipv6) if enforced && !parse::is_ipv6_nd(ctx) => {
-            let ev = events::base(direction, ifindex, &ep, None);
-            Err(events::drop(ev, Reason::UnsupportedL3))
-        }
+        Ok(Packet::Ipv6) if parse::is_ipv6_nd(ctx) => Err(VERDICT_PASS),
         Ok(Packet::Ipv6) => {
             // SAFETY: our own context; on success this never returns.
             unsafe { TAIL_CALLS6.tail_call(ctx, ipv6_call) };
+            if enforced {
+                // No IPv6 program to judge it: fail closed.
+                let ev = events::base(direction, ifindex, &ep, None);
+                return Err(events::drop(ev, Reason::UnsupportedL3));
+            }
             Err(VERDICT_PASS)
         }
         Err(()) if enforced => {

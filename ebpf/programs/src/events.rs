@@ -6,14 +6,16 @@
 use aya_ebpf::programs::TcContext;
 use catena_common::{
     endpoint::EndpointInfo,
-    events::{Event, Reason, EVENTS_BURST, EVENTS_PER_SEC, EVENT_DROP, EVENT_POLICY_VERDICT},
+    events::{
+        Event, Event6, Reason, EVENTS_BURST, EVENTS_PER_SEC, EVENT_DROP, EVENT_POLICY_VERDICT,
+    },
     metrics::Counter,
     policy::DIR_EGRESS,
 };
 
 use crate::{
     ct,
-    maps::{EVENTS, EVENTS_RATE},
+    maps::{EVENT6_SCRATCH, EVENTS, EVENTS_RATE},
     metrics::count,
     parse::Flow4,
     VERDICT_DROP,
@@ -53,6 +55,65 @@ pub fn base(direction: u8, ifindex: u32, ep: &EndpointInfo, flow: Option<&Flow4>
     ev
 }
 
+/// An IPv6 packet's event under construction, in this CPU's
+/// `EVENT6_SCRATCH` slot: the IPv6 service program's stack has no room for
+/// the longer record. Null only if the slot cannot be had (never: a one-slot
+/// per-CPU array); a drop is still counted then.
+pub struct Event6Ref(*mut Event6);
+
+impl Event6Ref {
+    /// The remote end's identity (the destination's on egress).
+    #[inline(always)]
+    pub fn set_remote(&mut self, direction: u8, identity: u32) {
+        // SAFETY: null or this CPU's scratch slot, used by one program run
+        // at a time (programs do not preempt each other on one CPU).
+        if let Some(ev) = unsafe { self.0.as_mut() } {
+            if direction == DIR_EGRESS {
+                ev.event.dst_identity = identity;
+            } else {
+                ev.event.src_identity = identity;
+            }
+        }
+    }
+
+    #[inline(always)]
+    pub fn set_rule_ref(&mut self, rule_ref: u32) {
+        // SAFETY: as in `set_remote`.
+        if let Some(ev) = unsafe { self.0.as_mut() } {
+            ev.event.rule_ref = rule_ref;
+        }
+    }
+}
+
+/// `base` for an IPv6 packet, with its tuple.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn base6(
+    direction: u8,
+    ifindex: u32,
+    ep: &EndpointInfo,
+    saddr: &[u32; 4],
+    daddr: &[u32; 4],
+    sport: u16,
+    dport: u16,
+    proto: u8,
+) -> Event6Ref {
+    let Some(slot) = EVENT6_SCRATCH.get_ptr_mut(0) else {
+        return Event6Ref(core::ptr::null_mut());
+    };
+    // SAFETY: this CPU's scratch slot (see `Event6Ref`); every field is
+    // written, the previous record's included.
+    let ev = unsafe { &mut *slot };
+    ev.event = base(direction, ifindex, ep, None);
+    ev.event.ipv6 = 1;
+    ev.event.sport = sport;
+    ev.event.dport = dport;
+    ev.event.proto = proto;
+    ev.saddr6 = *saddr;
+    ev.daddr6 = *daddr;
+    Event6Ref(slot)
+}
+
 /// Takes a token from this CPU's bucket.
 #[inline(always)]
 fn take_token() -> bool {
@@ -80,8 +141,8 @@ fn take_token() -> bool {
 }
 
 #[inline(always)]
-pub fn emit(ev: &Event) {
-    if !take_token() || EVENTS.output::<Event>(ev, 0).is_err() {
+pub fn emit<T>(ev: &T) {
+    if !take_token() || EVENTS.output::<T>(ev, 0).is_err() {
         count(Counter::EventsLost);
     }
 }
@@ -100,19 +161,15 @@ fn drop_counter(reason: Reason) -> Counter {
     }
 }
 
-/// Counts the drop, emits its event and returns the drop verdict.
 #[inline(always)]
-pub fn drop(mut ev: Event, reason: Reason) -> i32 {
+fn mark_drop(ev: &mut Event, reason: Reason) {
     count(drop_counter(reason));
     ev.kind = EVENT_DROP;
     ev.reason = reason as u8;
-    emit(&ev);
-    VERDICT_DROP
 }
 
-/// A policy decision on a new connection.
 #[inline(always)]
-pub fn verdict(mut ev: Event, allowed: bool, rule_ref: u32) {
+fn mark_verdict(ev: &mut Event, allowed: bool, rule_ref: u32) {
     ev.kind = EVENT_POLICY_VERDICT;
     ev.allowed = allowed as u8;
     ev.rule_ref = rule_ref;
@@ -121,5 +178,43 @@ pub fn verdict(mut ev: Event, allowed: bool, rule_ref: u32) {
     } else {
         Reason::PolicyDenied
     } as u8;
+}
+
+/// Counts the drop, emits its event and returns the drop verdict.
+#[inline(always)]
+pub fn drop(mut ev: Event, reason: Reason) -> i32 {
+    mark_drop(&mut ev, reason);
     emit(&ev);
+    VERDICT_DROP
+}
+
+/// `drop` of an IPv6 packet.
+#[inline(always)]
+pub fn drop6(ev: &mut Event6Ref, reason: Reason) -> i32 {
+    // SAFETY: as in `Event6Ref::set_remote`.
+    match unsafe { ev.0.as_mut() } {
+        Some(ev) => {
+            mark_drop(&mut ev.event, reason);
+            emit::<Event6>(ev);
+        }
+        None => count(drop_counter(reason)),
+    }
+    VERDICT_DROP
+}
+
+/// A policy decision on a new connection.
+#[inline(always)]
+pub fn verdict(mut ev: Event, allowed: bool, rule_ref: u32) {
+    mark_verdict(&mut ev, allowed, rule_ref);
+    emit(&ev);
+}
+
+/// `verdict` on an IPv6 connection (`ev` keeps the verdict's fields).
+#[inline(always)]
+pub fn verdict6(ev: &mut Event6Ref, allowed: bool, rule_ref: u32) {
+    // SAFETY: as in `Event6Ref::set_remote`.
+    if let Some(ev) = unsafe { ev.0.as_mut() } {
+        mark_verdict(&mut ev.event, allowed, rule_ref);
+        emit::<Event6>(ev);
+    }
 }

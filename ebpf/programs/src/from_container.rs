@@ -81,7 +81,7 @@ fn try_from_container(
         if let Some(master) = lb::lookup_master(&master_key) {
             return service(ctx, ep, flags, flow, &master_key, &master);
         }
-        if flow.is_tcp_syn(ctx) {
+        if flow.syn {
             ct::forget_translation(&ct::tuple_key(flow, CT_EGRESS));
         }
     }

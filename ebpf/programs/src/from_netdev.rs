@@ -16,7 +16,8 @@
 //! 3. a frontend without (local) backends refuses new flows (TCP RST, UDP
 //!    port unreachable).
 //!
-//! Everything else (non-IPv4, traffic for the node or for pods) passes
+//! IPv6 is handled the same way by `from_netdev6` (`netdev6`, by tail
+//! call). Everything else (traffic for the node or for pods, non-IP) passes
 //! untouched: this program never drops what it does not translate.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
@@ -26,11 +27,12 @@ use catena_common::{
     lb::{Service4Key, Service4Value},
     metrics::Counter,
     policy::DIR_INGRESS,
+    tail_calls,
 };
 
 use crate::{
     ct, events, lb,
-    maps::LB4_REVNAT,
+    maps::{LB4_REVNAT, TAIL_CALLS6},
     metrics::count,
     nat,
     nodeport::{self, Translated},
@@ -41,8 +43,16 @@ use crate::{
 #[classifier]
 pub fn from_netdev(ctx: TcContext) -> i32 {
     // Malformed IPv4 is not ours to judge on a device the node owns.
-    let Ok(Packet::Ipv4(flow)) = parse::parse(&ctx) else {
-        return VERDICT_PASS;
+    let flow = match parse::parse(&ctx) {
+        Ok(Packet::Ipv4(flow)) => flow,
+        Ok(Packet::Ipv6) => {
+            // SAFETY: our own context; on success this never returns. An
+            // empty slot (never, once the agent has loaded the programs)
+            // passes IPv6 untranslated.
+            unsafe { TAIL_CALLS6.tail_call(&ctx, tail_calls::FROM_NETDEV6) };
+            return VERDICT_PASS;
+        }
+        _ => return VERDICT_PASS,
     };
     if !flow.is_tcp_udp() {
         return VERDICT_PASS;

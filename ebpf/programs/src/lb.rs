@@ -4,15 +4,13 @@
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use catena_common::lb::{
-    Affinity4Key, Affinity4Value, Backend4, Service4Key, Service4Value, SCOPE_EXTERNAL,
+    Affinity4Key, Backend4, Service4Key, Service4Value, SCOPE_EXTERNAL,
     SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_NO_BACKENDS, SVC_FLAG_TWO_SCOPES,
 };
 
-use crate::maglev;
+use crate::{affinity, maglev};
 use crate::maps::{LB4_AFFINITY, LB4_BACKENDS, LB4_SERVICES};
 use crate::parse::Flow4;
-
-const NS_PER_SEC: u64 = 1_000_000_000;
 
 #[inline(always)]
 pub fn master_key(daddr: u32, dport: u16, proto: u8) -> Service4Key {
@@ -131,8 +129,8 @@ pub fn select_for_flow(
     })
 }
 
-/// ClientIP affinity around a selection: the client's fresh affinity backend
-/// if any, else `pick()`, which then becomes the client's affinity backend.
+/// ClientIP affinity around a selection (see [`affinity::sticky`]), when the
+/// frontend has it.
 #[inline(always)]
 fn sticky(
     master: &Service4Value,
@@ -143,31 +141,11 @@ fn sticky(
     if master.flags & SVC_FLAG_AFFINITY == 0 {
         return pick();
     }
-    let aff_key = Affinity4Key {
+    let key = Affinity4Key {
         client,
         rev_nat_index: master.rev_nat_index,
         pad: 0,
     };
     // In the master entry `backend_id` holds the affinity timeout (seconds).
-    let timeout_ns = master.backend_id as u64 * NS_PER_SEC;
-    if let Some(entry) = LB4_AFFINITY.get_ptr_mut(aff_key) {
-        // SAFETY: a live value pointer from this run's lookup.
-        let e = unsafe { &mut *entry };
-        if now.wrapping_sub(e.last_used_ns) <= timeout_ns {
-            if let Some(b) = backend(e.backend_id) {
-                e.last_used_ns = now;
-                return Some((e.backend_id, b));
-            }
-        }
-    }
-    let (id, b) = pick()?;
-    let value = Affinity4Value {
-        last_used_ns: now,
-        backend_id: id,
-        pad: 0,
-    };
-    // A failed insert only loses stickiness for this client; the flow itself
-    // is fine, so it is not an error.
-    let _ = LB4_AFFINITY.insert(aff_key, value, 0);
-    Some((id, b))
+    affinity::sticky(&LB4_AFFINITY, &key, master.backend_id, now, backend, pick)
 }

@@ -4,12 +4,11 @@
 //! select at random.
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
-use catena_common::lb::{Affinity4Value, SVC_FLAG_AFFINITY};
+use catena_common::lb::SVC_FLAG_AFFINITY;
 use catena_common::lb6::{Affinity6Key, Backend6, Service6Key, Service6Value};
 
+use crate::affinity;
 use crate::maps::{LB6_AFFINITY, LB6_BACKENDS, LB6_SERVICES};
-
-const NS_PER_SEC: u64 = 1_000_000_000;
 
 #[inline(always)]
 pub fn master_key(daddr: &[u32; 4], dport: u16, proto: u8) -> Service6Key {
@@ -71,24 +70,12 @@ pub fn select_for_client(
         pad: 0,
     };
     // In the master entry `backend_id` holds the affinity timeout (seconds).
-    let timeout_ns = master.backend_id as u64 * NS_PER_SEC;
-    if let Some(entry) = LB6_AFFINITY.get_ptr_mut(&aff_key) {
-        // SAFETY: a live value pointer from this run's lookup.
-        let e = unsafe { &mut *entry };
-        if now.wrapping_sub(e.last_used_ns) <= timeout_ns {
-            if let Some(b) = backend(e.backend_id) {
-                e.last_used_ns = now;
-                return Some((e.backend_id, b));
-            }
-        }
-    }
-    let (id, b) = select_backend(key, master.count)?;
-    let value = Affinity4Value {
-        last_used_ns: now,
-        backend_id: id,
-        pad: 0,
-    };
-    // A failed insert only loses stickiness for this client.
-    let _ = LB6_AFFINITY.insert(&aff_key, &value, 0);
-    Some((id, b))
+    affinity::sticky(
+        &LB6_AFFINITY,
+        &aff_key,
+        master.backend_id,
+        now,
+        backend,
+        || select_backend(key, master.count),
+    )
 }

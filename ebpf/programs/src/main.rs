@@ -19,10 +19,13 @@
 #![no_std]
 #![no_main]
 
+mod affinity;
 mod ct;
 mod ct6;
 mod endpoint;
 mod events;
+mod flow6;
+mod icmp_error;
 mod from_container;
 mod from_netdev;
 mod lb;
@@ -32,9 +35,12 @@ mod maps;
 mod metrics;
 mod nat;
 mod nat6;
+mod netdev6;
 mod nodeport;
+mod nodeport6;
 mod parse;
 mod policy;
+mod policy6;
 mod reject;
 mod reject6;
 mod service6;

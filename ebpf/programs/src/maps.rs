@@ -104,6 +104,18 @@ pub static SNAT4: LruHashMap<
     catena_common::nodeport::Snat4Value,
 > = LruHashMap::pinned(131_072, 0);
 
+/// External devices (ifindex) -> the IPv6 address flows are SNATed to there
+/// (why a map apart from `DEVICES4`: catena_common::nodeport).
+#[map]
+pub static DEVICES6: HashMap<u32, catena_common::nodeport::NodeDevice6> = HashMap::pinned(256, 0);
+
+/// `SNAT4` for IPv6 flows from external clients sent to remote backends.
+#[map]
+pub static SNAT6: LruHashMap<
+    catena_common::nodeport::Snat6Key,
+    catena_common::nodeport::Snat6Value,
+> = LruHashMap::pinned(131_072, 0);
+
 /// IPv6 frontends: master entries and backend slots (catena_common::lb6).
 #[map]
 pub static LB6_SERVICES: HashMap<
@@ -138,8 +150,28 @@ pub static LB6_AFFINITY: LruHashMap<
     catena_common::lb6::Affinity6Value,
 > = LruHashMap::pinned(65_536, 0);
 
+/// ClientIP session affinity of the socket-level load balancer, per network
+/// namespace (catena_common::lb::SockAffinityKey), IPv4 and IPv6 frontends.
+#[map]
+pub static LB_SOCK_AFFINITY: LruHashMap<
+    catena_common::lb::SockAffinityKey,
+    catena_common::lb::Affinity4Value,
+> = LruHashMap::pinned(65_536, 0);
+
 /// The IPv6 service programs, entered by tail call (slots:
 /// `catena_common::tail_calls`). Pinned: a program array loses its entries
 /// when the last user-space reference goes, and the agent may be down.
 #[map]
 pub static TAIL_CALLS6: ProgramArray = ProgramArray::pinned(catena_common::tail_calls::COUNT, 0);
+
+/// IPv6 prefix -> identity of the remote end (longest prefix wins; a miss is
+/// `identity::WORLD`), the IPv6 half of `IPCACHE`.
+#[map]
+pub static IPCACHE6: LpmTrie<catena_common::policy::Ipcache6Key, IpcacheValue> =
+    LpmTrie::pinned(524_288, 0);
+
+/// Where an IPv6 event is built before it is emitted (one slot per CPU, not
+/// pinned: it holds nothing between program runs).
+#[map]
+pub static EVENT6_SCRATCH: PerCpuArray<catena_common::events::Event6> =
+    PerCpuArray::with_max_entries(1, 0);

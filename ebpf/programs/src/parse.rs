@@ -1,10 +1,31 @@
-//! Header parsing. Reads go through `bpf_skb_load_bytes` (`ctx.load`), which
-//! checks the offset against the packet length at run time: no direct packet
-//! pointers, so no data/data_end proofs for the verifier, and non-linear skbs
-//! (GRO/GSO) are read correctly without `bpf_skb_pull_data`.
+//! Header parsing. Reads go straight to the skb's linear data when the
+//! header lies inside it (one bounds check each, no helper call: on this
+//! datapath a helper call costs more than the whole parse), and fall back to
+//! `bpf_skb_load_bytes` (`ctx.load`) otherwise, so headers beyond the linear
+//! area of a non-linear skb (GRO/GSO) are still read correctly without
+//! `bpf_skb_pull_data`, which would reallocate the skb.
+
+use core::mem::size_of;
 
 use aya_ebpf::programs::TcContext;
 use catena_common::{IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
+
+/// A `T` at `off` bytes into the packet: from the linear data when it lies
+/// there, else through the load helper. `T` is plain data read unaligned
+/// (headers sit at any offset).
+#[inline(always)]
+pub fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, ()> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + size_of::<T>() <= end {
+        // SAFETY: the bytes [start + off, start + off + size_of::<T>()) were
+        // just checked to lie inside the linear packet data, which stays
+        // valid for this program run (no helper that changes packet data is
+        // called between the check and the read).
+        return Ok(unsafe { ((start + off) as *const T).read_unaligned() });
+    }
+    ctx.load(off).map_err(|_| ())
+}
 
 pub const ETH_HLEN: usize = 14;
 /// EtherType offset in the Ethernet header.
@@ -20,7 +41,11 @@ pub const IP_DADDR_OFF: usize = ETH_HLEN + 16;
 /// Fragment offset bits of `frag_off` (host order).
 const IP_OFFSET_MASK: u16 = 0x1fff;
 const TCP_FLAG_FIN: u8 = 0x01;
+const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_RST: u8 = 0x04;
+const TCP_FLAG_ACK: u8 = 0x10;
+/// Offset of the flags byte in the TCP header.
+const TCP_FLAGS_OFF: usize = 13;
 
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO: u8 = 8;
@@ -31,21 +56,26 @@ const ND_FIRST: u8 = 133;
 const ND_LAST: u8 = 137;
 const IPV6_HLEN: usize = 40;
 
-/// The fixed 20-byte IPv4 header, read in one helper call.
+/// The fixed 20-byte IPv4 header, read at once.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Ipv4Hdr {
-    version_ihl: u8,
-    tos: u8,
-    tot_len: u16,
-    id: u16,
-    frag_off: u16,
-    ttl: u8,
-    protocol: u8,
-    check: u16,
-    saddr: u32,
-    daddr: u32,
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub tot_len: u16,
+    pub id: u16,
+    pub frag_off: u16,
+    pub ttl: u8,
+    pub protocol: u8,
+    pub check: u16,
+    pub saddr: u32,
+    pub daddr: u32,
 }
+
+/// Offsets of fields inside an IPv4 header.
+pub const IPV4_CSUM: usize = 10;
+pub const IPV4_DADDR: usize = 16;
+pub const IPV4_HLEN: usize = 20;
 
 /// An IPv4 packet's tuple. Addresses and ports in network order, as in the
 /// packet and in the maps.
@@ -63,6 +93,8 @@ pub struct Flow4 {
     pub l4_off: usize,
     /// TCP FIN or RST set.
     pub closing: bool,
+    /// A TCP SYN without ACK: the first segment of a new connection.
+    pub syn: bool,
     /// A non-first fragment: no L4 header, ports unknown (0).
     pub fragment: bool,
     /// What policy matches as the port (network order): the destination port
@@ -94,17 +126,20 @@ impl Flow4 {
     pub fn is_tcp_udp(&self) -> bool {
         !self.fragment && (self.proto == IPPROTO_TCP || self.proto == IPPROTO_UDP)
     }
-
-    /// A TCP SYN without ACK: the first segment of a new connection.
-    #[inline(always)]
-    pub fn is_tcp_syn(&self, ctx: &TcContext) -> bool {
-        const SYN: u8 = 0x02;
-        const ACK: u8 = 0x10;
-        !self.fragment
-            && self.proto == IPPROTO_TCP
-            && matches!(ctx.load::<u8>(self.l4_off + 13), Ok(f) if f & (SYN | ACK) == SYN)
-    }
 }
+
+/// The start of a TCP header up to and including the flags byte.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TcpHead {
+    ports: [u16; 2],
+    seq: u32,
+    ack: u32,
+    data_off: u8,
+    flags: u8,
+}
+
+const _: () = assert!(core::mem::offset_of!(TcpHead, flags) == TCP_FLAGS_OFF);
 
 pub enum Packet {
     /// Neither IPv4 nor IPv6 (ARP, VLAN, LLDP...): never touched.
@@ -117,14 +152,14 @@ pub enum Packet {
 /// Errors are truncated/malformed IPv4 packets.
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Result<Packet, ()> {
-    let proto: u16 = ctx.load(ETH_PROTO_OFF).map_err(|_| ())?;
+    let proto: u16 = read(ctx, ETH_PROTO_OFF)?;
     if proto != ETH_P_IP.to_be() {
         if proto == ETH_P_IPV6.to_be() {
             return Ok(Packet::Ipv6);
         }
         return Ok(Packet::Other);
     }
-    let ip: Ipv4Hdr = ctx.load(ETH_HLEN).map_err(|_| ())?;
+    let ip: Ipv4Hdr = read(ctx, ETH_HLEN)?;
     if ip.version_ihl >> 4 != 4 {
         return Err(());
     }
@@ -142,6 +177,7 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, ()> {
         proto: ip.protocol,
         l4_off,
         closing: false,
+        syn: false,
         fragment: false,
         policy_port: 0,
         ports_known: false,
@@ -155,19 +191,25 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, ()> {
     match ip.protocol {
         IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
             // Source and destination ports are the first 4 bytes of all three.
-            let ports: [u16; 2] = ctx.load(l4_off).map_err(|_| ())?;
-            flow.sport = ports[0];
-            flow.dport = ports[1];
-            flow.policy_port = ports[1];
-            flow.ports_known = true;
             if ip.protocol == IPPROTO_TCP {
-                let flags: u8 = ctx.load(l4_off + 13).map_err(|_| ())?;
-                flow.closing = flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0;
+                // Ports and flags in one read: the first 14 bytes.
+                let head: TcpHead = read(ctx, l4_off)?;
+                flow.sport = head.ports[0];
+                flow.dport = head.ports[1];
+                flow.closing = head.flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0;
+                flow.syn = head.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
+            } else {
+                // Source and destination ports are the first 4 bytes of all three.
+                let ports: [u16; 2] = read(ctx, l4_off)?;
+                flow.sport = ports[0];
+                flow.dport = ports[1];
             }
+            flow.policy_port = flow.dport;
+            flow.ports_known = true;
         }
         IPPROTO_ICMP => {
             // type, code, checksum, identifier (echo).
-            let head: [u8; 6] = ctx.load(l4_off).map_err(|_| ())?;
+            let head: [u8; 6] = read(ctx, l4_off)?;
             let id = u16::from_ne_bytes([head[4], head[5]]);
             match head[0] {
                 ICMP_ECHO => flow.sport = id,
@@ -188,16 +230,16 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, ()> {
 /// interface's link-local plumbing keeps working.
 #[inline(always)]
 pub fn is_ipv6_nd(ctx: &TcContext) -> bool {
-    let Ok(next) = ctx.load::<u8>(ETH_HLEN + 6) else {
+    let Ok(next) = read::<u8>(ctx, ETH_HLEN + 6) else {
         return false;
     };
     if next != IPPROTO_ICMPV6 {
         return false;
     }
-    matches!(ctx.load::<u8>(ETH_HLEN + IPV6_HLEN), Ok(t) if (ND_FIRST..=ND_LAST).contains(&t))
+    matches!(read::<u8>(ctx, ETH_HLEN + IPV6_HLEN), Ok(t) if (ND_FIRST..=ND_LAST).contains(&t))
 }
 
-/// The fixed 40-byte IPv6 header, read in one helper call.
+/// The fixed 40-byte IPv6 header, read at once.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Ipv6Hdr {
@@ -256,19 +298,19 @@ impl Flow6 {
 /// alone. `Err`: truncated or not version 6.
 #[inline(always)]
 pub fn parse6(ctx: &TcContext) -> Result<Option<Flow6>, ()> {
-    let ip: Ipv6Hdr = ctx.load(ETH_HLEN).map_err(|_| ())?;
+    let ip: Ipv6Hdr = read(ctx, ETH_HLEN)?;
     if u32::from_be(ip.version_class_flow) >> 28 != 6 {
         return Err(());
     }
     if ip.next_header != IPPROTO_TCP && ip.next_header != IPPROTO_UDP {
         return Ok(None);
     }
-    let ports: [u16; 2] = ctx.load(IP6_L4_OFF).map_err(|_| ())?;
-    let mut closing = false;
-    if ip.next_header == IPPROTO_TCP {
-        let flags: u8 = ctx.load(IP6_L4_OFF + 13).map_err(|_| ())?;
-        closing = flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0;
-    }
+    let (ports, closing) = if ip.next_header == IPPROTO_TCP {
+        let head: TcpHead = read(ctx, IP6_L4_OFF)?;
+        (head.ports, head.flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0)
+    } else {
+        (read::<[u16; 2]>(ctx, IP6_L4_OFF)?, false)
+    };
     Ok(Some(Flow6 {
         saddr: ip.saddr,
         daddr: ip.daddr,

@@ -13,23 +13,33 @@
 //!   "from" the VIP and `getpeername()` shows it.
 //!
 //! No per-packet cost: after connect() the kernel sends to the backend
-//! directly and neither tc program finds anything to translate. ClientIP
-//! affinity is not applied here (a node's processes are one client, and the
-//! source address is not known before the kernel routes the socket).
+//! directly and neither tc program finds anything to translate. Attached at
+//! the node's cgroup2 root, this serves pods too (their cgroups descend
+//! from it), so most pod -> ClusterIP connections never need the tc DNAT.
+//! ClientIP affinity is kept per network namespace (`LB_SOCK_AFFINITY`):
+//! the source address is not chosen yet in connect(), and a netns is one
+//! client address (a pod's, or the node's for its own processes).
 
 use aya_ebpf::{
-    helpers::{bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
     EbpfContext,
 };
 use catena_common::{
-    lb::{Backend4, SockRevNat4Key, SockRevNat4Value},
+    lb::{
+        Backend4, Service4Value, SockAffinityKey, SockRevNat4Key, SockRevNat4Value,
+        SOCK_AFFINITY_V4, SVC_FLAG_AFFINITY,
+    },
     metrics::Counter,
     IPPROTO_TCP, IPPROTO_UDP,
 };
 
-use crate::{lb, maps::LB4_SOCK_REVNAT, metrics::count};
+use crate::{
+    affinity, ct, lb,
+    maps::{LB4_SOCK_REVNAT, LB_SOCK_AFFINITY},
+    metrics::count,
+};
 
 /// Return values of cgroup sock_addr programs.
 pub(crate) const SYS_PROCEED: i32 = 1;
@@ -63,6 +73,45 @@ pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
 pub(crate) fn cookie(ctx: &SockAddrContext) -> u64 {
     // SAFETY: bpf_get_socket_cookie accepts a bpf_sock_addr context.
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// The caller's network namespace, the "client" of socket-level affinity.
+#[inline(always)]
+fn netns_cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: bpf_get_netns_cookie accepts a bpf_sock_addr context.
+    unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+}
+
+/// `pick()` under the frontend's ClientIP affinity (if it has it), keyed by
+/// the caller's netns and the frontend (`family`: `SOCK_AFFINITY_V4|V6`).
+/// `backend` looks an affinity entry's backend id up in the family's map.
+#[inline(always)]
+pub(crate) fn with_affinity<B>(
+    ctx: &SockAddrContext,
+    flags: u16,
+    timeout_s: u32,
+    rev_nat_index: u16,
+    family: u8,
+    backend: impl Fn(u32) -> Option<B>,
+    pick: impl FnOnce() -> Option<(u32, B)>,
+) -> Option<(u32, B)> {
+    if flags & SVC_FLAG_AFFINITY == 0 {
+        return pick();
+    }
+    let key = SockAffinityKey {
+        netns_cookie: netns_cookie(ctx),
+        rev_nat_index,
+        family,
+        pad: [0; 5],
+    };
+    affinity::sticky(
+        &LB_SOCK_AFFINITY,
+        &key,
+        timeout_s,
+        ct::now_ns(),
+        backend,
+        pick,
+    )
 }
 
 #[inline(always)]
@@ -111,7 +160,7 @@ pub(crate) fn choose_backend4(
         count(Counter::SockRejected);
         return Err(reject());
     }
-    let Some((_, backend)) = lb::select_backend(&key, master.count) else {
+    let Some((_, backend)) = select4(ctx, &key, &master) else {
         // The slot vanished under an update: as for the tc path, no backend.
         count(Counter::SockRejected);
         return Err(reject());
@@ -134,6 +183,25 @@ pub(crate) fn choose_backend4(
         return Err(reject());
     }
     Ok(Some(backend))
+}
+
+/// A backend of an IPv4 frontend for this socket call.
+#[inline(always)]
+fn select4(
+    ctx: &SockAddrContext,
+    key: &catena_common::lb::Service4Key,
+    master: &Service4Value,
+) -> Option<(u32, Backend4)> {
+    // In the master entry `backend_id` holds the affinity timeout (seconds).
+    with_affinity(
+        ctx,
+        master.flags,
+        master.backend_id,
+        master.rev_nat_index,
+        SOCK_AFFINITY_V4,
+        lb::backend,
+        || lb::select_backend(key, master.count),
+    )
 }
 
 /// Fails the socket call with ECONNREFUSED (a plain `0` would be EPERM, which

@@ -11,7 +11,7 @@
 
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use catena_common::{
-    lb::SockRevNat4Key,
+    lb::{SockRevNat4Key, SOCK_AFFINITY_V6},
     lb6::{SockRevNat6Key, SockRevNat6Value},
     metrics::Counter,
     IPPROTO_TCP, IPPROTO_UDP,
@@ -107,7 +107,17 @@ fn translate(ctx: &SockAddrContext) -> i32 {
         count(Counter::SockRejected);
         return reject();
     }
-    let Some((_, backend)) = lb6::select_backend(&key, master.count) else {
+    // In the master entry `backend_id` holds the affinity timeout (seconds).
+    let chosen = sock::with_affinity(
+        ctx,
+        master.flags,
+        master.backend_id,
+        master.rev_nat_index,
+        SOCK_AFFINITY_V6,
+        lb6::backend,
+        || lb6::select_backend(&key, master.count),
+    );
+    let Some((_, backend)) = chosen else {
         count(Counter::SockRejected);
         return reject();
     };

@@ -5,6 +5,9 @@
 //! ipcache by source address); replies of connections the pod opened and
 //! established connections pass on conntrack.
 //!
+//! ICMP errors about the pod's connections pass as part of them, their
+//! quote translated back to the frontend for service flows (`icmp_error`).
+//!
 //! No `ENDPOINTS` entry: drop (fail closed, as from_container). ARP and other
 //! non-IP frames pass untouched; IPv6 service replies are reverse-NATed
 //! (`service6`) unless ingress is enforced, which drops IPv6 (neighbour
@@ -18,11 +21,12 @@ use catena_common::{
     lb::HAIRPIN_ADDR,
     metrics::Counter,
     policy::{DIR_INGRESS, POLICY_EP_INGRESS},
+    IPPROTO_ICMP,
 };
 
 use crate::endpoint::{self, Packet4};
 use crate::{
-    ct, events, maps::LB4_REVNAT, metrics::count, nat, parse::Flow4, policy, VERDICT_PASS,
+    ct, events, icmp_error, maps::LB4_REVNAT, metrics::count, nat, parse::Flow4, policy, VERDICT_PASS,
 };
 
 #[classifier]
@@ -58,6 +62,13 @@ fn try_to_container(
     flags: u32,
     flow: &Flow4,
 ) -> Result<i32, ()> {
+    // An ICMP error about one of the pod's connections belongs to it (and
+    // quotes the backend if it was a service flow).
+    if flow.proto == IPPROTO_ICMP && !flow.fragment {
+        if let icmp_error::Related::Yes = icmp_error::to_container(ctx, flow)? {
+            return Ok(VERDICT_PASS);
+        }
+    }
     // Without policy only TCP/UDP can be a service reply (as before policy
     // existed); under policy every reply of a connection the pod opened
     // passes here.

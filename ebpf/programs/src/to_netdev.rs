@@ -1,18 +1,19 @@
 //! `to_netdev`: tc egress of the node's external devices. A local backend's
 //! reply to an external client (DNATed by `from_netdev` without SNAT, so it
 //! leaves through the stack to the client's address) gets its source
-//! restored to the frontend the client connected to. Everything else passes
-//! untouched; the lookup is one conntrack probe per TCP/UDP packet.
+//! restored to the frontend the client connected to (IPv6: `to_netdev6`,
+//! by tail call). Everything else passes untouched; the lookup is one
+//! conntrack probe per TCP/UDP packet.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use catena_common::{
     ct::CT_FLAG_SEEN_REPLY, endpoint::EndpointInfo, events::Reason, metrics::Counter,
-    policy::DIR_EGRESS,
+    policy::DIR_EGRESS, tail_calls,
 };
 
 use crate::{
     ct, events,
-    maps::LB4_REVNAT,
+    maps::{LB4_REVNAT, TAIL_CALLS6},
     metrics::count,
     nat,
     parse::{self, Packet},
@@ -21,8 +22,14 @@ use crate::{
 
 #[classifier]
 pub fn to_netdev(ctx: TcContext) -> i32 {
-    let Ok(Packet::Ipv4(flow)) = parse::parse(&ctx) else {
-        return VERDICT_PASS;
+    let flow = match parse::parse(&ctx) {
+        Ok(Packet::Ipv4(flow)) => flow,
+        Ok(Packet::Ipv6) => {
+            // SAFETY: our own context; on success this never returns.
+            unsafe { TAIL_CALLS6.tail_call(&ctx, tail_calls::TO_NETDEV6) };
+            return VERDICT_PASS;
+        }
+        _ => return VERDICT_PASS,
     };
     if !flow.is_tcp_udp() {
         return VERDICT_PASS;

@@ -2,6 +2,7 @@
 //! a throwaway bpffs directory, minimal frame builders and BPF_PROG_TEST_RUN
 //! timing of the datapath's pinned programs (the per-packet benchmarks).
 
+pub mod cgroup;
 pub mod service_set;
 
 use anyhow::{bail, Context, Result};

@@ -121,3 +121,60 @@ fn udp_service_spreads_answers_from_the_vip_and_refuses_without_endpoints() -> a
     }
     Ok(())
 }
+
+/// A backend that has no listener on the target port answers with ICMP port
+/// unreachable about the translated datagram (client -> backend). The
+/// datapath translates the error's quote back to the frontend, so the
+/// client's socket, connected to the ClusterIP, gets ECONNREFUSED at once
+/// instead of waiting out its timeout; a pod under default-deny ingress
+/// still receives it (an error belongs to its connection).
+#[test]
+fn a_backends_port_unreachable_reaches_the_client_as_econnrefused() -> anyhow::Result<()> {
+    let node = Node::new("e2e-udp-icmp")?;
+    let manifests = node.dir().join("manifests");
+    write_manifest(
+        &manifests,
+        "svc.yaml",
+        &format!(
+            "{}---\n{}---\n{}",
+            udp_service_yaml("silent", DNS_VIP, "silent"),
+            pod_yaml("silent-1", "silent"),
+            // Default-deny ingress for the client: the error must pass as
+            // part of the client's own flow.
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-in, namespace: default}\nspec:\n  podSelector: {matchLabels: {app: client}}\n  policyTypes: [Ingress]\n"
+        ),
+    )?;
+    write_manifest(&manifests, "client.yaml", &pod_yaml("client", "client"))?;
+    let agent = node.start_agent(&manifests, &[])?;
+    let api = agent.client();
+    let conf = node.ptp_conflist("e2e", "10.244.7.0/24", "1.0.0", vec![node.catena_plugin()])?;
+    let cni = CniRunner::new(&node, conf);
+    let client = node.pod("client")?;
+    let silent = node.pod("silent-1")?;
+    for pod in [&client, &silent] {
+        cni.add(pod, "eth0", &CallArgs::default())?;
+    }
+    let frontend = format!("{DNS_VIP}:53/UDP");
+    wait_for("the silent backend", Duration::from_secs(10), || {
+        let s: Vec<ServiceStatus> = api.get("/v1/services")?;
+        Ok(backends_of(&s, &frontend).filter(|b| b.len() == 1))
+    })?;
+    let vip: SocketAddr = format!("{DNS_VIP}:53").parse()?;
+    for _ in 0..5 {
+        let (result, elapsed) = client.netns().enter_thread(move || {
+            let start = Instant::now();
+            let r = udp_connected_request(vip, Duration::from_secs(2));
+            (r, start.elapsed())
+        })?;
+        let err = result.expect_err("a backend without a listener answered");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+        assert!(elapsed < REFUSE_WITHIN, "refused after {elapsed:?}");
+    }
+    // The backend's error, not the datapath's no-backend refusal.
+    let status: Status = api.get("/v1/status")?;
+    assert_eq!(status.datapath.counters["reject_no_backend"], 0);
+    for pod in [&client, &silent] {
+        cni.del(pod, "eth0", &CallArgs::default())?;
+    }
+    Ok(())
+}
