@@ -118,7 +118,7 @@ fn pods() -> Vec<PolicyPod> {
             let labels = pod_identity_labels(&ns, &labels, None, Some("default"));
             PolicyPod {
                 key: ObjectKey::new(ns, format!("pod-{i}")),
-                ipv4: vec![pod_ip(i)],
+                ips: vec![pod_ip(i).into()],
                 identity: identities.allocate(labels.clone()),
                 labels,
                 named_ports: vec![],
