@@ -294,6 +294,33 @@ fn tcp_dnat_conntrack_and_reverse_nat_are_byte_exact() {
     assert!(dp.ct_dump().unwrap().is_empty());
 }
 
+/// Port reuse over IPv6: a direct SYN from the port a finished Service flow
+/// used clears that flow's reverse translation, so the backend's reply
+/// keeps its own source.
+#[test]
+fn direct_connection_reusing_a_service_flows_tuple_is_not_reverse_natted() {
+    let (_dir, dp, p) = setup();
+    let (_, out) = run_prog(&p.from, &Pkt6::tcp(CLIENT, 40001, VIP_TCP, 80).build());
+    let backend = parse_and_verify6(&out).dst;
+
+    let direct = Pkt6::tcp(CLIENT, 40001, backend, 8080).build();
+    let (rc, out) = run_prog(&p.from, &direct);
+    assert_eq!(rc, PASS);
+    assert_eq!(out, direct, "a direct SYN passes untouched");
+
+    let mut reply = Pkt6::tcp(backend, 8080, CLIENT, 40001);
+    reply.tcp_flags = 0x12;
+    let (rc, back) = run_prog(&p.to, &reply.build());
+    assert_eq!(rc, PASS);
+    assert_eq!(back, reply.build(), "reply keeps its source");
+    let ct = dp.ct6_dump().unwrap();
+    let egress = ct
+        .iter()
+        .find(|(k, _)| k.kind == CT_EGRESS && k.daddr == m(backend))
+        .unwrap();
+    assert_eq!(egress.1.rev_nat_index, 0);
+}
+
 #[test]
 fn flows_spread_over_backends() {
     let (_dir, _dp, p) = setup();

@@ -268,6 +268,8 @@ pub struct Flow6 {
     pub proto: u8,
     /// TCP FIN or RST set.
     pub closing: bool,
+    /// A TCP SYN without ACK: the first segment of a new connection.
+    pub syn: bool,
     /// The IPv6 payload length (host order): what the L4 header and data
     /// span.
     pub payload_len: u16,
@@ -305,11 +307,11 @@ pub fn parse6(ctx: &TcContext) -> Result<Option<Flow6>, ()> {
     if ip.next_header != IPPROTO_TCP && ip.next_header != IPPROTO_UDP {
         return Ok(None);
     }
-    let (ports, closing) = if ip.next_header == IPPROTO_TCP {
+    let (ports, flags) = if ip.next_header == IPPROTO_TCP {
         let head: TcpHead = read(ctx, IP6_L4_OFF)?;
-        (head.ports, head.flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0)
+        (head.ports, head.flags)
     } else {
-        (read::<[u16; 2]>(ctx, IP6_L4_OFF)?, false)
+        (read::<[u16; 2]>(ctx, IP6_L4_OFF)?, 0)
     };
     Ok(Some(Flow6 {
         saddr: ip.saddr,
@@ -317,7 +319,8 @@ pub fn parse6(ctx: &TcContext) -> Result<Option<Flow6>, ()> {
         sport: ports[0],
         dport: ports[1],
         proto: ip.next_header,
-        closing,
+        closing: flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0,
+        syn: flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN,
         payload_len: u16::from_be(ip.payload_len),
     }))
 }

@@ -19,7 +19,7 @@
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use catena_common::{
-    ct::CT_FLAG_SEEN_REPLY,
+    ct::{CT_EGRESS, CT_FLAG_SEEN_REPLY},
     endpoint::EndpointInfo,
     events::Reason,
     lb6::{Service6Key, Service6Value, HAIRPIN6_ADDR},
@@ -170,7 +170,30 @@ fn try_from_container6(
     let key = lb6::master_key(&flow.daddr, flow.dport, flow.proto);
     match lb6::lookup_master(&key) {
         Some(master) => service(ctx, ep, flags, flow, &key, &master),
-        None => Ok(to_policy(ctx, ep, flags, DIR_EGRESS)),
+        None => {
+            // A new connection on a tuple a finished Service flow used must
+            // not inherit its reverse translation (as `ct::forget_translation`
+            // for IPv4).
+            if flow.syn {
+                let own = ct6::key(
+                    &flow.saddr,
+                    &flow.daddr,
+                    flow.sport,
+                    flow.dport,
+                    flow.proto,
+                    CT_EGRESS,
+                );
+                if let Some(entry) = ct6::lookup(&own) {
+                    // SAFETY: pointer from a CT6 lookup in this run.
+                    unsafe {
+                        if (*entry).rev_nat_index != 0 {
+                            (*entry).rev_nat_index = 0;
+                        }
+                    }
+                }
+            }
+            Ok(to_policy(ctx, ep, flags, DIR_EGRESS))
+        }
     }
 }
 
