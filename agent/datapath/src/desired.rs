@@ -78,7 +78,7 @@ pub struct LbService<A = Ipv4Addr> {
     /// these backends, in-cluster clients (pods, node processes) from
     /// `backends`: e.g. a NodePort with `externalTrafficPolicy: Local` lists
     /// only this node's endpoints here and every endpoint in `backends`.
-    /// An empty list refuses external clients. IPv4 frontends only.
+    /// An empty list refuses external clients.
     pub external_backends: Option<Vec<BackendAddr<A>>>,
 }
 

@@ -1,8 +1,7 @@
 //! IPv4 service maps (`LB4_SERVICES`, `LB4_BACKENDS`, `LB4_REVNAT`): the
 //! [`Family`] that the shared load-balancer state (`lb_state`) programs
-//! them through. IPv4 frontends can have two scopes (`SCOPE_EXTERNAL`);
-//! their Maglev tables are written by `maglev.rs` from
-//! [`LbState::frontend`].
+//! them through. IPv4 frontends may also pick backends by Maglev: their
+//! tables are written by `maglev.rs` from [`LbState::frontend`].
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;

@@ -980,15 +980,50 @@ mod tests {
         assert_eq!(st.changed_frontends(&edited), BTreeSet::from([a, b]));
     }
 
+    /// The IPv6 maps as a family whose programs read one scope only.
+    struct OneScope;
+
+    impl Family for OneScope {
+        type Addr = <V6 as Family>::Addr;
+        type ServiceKey = <V6 as Family>::ServiceKey;
+        type Backend = <V6 as Family>::Backend;
+        type RevNat = <V6 as Family>::RevNat;
+        const NAME: &'static str = "one-scope";
+        const SERVICES_MAP: &'static str = V6::SERVICES_MAP;
+        const BACKENDS_MAP: &'static str = V6::BACKENDS_MAP;
+        const REVNAT_MAP: &'static str = V6::REVNAT_MAP;
+        const TWO_SCOPES: bool = false;
+
+        fn services(d: &LbDesired) -> &BTreeMap<Frontend<Ipv6Addr>, LbService<Ipv6Addr>> {
+            V6::services(d)
+        }
+        fn service_key(fe: &Frontend<Ipv6Addr>, scope: u8, slot: u16) -> Self::ServiceKey {
+            V6::service_key(fe, scope, slot)
+        }
+        fn parse_service_key(k: &Self::ServiceKey) -> Option<(Frontend<Ipv6Addr>, u8, u16)> {
+            V6::parse_service_key(k)
+        }
+        fn backend_value(b: &BackendKey<Ipv6Addr>) -> Self::Backend {
+            V6::backend_value(b)
+        }
+        fn parse_backend(v: &Self::Backend) -> Option<BackendKey<Ipv6Addr>> {
+            V6::parse_backend(v)
+        }
+        fn revnat_value(fe: &Frontend<Ipv6Addr>) -> Self::RevNat {
+            V6::revnat_value(fe)
+        }
+    }
+
     /// A family whose programs read one scope ignores external backends: not
     /// planned, and no difference to programmed state that has none.
     #[test]
     fn one_scope_family_ignores_external_backends() {
         let a = fe(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1));
         let b1 = be(Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 1));
+        let b2 = be(Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 2));
         let mut d = LbDesired::default();
-        d.services6.insert(a, svc(vec![b1], Some(vec![b1])));
-        let mut st = programmed::<V6>(&d.services6);
+        d.services6.insert(a, svc(vec![b1], Some(vec![b2])));
+        let mut st = programmed::<OneScope>(&d.services6);
         assert!(st.services[&a].external.is_none());
         assert!(st.changed_frontends(&d).is_empty());
 
@@ -998,5 +1033,21 @@ mod tests {
             .unwrap();
         assert!(plan[0].external.is_none());
         assert_eq!(new_backends.len(), 1, "only the internal backend");
+        // A family with two scopes plans both.
+        let mut st = programmed::<V4>(&BTreeMap::new());
+        let (a4, b4) = (
+            fe(Ipv4Addr::new(10, 96, 0, 1)),
+            be(Ipv4Addr::new(10, 0, 1, 1)),
+        );
+        let mut d4 = LbDesired::default();
+        d4.services.insert(
+            a4,
+            svc(vec![b4], Some(vec![be(Ipv4Addr::new(10, 0, 1, 2))])),
+        );
+        let (mut plan, mut new_backends) = (Vec::new(), Vec::new());
+        st.plan_frontends(&d4, &BTreeSet::from([a4]), &mut plan, &mut new_backends)
+            .unwrap();
+        assert_eq!(plan[0].external.as_ref().map(Vec::len), Some(1));
+        assert_eq!(new_backends.len(), 2);
     }
 }

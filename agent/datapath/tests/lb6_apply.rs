@@ -223,9 +223,10 @@ fn partial_applies_match_full_applies_and_survive_reopen() {
     assert!(left.services.is_empty() && left.backends.is_empty() && left.revnat.is_empty());
 }
 
-/// Entries another writer left (a slot beyond the count, an external scope
-/// the IPv6 programs never read, a master claiming two scopes, orphan
-/// backends and rev-NAT entries) are repaired or deleted after a reopen.
+/// Entries another writer left (a slot beyond the count, a master claiming
+/// two scopes over a malformed external master, an external slot beyond its
+/// count, orphan backends and rev-NAT entries) are repaired or deleted after
+/// a reopen.
 #[test]
 fn reopen_repairs_and_cleans_stray_entries() {
     let dir = BpffsDir::new();
