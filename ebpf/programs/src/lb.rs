@@ -116,6 +116,13 @@ pub fn select_by_hash(
 /// backend while it is fresh (and still exists); otherwise
 /// [`select_by_hash`] over the flow's 5-tuple, which then becomes the
 /// client's affinity backend.
+///
+/// The agent shrinks a frontend by rewriting its slots, then lowering the
+/// count, then deleting the surplus slots and unused backends. A flow whose
+/// master was read before that and whose slot or backend after it finds
+/// nothing: it tries once more against the master as it is now, so a
+/// backend leaving never refuses a new connection that another backend
+/// could take.
 #[inline(always)]
 pub fn select_for_flow(
     key: &Service4Key,
@@ -124,9 +131,17 @@ pub fn select_for_flow(
     now: u64,
 ) -> Option<(u32, Backend4)> {
     let hash = maglev::tuple_hash(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
-    sticky(master, flow.saddr, now, || {
-        select_by_hash(key, master, hash)
-    })
+    let mut m = *master;
+    for _ in 0..2 {
+        if let Some(chosen) = sticky(&m, flow.saddr, now, || select_by_hash(key, &m, hash)) {
+            return Some(chosen);
+        }
+        m = lookup_master(key)?;
+        if m.count == 0 {
+            return None;
+        }
+    }
+    None
 }
 
 /// ClientIP affinity around a selection (see [`affinity::sticky`]), when the
