@@ -16,14 +16,13 @@
 //! through node1.
 
 use catena_api::ServiceStatus;
+use catena_e2e::echo::{echo_request, EchoPeer};
 use catena_e2e::source::{ClusterSource, SourceKind};
 use catena_e2e::{pod_yaml, wait_for};
 use catena_lab::{CallArgs, CniRunner, Netns, Node};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::time::Duration;
 
 const NODE_EXT: &str = "192.168.77.1";
@@ -31,69 +30,9 @@ const CLIENT: &str = "192.168.77.2";
 const NODE_LINK: &str = "10.10.0.1";
 const EXTERNAL_IP: &str = "203.0.113.10";
 const LB_IP: &str = "203.0.113.20";
+/// Where the echo servers listen (any address of their family).
+const ANY: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
 const TIMEOUT: Duration = Duration::from_secs(3);
-
-/// Answers each TCP connection with "<name> <peer ip>\n": who served it and
-/// which client address it saw.
-struct EchoPeer {
-    stop: Arc<AtomicBool>,
-    handle: Option<std::thread::JoinHandle<anyhow::Result<anyhow::Result<()>>>>,
-}
-
-impl EchoPeer {
-    fn start(ns: &Netns, port: u16, name: &str) -> anyhow::Result<EchoPeer> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (stop2, name) = (stop.clone(), name.to_string());
-        let (tx, rx) = std::sync::mpsc::channel();
-        let handle = ns.spawn_thread(move || -> anyhow::Result<()> {
-            let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
-            l.set_nonblocking(true)?;
-            let _ = tx.send(());
-            while !stop2.load(Ordering::Relaxed) {
-                match l.accept() {
-                    Ok((mut s, peer)) => {
-                        let _ = s.write_all(format!("{name} {}\n", peer.ip()).as_bytes());
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(2))
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            Ok(())
-        })?;
-        rx.recv_timeout(Duration::from_secs(5))
-            .map_err(|_| anyhow::anyhow!("echo server in {} did not start", ns.name()))?;
-        Ok(EchoPeer {
-            stop,
-            handle: Some(handle),
-        })
-    }
-}
-
-impl Drop for EchoPeer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-/// One request from `ns`: (served by, client address seen, peer the client saw).
-fn request(ns: &Netns, addr: SocketAddr) -> anyhow::Result<(String, String, SocketAddr)> {
-    ns.enter_thread(move || -> anyhow::Result<(String, String, SocketAddr)> {
-        let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
-        s.set_read_timeout(Some(TIMEOUT))?;
-        let peer = s.peer_addr()?;
-        let mut text = String::new();
-        s.read_to_string(&mut text)?;
-        let mut words = text.split_whitespace();
-        let served = words.next().unwrap_or_default().to_string();
-        let seen = words.next().unwrap_or_default().to_string();
-        Ok((served, seen, peer))
-    })?
-}
 
 /// A plain HTTP GET from `ns`: (status code, body).
 fn http_get(ns: &Netns, addr: SocketAddr) -> anyhow::Result<(u16, String)> {
@@ -288,9 +227,9 @@ fn nodeport_external_ips_and_traffic_policies() -> anyhow::Result<()> {
         cni1.add(pod, "eth0", &CallArgs::default())?;
     }
     cni2.add(&remote, "eth0", &CallArgs::default())?;
-    let _e1 = EchoPeer::start(web1.netns(), 8080, "web-1")?;
-    let _e2 = EchoPeer::start(web2.netns(), 8080, "web-2")?;
-    let _e3 = EchoPeer::start(remote.netns(), 8080, "remote-1")?;
+    let _e1 = EchoPeer::start(web1.netns(), ANY, 8080, "web-1")?;
+    let _e2 = EchoPeer::start(web2.netns(), ANY, 8080, "web-2")?;
+    let _e3 = EchoPeer::start(remote.netns(), ANY, 8080, "remote-1")?;
     let (ip1, ip2, ip_remote) = (web1.ipv4()?, web2.ipv4()?, remote.ipv4()?);
 
     // Services with the remote backend (EndpointSlices name it directly).
@@ -438,7 +377,7 @@ fn nodeport_external_ips_and_traffic_policies() -> anyhow::Result<()> {
     // reaches them unchanged, replies come from the frontend.
     let mut served: BTreeMap<String, usize> = BTreeMap::new();
     for _ in 0..40 {
-        let (by, seen, peer) = request(&client, sa(NODE_EXT, 30080))?;
+        let (by, seen, peer) = echo_request(&client, sa(NODE_EXT, 30080))?;
         assert_eq!(seen, CLIENT, "eTP=Local keeps the client address");
         assert_eq!(peer, sa(NODE_EXT, 30080));
         *served.entry(by).or_default() += 1;
@@ -455,7 +394,7 @@ fn nodeport_external_ips_and_traffic_policies() -> anyhow::Result<()> {
     for frontend in [sa(NODE_EXT, 30081), sa(EXTERNAL_IP, 80), sa(LB_IP, 80)] {
         let mut served: BTreeMap<String, usize> = BTreeMap::new();
         for _ in 0..30 {
-            let (by, seen, peer) = request(&client, frontend)?;
+            let (by, seen, peer) = echo_request(&client, frontend)?;
             assert_eq!(peer, frontend, "reply from the frontend");
             match by.as_str() {
                 "web-1" => assert_eq!(seen, CLIENT, "local backend: no SNAT"),
@@ -473,7 +412,7 @@ fn nodeport_external_ips_and_traffic_policies() -> anyhow::Result<()> {
 
     // eTP=Local without a local endpoint: an external client is refused at
     // once (TCP RST)...
-    let err = request(&client, sa(NODE_EXT, 30082)).unwrap_err();
+    let err = echo_request(&client, sa(NODE_EXT, 30082)).unwrap_err();
     assert!(
         format!("{err:#}").contains("refused"),
         "remote-only NodePort must be refused: {err:#}"
@@ -482,7 +421,7 @@ fn nodeport_external_ips_and_traffic_policies() -> anyhow::Result<()> {
     // NodePort through the remote endpoint (kube-proxy and Cilium alike),
     // with its own address and the reply from the NodePort.
     for _ in 0..5 {
-        let (by, seen, peer) = request(web1.netns(), sa(NODE_EXT, 30082))?;
+        let (by, seen, peer) = echo_request(web1.netns(), sa(NODE_EXT, 30082))?;
         assert_eq!((by.as_str(), seen), ("remote-1", ip1.to_string()));
         assert_eq!(peer, sa(NODE_EXT, 30082));
     }
@@ -571,7 +510,7 @@ fn auto_detection_takes_the_default_route_device() -> anyhow::Result<()> {
     );
     let web1 = node1.pod("web-1")?;
     cni.add(&web1, "eth0", &CallArgs::default())?;
-    let _e1 = EchoPeer::start(web1.netns(), 8080, "web-1")?;
+    let _e1 = EchoPeer::start(web1.netns(), ANY, 8080, "web-1")?;
 
     let frontends = wait_for("NodePort frontend", Duration::from_secs(10), || {
         let s: Vec<ServiceStatus> = api.get("/v1/services")?;
@@ -584,7 +523,7 @@ fn auto_detection_takes_the_default_route_device() -> anyhow::Result<()> {
             .any(|f| f.starts_with(NODE_LINK) || f.starts_with("10.244.1.1:")),
         "only ext0 is external: {frontends:?}"
     );
-    let (by, seen, _) = request(&client, sa(NODE_EXT, 30090))?;
+    let (by, seen, _) = echo_request(&client, sa(NODE_EXT, 30090))?;
     assert_eq!((by.as_str(), seen.as_str()), ("web-1", CLIENT));
 
     // Both hooks of ext0 pinned under links/ with the `dev-` prefix (so the

@@ -19,15 +19,13 @@
 
 use anyhow::Context;
 use catena_api::ServiceStatus;
+use catena_e2e::echo::{echo_request, EchoPeer};
 use catena_e2e::source::{ClusterSource, SourceKind};
 use catena_e2e::{pod_yaml, wait_for};
 use catena_lab::{CallArgs, CniRunner, Conflist, Netns, Node, Pod};
 use serde_json::json;
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 const NODE_EXT: &str = "fd00:77::1";
@@ -38,7 +36,8 @@ const NODE_LINK: &str = "fd00:10::1";
 const NODE2_LINK: &str = "fd00:10::2";
 const EXTERNAL_IP: &str = "fd00:203::10";
 const LB_IP: &str = "fd00:203::20";
-const TIMEOUT: Duration = Duration::from_secs(3);
+/// Where the echo servers listen (any address of their family).
+const ANY: IpAddr = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
 
 /// No duplicate address detection in `ns`: addresses are usable at once
 /// instead of staying tentative for a second or more. Must run before the
@@ -54,68 +53,6 @@ fn no_dad(ns: &Netns) -> anyhow::Result<()> {
         ],
     )?;
     Ok(())
-}
-
-/// Answers each TCP connection (IPv6 socket) with "<name> <peer ip>\n":
-/// who served it and which client address it saw.
-struct EchoPeer {
-    stop: Arc<AtomicBool>,
-    handle: Option<std::thread::JoinHandle<anyhow::Result<anyhow::Result<()>>>>,
-}
-
-impl EchoPeer {
-    fn start(ns: &Netns, port: u16, name: &str) -> anyhow::Result<EchoPeer> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (stop2, name) = (stop.clone(), name.to_string());
-        let (tx, rx) = std::sync::mpsc::channel();
-        let handle = ns.spawn_thread(move || -> anyhow::Result<()> {
-            let l = TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))?;
-            l.set_nonblocking(true)?;
-            let _ = tx.send(());
-            while !stop2.load(Ordering::Relaxed) {
-                match l.accept() {
-                    Ok((mut s, peer)) => {
-                        let _ = s.write_all(format!("{name} {}\n", peer.ip()).as_bytes());
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(2))
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            Ok(())
-        })?;
-        rx.recv_timeout(Duration::from_secs(5))
-            .map_err(|_| anyhow::anyhow!("echo server in {} did not start", ns.name()))?;
-        Ok(EchoPeer {
-            stop,
-            handle: Some(handle),
-        })
-    }
-}
-
-impl Drop for EchoPeer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-/// One request from `ns`: (served by, client address seen, peer the client saw).
-fn request(ns: &Netns, addr: SocketAddr) -> anyhow::Result<(String, String, SocketAddr)> {
-    ns.enter_thread(move || -> anyhow::Result<(String, String, SocketAddr)> {
-        let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
-        s.set_read_timeout(Some(TIMEOUT))?;
-        let peer = s.peer_addr()?;
-        let mut text = String::new();
-        s.read_to_string(&mut text)?;
-        let mut words = text.split_whitespace();
-        let served = words.next().unwrap_or_default().to_string();
-        let seen = words.next().unwrap_or_default().to_string();
-        Ok((served, seen, peer))
-    })?
 }
 
 fn sa(ip: &str, port: u16) -> SocketAddr {
@@ -337,7 +274,7 @@ fn reachable(ns: &Netns, addr: SocketAddr) -> anyhow::Result<()> {
     wait_for(
         &format!("{addr} reachable"),
         Duration::from_secs(10),
-        || Ok(request(ns, addr).ok().map(|_| ())),
+        || Ok(echo_request(ns, addr).ok().map(|_| ())),
     )
 }
 
@@ -421,9 +358,9 @@ fn ipv6_nodeport_external_ips_and_traffic_policies() -> anyhow::Result<()> {
         cni1.add(pod, "eth0", &CallArgs::default())?;
     }
     cni2.add(&remote, "eth0", &CallArgs::default())?;
-    let _e1 = EchoPeer::start(web1.netns(), 8080, "web-1")?;
-    let _e2 = EchoPeer::start(web2.netns(), 8080, "web-2")?;
-    let _e3 = EchoPeer::start(remote.netns(), 8080, "remote-1")?;
+    let _e1 = EchoPeer::start(web1.netns(), ANY, 8080, "web-1")?;
+    let _e2 = EchoPeer::start(web2.netns(), ANY, 8080, "web-2")?;
+    let _e3 = EchoPeer::start(remote.netns(), ANY, 8080, "remote-1")?;
     let (ip1, ip_remote) = (pod_ipv6(&web1)?, pod_ipv6(&remote)?);
     // Plain IPv6 routing first: node1 reaches both nodes' pods.
     reachable(node1.netns(), SocketAddr::from((ip1, 8080)))?;
@@ -515,7 +452,7 @@ fn ipv6_nodeport_external_ips_and_traffic_policies() -> anyhow::Result<()> {
     let mut served: BTreeMap<String, usize> = BTreeMap::new();
     for _ in 0..40 {
         let (by, seen, peer) =
-            request(&client, sa(NODE_EXT, 30180)).context("eTP=Local IPv6 NodePort")?;
+            echo_request(&client, sa(NODE_EXT, 30180)).context("eTP=Local IPv6 NodePort")?;
         assert_eq!(seen, CLIENT, "eTP=Local keeps the client address");
         assert_eq!(peer, sa(NODE_EXT, 30180));
         *served.entry(by).or_default() += 1;
@@ -526,7 +463,7 @@ fn ipv6_nodeport_external_ips_and_traffic_policies() -> anyhow::Result<()> {
         "both local backends serve: {served:?}"
     );
     // The IPv4 NodePort of the same Service still works alongside.
-    let (by, seen, _) = request(&client, sa(NODE_EXT4, 30180)).context("IPv4 NodePort")?;
+    let (by, seen, _) = echo_request(&client, sa(NODE_EXT4, 30180)).context("IPv4 NodePort")?;
     assert!(by.starts_with("web-"), "{by}");
     // (The echo server's IPv6 socket sees IPv4 clients as ::ffff:a.b.c.d.)
     assert_eq!(
@@ -541,7 +478,7 @@ fn ipv6_nodeport_external_ips_and_traffic_policies() -> anyhow::Result<()> {
         let mut served: BTreeMap<String, usize> = BTreeMap::new();
         for _ in 0..30 {
             let (by, seen, peer) =
-                request(&client, frontend).with_context(|| format!("to {frontend}"))?;
+                echo_request(&client, frontend).with_context(|| format!("to {frontend}"))?;
             assert_eq!(peer, frontend, "reply from the frontend");
             match by.as_str() {
                 "web-1" => assert_eq!(seen, CLIENT, "local backend: no SNAT"),
@@ -560,7 +497,7 @@ fn ipv6_nodeport_external_ips_and_traffic_policies() -> anyhow::Result<()> {
     // eTP=Local without a local endpoint: an external client is refused at
     // once, TCP with a RST...
     let started = Instant::now();
-    let err = request(&client, sa(NODE_EXT, 30184)).expect_err("no local endpoint");
+    let err = echo_request(&client, sa(NODE_EXT, 30184)).expect_err("no local endpoint");
     let kind = err
         .downcast_ref::<std::io::Error>()
         .map(|e| e.kind())
@@ -582,7 +519,7 @@ fn ipv6_nodeport_external_ips_and_traffic_policies() -> anyhow::Result<()> {
     let web1_ip = ip1.to_string();
     for _ in 0..5 {
         let (by, seen, peer) =
-            request(web1.netns(), sa(NODE_EXT, 30184)).context("pod -> IPv6 NodePort")?;
+            echo_request(web1.netns(), sa(NODE_EXT, 30184)).context("pod -> IPv6 NodePort")?;
         assert_eq!((by.as_str(), seen.as_str()), ("remote-1", web1_ip.as_str()));
         assert_eq!(peer, sa(NODE_EXT, 30184));
     }
@@ -643,7 +580,7 @@ fn auto_detection_takes_an_ipv6_only_default_route_device() -> anyhow::Result<()
     let web1 = node1.pod("web-1")?;
     no_dad(web1.netns())?;
     cni.add(&web1, "eth0", &CallArgs::default())?;
-    let _e1 = EchoPeer::start(web1.netns(), 8080, "web-1")?;
+    let _e1 = EchoPeer::start(web1.netns(), ANY, 8080, "web-1")?;
     reachable(node1.netns(), SocketAddr::from((pod_ipv6(&web1)?, 8080)))?;
 
     let frontend = format!("{}/TCP", sa(NODE_EXT, 30190));
@@ -658,7 +595,7 @@ fn auto_detection_takes_an_ipv6_only_default_route_device() -> anyhow::Result<()
             .any(|f| f.contains(NODE_LINK) || f.contains(":30190") && !f.contains(NODE_EXT)),
         "only ext0 is external: {frontends:?}"
     );
-    let (by, seen, _) = request(&client, sa(NODE_EXT, 30190))?;
+    let (by, seen, _) = echo_request(&client, sa(NODE_EXT, 30190))?;
     assert_eq!((by.as_str(), seen.as_str()), ("web-1", CLIENT));
     cni.del(&web1, "eth0", &CallArgs::default())?;
     Ok(())
