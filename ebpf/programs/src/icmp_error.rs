@@ -30,7 +30,7 @@ use catena_common::metrics::Counter;
 /// variable length) are ones the verifier cannot always follow through a
 /// direct-access bounds check.
 #[inline(always)]
-fn read<T>(ctx: &TcContext, off: usize) -> Result<T, ()> {
+fn load<T>(ctx: &TcContext, off: usize) -> Result<T, ()> {
     ctx.load(off).map_err(|_| ())
 }
 
@@ -54,7 +54,7 @@ pub enum Related {
 /// delivered to a pod. `Err`: the packet could not be rewritten.
 #[inline(always)]
 pub fn to_container(ctx: &TcContext, flow: &Flow4) -> Result<Related, ()> {
-    let icmp_type: u8 = read(ctx, flow.l4_off)?;
+    let icmp_type: u8 = load(ctx, flow.l4_off)?;
     if !matches!(
         icmp_type,
         ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB
@@ -62,7 +62,7 @@ pub fn to_container(ctx: &TcContext, flow: &Flow4) -> Result<Related, ()> {
         return Ok(Related::No);
     }
     let inner_off = flow.l4_off + ICMP_HLEN;
-    let Ok(inner) = read::<Ipv4Hdr>(ctx, inner_off) else {
+    let Ok(inner) = load::<Ipv4Hdr>(ctx, inner_off) else {
         return Ok(Related::No);
     };
     // Quotes with IP options are not worth a variable offset here: such an
@@ -71,7 +71,7 @@ pub fn to_container(ctx: &TcContext, flow: &Flow4) -> Result<Related, ()> {
         return Ok(Related::No);
     }
     let ports_off = inner_off + IPV4_HLEN;
-    let Ok(ports) = read::<[u16; 2]>(ctx, ports_off) else {
+    let Ok(ports) = load::<[u16; 2]>(ctx, ports_off) else {
         return Ok(Related::No);
     };
     // The quote is a packet the pod sent: pod -> remote, as the pod's own
@@ -155,7 +155,7 @@ fn rewrite_quote(
     let old_csum = inner.check;
     ctx.l3_csum_replace(csum_off, inner.daddr as u64, addr as u64, 4)
         .map_err(|_| ())?;
-    let new_csum: u16 = read(ctx, csum_off)?;
+    let new_csum: u16 = load(ctx, csum_off)?;
     ctx.store(q.inner_off + IPV4_DADDR, &addr, 0)
         .map_err(|_| ())?;
     ctx.l4_csum_replace(q.icmp_csum_off, inner.daddr as u64, addr as u64, 4)

@@ -116,13 +116,6 @@ pub fn select_by_hash(
 /// backend while it is fresh (and still exists); otherwise
 /// [`select_by_hash`] over the flow's 5-tuple, which then becomes the
 /// client's affinity backend.
-///
-/// The agent shrinks a frontend by rewriting its slots, then lowering the
-/// count, then deleting the surplus slots and unused backends. A flow whose
-/// master was read before that and whose slot or backend after it finds
-/// nothing: it tries once more against the master as it is now, so a
-/// backend leaving never refuses a new connection that another backend
-/// could take.
 #[inline(always)]
 pub fn select_for_flow(
     key: &Service4Key,
@@ -131,9 +124,26 @@ pub fn select_for_flow(
     now: u64,
 ) -> Option<(u32, Backend4)> {
     let hash = maglev::tuple_hash(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
+    with_current_master(key, master, |m| {
+        sticky(m, flow.saddr, now, || select_by_hash(key, m, hash))
+    })
+}
+
+/// `pick` against `master`, and once more against the master as it is now
+/// if that found nothing. The agent shrinks a frontend by rewriting its
+/// slots, then lowering the count, then deleting the surplus slots and
+/// unused backends: a selection that read the master before that and a slot
+/// or backend after it finds nothing, and a backend leaving must never
+/// refuse a new connection another backend could take.
+#[inline(always)]
+pub fn with_current_master(
+    key: &Service4Key,
+    master: &Service4Value,
+    mut pick: impl FnMut(&Service4Value) -> Option<(u32, Backend4)>,
+) -> Option<(u32, Backend4)> {
     let mut m = *master;
     for _ in 0..2 {
-        if let Some(chosen) = sticky(&m, flow.saddr, now, || select_by_hash(key, &m, hash)) {
+        if let Some(chosen) = pick(&m) {
             return Some(chosen);
         }
         m = lookup_master(key)?;

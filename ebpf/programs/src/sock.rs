@@ -192,16 +192,18 @@ fn select4(
     key: &catena_common::lb::Service4Key,
     master: &Service4Value,
 ) -> Option<(u32, Backend4)> {
-    // In the master entry `backend_id` holds the affinity timeout (seconds).
-    with_affinity(
-        ctx,
-        master.flags,
-        master.backend_id,
-        master.rev_nat_index,
-        SOCK_AFFINITY_V4,
-        lb::backend,
-        || lb::select_backend(key, master.count),
-    )
+    lb::with_current_master(key, master, |m| {
+        // In the master entry `backend_id` holds the affinity timeout (seconds).
+        with_affinity(
+            ctx,
+            m.flags,
+            m.backend_id,
+            m.rev_nat_index,
+            SOCK_AFFINITY_V4,
+            lb::backend,
+            || lb::select_backend(key, m.count),
+        )
+    })
 }
 
 /// Fails the socket call with ECONNREFUSED (a plain `0` would be EPERM, which
