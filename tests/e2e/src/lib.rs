@@ -218,3 +218,28 @@ impl Drop for TestCgroup {
         eprintln!("warning: could not remove test cgroup {}", self.0.display());
     }
 }
+
+/// One TCP request with `socat` run in `ns` (joined to `cgroup` first, so
+/// the socket-level load balancer serves it): what the server said.
+/// `address` is socat's, e.g. `TCP:10.96.0.20:80` or `TCP6:[fd00::1]:80`.
+pub fn socat_request(
+    ns: &catena_lab::Netns,
+    cgroup: Option<&TestCgroup>,
+    address: &str,
+) -> Result<String> {
+    let join = cgroup
+        .map(|c| format!("echo $$ > {}/cgroup.procs && ", c.0.display()))
+        .unwrap_or_default();
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args([
+        "-c",
+        &format!("{join}exec socat -T2 - {address},connect-timeout=2 </dev/null"),
+    ]);
+    let out = ns.output(cmd)?;
+    anyhow::ensure!(
+        out.status.success(),
+        "socat to {address}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
+}

@@ -7,7 +7,7 @@
 //! too; an IPv6 Service without endpoints is refused at once.
 
 use anyhow::Context;
-use catena_e2e::{pod_yaml, write_manifest, TestCgroup};
+use catena_e2e::{pod_yaml, socat_request, write_manifest, TestCgroup};
 use catena_lab::{CallArgs, CniRunner, Conflist, Node, Pod};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -118,25 +118,6 @@ fn udp_request(pod: &Pod, addr: SocketAddr) -> anyhow::Result<(String, SocketAdd
             let (n, from) = s.recv_from(&mut buf)?;
             Ok((String::from_utf8_lossy(&buf[..n]).trim().to_string(), from))
         })?
-}
-
-/// A node process (in `cgroup`) connecting with socat; its output.
-fn node_request(node: &Node, cgroup: &TestCgroup, target: &str) -> anyhow::Result<String> {
-    let mut cmd = Command::new("sh");
-    cmd.args([
-        "-c",
-        &format!(
-            "echo $$ > {}/cgroup.procs && exec socat -T2 - TCP6:{target},connect-timeout=2 </dev/null",
-            cgroup.0.display()
-        ),
-    ]);
-    let out = node.netns().output(cmd)?;
-    anyhow::ensure!(
-        out.status.success(),
-        "socat to {target}: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(String::from_utf8(out.stdout)?.trim().to_string())
 }
 
 #[test]
@@ -260,7 +241,10 @@ fn dual_stack_service_over_ipv6_from_pods_and_node_processes() -> anyhow::Result
     let mut node_tally: BTreeMap<String, usize> = BTreeMap::new();
     for _ in 0..12 {
         *node_tally
-            .entry(node_request(&node, &cgroup, &format!("[{VIP6}]:80")).context("node process")?)
+            .entry(
+                socat_request(node.netns(), Some(&cgroup), &format!("TCP6:[{VIP6}]:80"))
+                    .context("node process")?,
+            )
             .or_default() += 1;
     }
     assert!(
@@ -283,8 +267,12 @@ fn dual_stack_service_over_ipv6_from_pods_and_node_processes() -> anyhow::Result
         "{:?}",
         started.elapsed()
     );
-    let node_err = node_request(&node, &cgroup, &format!("[{VIP6_EMPTY}]:80"))
-        .expect_err("no endpoints from the node");
+    let node_err = socat_request(
+        node.netns(),
+        Some(&cgroup),
+        &format!("TCP6:[{VIP6_EMPTY}]:80"),
+    )
+    .expect_err("no endpoints from the node");
     assert!(
         node_err.to_string().contains("Connection refused"),
         "{node_err:#}"

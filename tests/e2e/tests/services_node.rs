@@ -4,29 +4,9 @@
 //! cgroup, never the machine's root cgroup) connects to the VIP.
 
 use catena_api::Status;
-use catena_e2e::{pod_yaml, service_yaml, write_manifest, TestCgroup};
+use catena_e2e::{pod_yaml, service_yaml, socat_request, write_manifest, TestCgroup};
 use catena_lab::{CallArgs, CniRunner, Node};
 use std::collections::BTreeMap;
-use std::process::Command;
-
-/// Runs `socat` as a node process in `cgroup`, returns what the server said.
-fn node_request(node: &Node, cgroup: Option<&TestCgroup>, target: &str) -> anyhow::Result<String> {
-    let join = cgroup
-        .map(|c| format!("echo $$ > {}/cgroup.procs && ", c.0.display()))
-        .unwrap_or_default();
-    let mut cmd = Command::new("sh");
-    cmd.args([
-        "-c",
-        &format!("{join}exec socat -T2 - TCP:{target},connect-timeout=2 </dev/null"),
-    ]);
-    let out = node.netns().output(cmd)?;
-    anyhow::ensure!(
-        out.status.success(),
-        "socat to {target}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8(out.stdout)?.trim().to_string())
-}
 
 #[test]
 fn node_processes_reach_cluster_ips() -> anyhow::Result<()> {
@@ -73,7 +53,11 @@ fn node_processes_reach_cluster_ips() -> anyhow::Result<()> {
     let mut tally: BTreeMap<String, usize> = BTreeMap::new();
     for _ in 0..16 {
         *tally
-            .entry(node_request(&node, Some(&cgroup), "10.96.0.20:80")?)
+            .entry(socat_request(
+                node.netns(),
+                Some(&cgroup),
+                "TCP:10.96.0.20:80",
+            )?)
             .or_default() += 1;
     }
     assert!(
@@ -104,7 +88,7 @@ fn node_processes_reach_cluster_ips() -> anyhow::Result<()> {
 
     // A node process outside the cgroup is untouched (there is no route to
     // the VIP in the node namespace, so without catena it fails).
-    assert!(node_request(&node, None, "10.96.0.20:80").is_err());
+    assert!(socat_request(node.netns(), None, "TCP:10.96.0.20:80").is_err());
 
     for pod in [&web1, &web2] {
         cni.del(pod, "eth0", &CallArgs::default())?;

@@ -5,38 +5,22 @@
 //! two clients, each sticky to its own backend while the affinity is fresh.
 //! Lab: a private cgroup stands in for the node's root cgroup.
 
-use catena_e2e::{pod_yaml, service_yaml, wait_for, write_manifest, TestCgroup};
+use catena_e2e::{pod_yaml, service_yaml, socat_request, wait_for, write_manifest, TestCgroup};
 use catena_lab::{CallArgs, CniRunner, Netns, Node};
 use std::collections::BTreeSet;
-use std::process::Command;
 use std::time::Duration;
 
-/// `socat` in `netns`, joined to `cgroup` first: the backend's answer.
-fn request(netns: &Netns, cgroup: &TestCgroup, target: &str) -> anyhow::Result<String> {
-    let mut cmd = Command::new("sh");
-    cmd.args([
-        "-c",
-        &format!(
-            "echo $$ > {}/cgroup.procs && exec socat -T2 - TCP:{target},connect-timeout=2 </dev/null",
-            cgroup.0.display()
-        ),
-    ]);
-    let out = netns.output(cmd)?;
-    anyhow::ensure!(
-        out.status.success(),
-        "socat to {target}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8(out.stdout)?.trim().to_string())
-}
-
+/// `n` requests to `target` from `netns`: the backends that answered.
 fn answers(
     netns: &Netns,
     cgroup: &TestCgroup,
     target: &str,
     n: usize,
 ) -> anyhow::Result<BTreeSet<String>> {
-    (0..n).map(|_| request(netns, cgroup, target)).collect()
+    let address = format!("TCP:{target}");
+    (0..n)
+        .map(|_| socat_request(netns, Some(cgroup), &address))
+        .collect()
 }
 
 fn affinity_service(name: &str, vip: &str, timeout_s: u32) -> String {
@@ -89,7 +73,7 @@ fn socket_lb_keeps_client_ip_affinity_per_netns() -> anyhow::Result<()> {
     // their ADDs).
     for vip in ["10.96.0.30:80", "10.96.0.31:80", "10.96.0.32:80"] {
         wait_for(vip, Duration::from_secs(10), || {
-            request(node.netns(), &cgroup, vip).map(Some)
+            socat_request(node.netns(), Some(&cgroup), &format!("TCP:{vip}")).map(Some)
         })?;
     }
 
@@ -118,7 +102,11 @@ fn socket_lb_keeps_client_ip_affinity_per_netns() -> anyhow::Result<()> {
     // than one backend (all ten landing on one: (1/3)^9).
     let mut after_expiry = BTreeSet::new();
     for _ in 0..10 {
-        after_expiry.insert(request(node.netns(), &cgroup, "10.96.0.31:80")?);
+        after_expiry.insert(socat_request(
+            node.netns(),
+            Some(&cgroup),
+            "TCP:10.96.0.31:80",
+        )?);
         std::thread::sleep(Duration::from_millis(1300));
     }
     assert!(

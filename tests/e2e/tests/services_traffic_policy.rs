@@ -8,10 +8,9 @@
 //! Service still has a (remote) endpoint.
 
 use catena_api::ServiceStatus;
-use catena_e2e::{wait_for, write_manifest, TestCgroup};
+use catena_e2e::{socat_request, wait_for, write_manifest, TestCgroup};
 use catena_lab::{count_backends, CallArgs, CniRunner, Node};
 use std::net::{SocketAddr, TcpStream};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const NODE_NAME: &str = "node-a";
@@ -45,26 +44,6 @@ fn backends_of(api: &catena_lab::Agent<'_>, frontend: &str) -> anyhow::Result<Op
     Ok(s.iter()
         .find(|s| s.frontend == frontend)
         .map(|s| s.backends.clone()))
-}
-
-/// One request from a node process (socat in the node namespace, inside the
-/// cgroup the socket-level load balancer serves).
-fn node_request(node: &Node, cgroup: &TestCgroup, target: &str) -> anyhow::Result<String> {
-    let mut cmd = Command::new("sh");
-    cmd.args([
-        "-c",
-        &format!(
-            "echo $$ > {}/cgroup.procs && exec socat -T2 - TCP:{target},connect-timeout=2 </dev/null",
-            cgroup.0.display()
-        ),
-    ]);
-    let out = node.netns().output(cmd)?;
-    anyhow::ensure!(
-        out.status.success(),
-        "socat to {target}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8(out.stdout)?.trim().to_string())
 }
 
 #[test]
@@ -147,7 +126,7 @@ fn internal_traffic_policy_local_uses_only_this_nodes_endpoints() -> anyhow::Res
     assert_eq!(tally.values().sum::<usize>(), 60, "{tally:?}");
     // Node processes (socket-level load balancing): the same.
     for _ in 0..10 {
-        let who = node_request(&node, &cgroup, &format!("{LOCAL_VIP}:80"))?;
+        let who = socat_request(node.netns(), Some(&cgroup), &format!("TCP:{LOCAL_VIP}:80"))?;
         assert!(who == "placed" || who == "registered", "{who}");
     }
 
@@ -175,7 +154,7 @@ fn internal_traffic_policy_local_uses_only_this_nodes_endpoints() -> anyhow::Res
         );
     }
     let started = Instant::now();
-    let node_err = node_request(&node, &cgroup, &format!("{LOCAL_VIP}:80"))
+    let node_err = socat_request(node.netns(), Some(&cgroup), &format!("TCP:{LOCAL_VIP}:80"))
         .expect_err("a node process connected with no local endpoint");
     assert!(
         started.elapsed() < Duration::from_secs(1) && format!("{node_err:#}").contains("refused"),
