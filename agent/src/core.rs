@@ -71,6 +71,9 @@ struct Inner {
     /// This node's name (`--node-name`): its Node object is the host, every
     /// other Node is a remote node.
     node_name: String,
+    /// Ends sockets the socket LB translated to backends that left their
+    /// Service (None without socket-level load balancing).
+    sockets: Option<catena_datapath::sock_terminate::SocketTerminator>,
 }
 
 /// What the policy maps hold and the tables that keep numbers stable.
@@ -225,6 +228,7 @@ impl AgentCore {
         } else {
             None // kube-proxy still serves node processes
         };
+        let socket_lb = cgroup_root.is_some();
         if let Some(cgroup) = cgroup_root {
             datapath.attach_cgroup(&cgroup).with_context(|| {
                 format!(
@@ -234,6 +238,19 @@ impl AgentCore {
             })?;
             tracing::info!(cgroup = %cgroup.display(), "socket load balancing for node processes attached");
         }
+        // A worker thread of its own: a pass walks every pod's netns, which
+        // must never hold up a service apply or an ADD.
+        let sockets = if socket_lb {
+            Some(
+                catena_datapath::sock_terminate::SocketTerminator::spawn(
+                    self.config.bpffs_dir.clone(),
+                    |r| crate::metrics::global().sockets_destroyed(r.destroyed()),
+                )
+                .context("starting the socket termination worker")?,
+            )
+        } else {
+            None
+        };
         let registry = EndpointRegistry::load(&self.config.state_dir)?;
         let mut inner = Inner {
             datapath,
@@ -252,6 +269,7 @@ impl AgentCore {
             programmed_at: None,
             policy: PolicyProgram::default(),
             node_name: self.config.node_name(),
+            sockets,
         };
         let endpoints: Vec<Endpoint> = inner.registry.all().cloned().collect();
         for ep in endpoints {
@@ -1220,6 +1238,19 @@ fn reconcile_services(inner: &mut Inner) -> Result<()> {
         ?stats,
         "service maps updated"
     );
+    // A backend may have left a frontend (or the frontend went): sockets the
+    // socket LB sent there must end. Also once after start, for backends
+    // removed while the agent was down.
+    if let Some(sockets) = &inner.sockets {
+        if inner.programmed.is_none() || stats.services_updated + stats.services_removed > 0 {
+            let netns: std::collections::BTreeSet<std::path::PathBuf> = registered
+                .iter()
+                .filter(|e| !e.spec.netns.is_empty())
+                .map(|e| e.spec.netns.clone().into())
+                .collect();
+            sockets.request(netns.into_iter().collect());
+        }
+    }
     inner.programmed = Some(desired.services.len());
     inner.programmed_at = Some(std::time::SystemTime::now());
     Ok(())

@@ -84,6 +84,8 @@ pub struct Metrics {
     ct_gc_removed: AtomicU64,
     ct_gc_failures: AtomicU64,
     ct_gc_last_entries: AtomicU64,
+    /// Sockets the socket LB translated to a since-removed backend, destroyed.
+    sockets_destroyed: AtomicU64,
     /// (kind, reason, direction) -> events read from the datapath.
     events: Mutex<BTreeMap<(String, String, String), u64>>,
 }
@@ -143,6 +145,11 @@ impl Metrics {
             .fetch_add(removed as u64, Ordering::Relaxed);
         self.ct_gc_last_entries
             .store(entries_left as u64, Ordering::Relaxed);
+    }
+
+    pub fn sockets_destroyed(&self, n: usize) {
+        self.sockets_destroyed
+            .fetch_add(n as u64, Ordering::Relaxed);
     }
 
     pub fn ct_gc_failed(&self) {
@@ -396,6 +403,13 @@ impl Metrics {
             "counter",
             "Conntrack GC passes that failed.",
             self.ct_gc_failures.load(Ordering::Relaxed),
+        );
+        scalar(
+            &mut out,
+            "catena_lb_sockets_destroyed_total",
+            "counter",
+            "Sockets translated by the socket-level load balancer to a backend that left its Service, destroyed.",
+            self.sockets_destroyed.load(Ordering::Relaxed),
         );
 
         scalar(

@@ -21,6 +21,9 @@ mod metrics;
 mod netlink;
 pub mod policy;
 pub mod rcu;
+mod sock_diag;
+/// Ending sockets the socket LB translated to backends that left their Service.
+pub mod sock_terminate;
 /// Raw bpf(2) calls aya does not expose (object pins, link info/update/detach);
 /// public so the agent's inspection tools reuse them instead of copying them.
 pub mod sys;
