@@ -20,7 +20,6 @@ use catena_common::endpoint::{EndpointInfo, EP_FLAG_ANTI_SPOOF};
 use catena_datapath::policy::PolicyDesired;
 use catena_datapath::Datapath;
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
@@ -725,6 +724,7 @@ impl AgentCore {
             }
         }
         crate::nodeport::devices::sync_ipv6(&mut inner.datapath, &devices)?;
+        crate::nodeport::node_addresses::sync(&mut inner.datapath)?;
         let ns = crate::compile::external::NorthSouth {
             enabled: true,
             node_addresses: crate::nodeport::devices::node_addresses(&devices),
@@ -740,8 +740,8 @@ impl AgentCore {
 
     /// The health-check node ports to serve: Services with
     /// `externalTrafficPolicy: Local` and a `healthCheckNodePort`, with how
-    /// many of their endpoints (distinct addresses of their external
-    /// frontends' backends, which are local-only) are on this node.
+    /// many of their endpoints (of either family: `health::local_endpoints`)
+    /// are on this node.
     pub fn health_checks(&self) -> Vec<crate::nodeport::health::HealthCheck> {
         if !self.config.kube_proxy_replacement.enabled() {
             return Vec::new();
@@ -763,31 +763,20 @@ impl AgentCore {
         if wanted.is_empty() {
             return Vec::new();
         }
-        let mut local: BTreeMap<&str, std::collections::BTreeSet<Ipv4Addr>> = BTreeMap::new();
-        for (fe, svc) in &inner.services.desired().services {
-            let Some((name, _)) = wanted.get_key_value(&svc.name) else {
-                continue;
-            };
-            let Some(service) = inner.cluster.services.get(wanted[name].1) else {
-                continue;
-            };
-            if crate::compile::external::kind_of(service, fe).is_some() {
-                // External clients' backends: the external scope when the
-                // frontend has two.
-                let external = svc.external_backends.as_ref().unwrap_or(&svc.backends);
-                local
-                    .entry(name.as_str())
-                    .or_default()
-                    .extend(external.iter().map(|b| b.address));
-            }
-        }
+        let services: BTreeMap<&str, &k8s_openapi::api::core::v1::Service> = wanted
+            .iter()
+            .filter_map(|(name, (_, key))| {
+                Some((name.as_str(), &**inner.cluster.services.get(*key)?))
+            })
+            .collect();
+        let local = crate::nodeport::health::local_endpoints(inner.services.desired(), &services);
         wanted
             .iter()
             .map(|(name, (port, key))| crate::nodeport::health::HealthCheck {
                 port: *port,
                 namespace: key.namespace.clone(),
                 name: key.name.clone(),
-                local_endpoints: local.get(name.as_str()).map_or(0, |s| s.len()),
+                local_endpoints: local.get(name).copied().unwrap_or(0),
             })
             .collect()
     }
@@ -1054,19 +1043,41 @@ fn program_endpoint(datapath: &mut Datapath, ep: &Endpoint) -> Result<catena_dat
     datapath.attach(ep.spec.host_ifindex, &ep.spec.host_ifname)
 }
 
+/// The programs' view of an endpoint: its first address of each family
+/// (what anti-spoofing allows as the source). Anti-spoofing is on whenever
+/// the pod has an address at all; a family it has none of then allows only
+/// the unspecified (and, for IPv6, link-local) source: a single-stack pod
+/// sending from a global address of the other family is spoofing, since
+/// nothing gave it one. A pod without any address (a primary plugin without
+/// IPAM) is left unchecked: there is nothing to check against.
 fn endpoint_info(ep: &Endpoint) -> EndpointInfo {
-    let ipv4 = ep
-        .spec
-        .ips
-        .iter()
-        .filter_map(|ip| ip.split('/').next()?.parse::<Ipv4Addr>().ok())
-        .next()
+    let addrs = || {
+        ep.spec
+            .ips
+            .iter()
+            .filter_map(|ip| ip.split('/').next()?.parse::<std::net::IpAddr>().ok())
+    };
+    let ipv4 = addrs()
+        .find_map(|ip| match ip {
+            std::net::IpAddr::V4(a) => Some(a),
+            std::net::IpAddr::V6(_) => None,
+        })
         .map_or(0, |ip| u32::from_ne_bytes(ip.octets()));
+    let ipv6 = addrs()
+        .find_map(|ip| match ip {
+            std::net::IpAddr::V6(a) => Some(a),
+            std::net::IpAddr::V4(_) => None,
+        })
+        .map_or([0; 4], |ip| {
+            catena_common::lb6::addr6_from_octets(&ip.octets())
+        });
+    let has_address = ipv4 != 0 || ipv6 != [0; 4];
     EndpointInfo {
         ipv4,
         endpoint_id: ep.id,
         identity: ep.identity,
-        flags: if ipv4 != 0 { EP_FLAG_ANTI_SPOOF } else { 0 },
+        flags: if has_address { EP_FLAG_ANTI_SPOOF } else { 0 },
+        ipv6,
     }
 }
 
@@ -1484,4 +1495,51 @@ fn mentions_to_services(object: &serde_json::Value) -> bool {
                 .is_some_and(|rules| rules.iter().any(|r| r.get("toServices").is_some()))
         })
     })
+}
+
+#[cfg(test)]
+mod endpoint_info_tests {
+    use super::*;
+
+    fn ep(ips: &[&str]) -> Endpoint {
+        Endpoint {
+            id: 7,
+            spec: catena_api::EndpointSpec {
+                ips: ips.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            },
+            identity: 300,
+            attach_mode: "tcx".into(),
+            created: String::new(),
+        }
+    }
+
+    #[test]
+    fn dual_stack_pod_gets_both_addresses_and_anti_spoofing() {
+        let info = endpoint_info(&ep(&["fd00:10::5/64", "10.0.0.5/24", "fd00:10::6/64"]));
+        assert_eq!(info.ipv4, u32::from_ne_bytes([10, 0, 0, 5]));
+        // The first IPv6 address, in network order like the packet.
+        let want: std::net::Ipv6Addr = "fd00:10::5".parse().unwrap();
+        assert_eq!(
+            info.ipv6,
+            catena_common::lb6::addr6_from_octets(&want.octets())
+        );
+        assert_eq!(info.flags, EP_FLAG_ANTI_SPOOF);
+        assert_eq!((info.endpoint_id, info.identity), (7, 300));
+    }
+
+    #[test]
+    fn single_stack_pods_are_checked_in_both_families() {
+        let v4 = endpoint_info(&ep(&["10.0.0.5/24"]));
+        assert_eq!((v4.ipv6, v4.flags), ([0; 4], EP_FLAG_ANTI_SPOOF));
+        let v6 = endpoint_info(&ep(&["fd00:10::5/64"]));
+        assert_eq!((v6.ipv4, v6.flags), (0, EP_FLAG_ANTI_SPOOF));
+        assert_ne!(v6.ipv6, [0; 4]);
+    }
+
+    #[test]
+    fn pod_without_addresses_is_not_checked() {
+        let info = endpoint_info(&ep(&[]));
+        assert_eq!((info.ipv4, info.ipv6, info.flags), (0, [0; 4], 0));
+    }
 }

@@ -109,7 +109,7 @@ pub struct ServiceStatus {
     pub frontend: String,
     /// `ip:port` of each backend.
     pub backends: Vec<String>,
-    pub rev_nat_index: u16,
+    pub rev_nat_index: u32,
     /// How clients reach this frontend: `ClusterIP`, `NodePort`,
     /// `ExternalIP` or `LoadBalancer` (empty: the Service is gone from the
     /// source while its entries are still programmed).

@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use aya::maps::{HashMap, MapData};
 
 use crate::lb::is_not_found;
+use catena_common::lb::REVNAT_MAX_ENTRIES;
 
 /// `Some(0)` means no affinity (a zero timeout could never match).
 pub(crate) fn normalize_affinity(timeout: Option<u32>) -> Option<u32> {
@@ -32,16 +33,32 @@ pub(crate) fn alloc_backend_id<V>(
     bail!("no free backend id")
 }
 
-/// A new reverse-NAT index, marked used.
-pub(crate) fn alloc_rev_nat(next: &mut u16, used: &mut BTreeSet<u16>) -> anyhow::Result<u16> {
-    for _ in 0..=u16::MAX {
-        let idx = (*next).max(1);
-        *next = idx.wrapping_add(1);
-        if used.insert(idx) {
-            return Ok(idx);
+/// The highest reverse-NAT index, and so the most frontends per address
+/// family: the REVNAT maps hold `REVNAT_MAX_ENTRIES` keys and 0 means "none".
+pub(crate) const MAX_REV_NAT: u32 = REVNAT_MAX_ENTRIES - 1;
+
+/// A new reverse-NAT index in `1..=MAX_REV_NAT`, marked used. Monotonic
+/// (wrapping, skipping live ones) like backend ids, so a conntrack entry of
+/// a removed frontend does not soon restore a new frontend's address.
+pub(crate) fn alloc_rev_nat(next: &mut u32, used: &mut BTreeSet<u32>) -> anyhow::Result<u32> {
+    if used.len() < MAX_REV_NAT as usize {
+        for _ in 0..MAX_REV_NAT {
+            let idx = if (1..=MAX_REV_NAT).contains(next) {
+                *next
+            } else {
+                1
+            };
+            *next = idx + 1;
+            if used.insert(idx) {
+                return Ok(idx);
+            }
         }
     }
-    bail!("no free reverse-NAT index (65535 frontends)")
+    bail!(
+        "no free reverse-NAT index: {MAX_REV_NAT} frontends per address family is the ceiling \
+         (each ClusterIP, NodePort address, externalIP and LoadBalancer IP, per port and \
+         protocol, is one frontend; the limit is the capacity of the reverse-NAT map)"
+    )
 }
 
 /// Drops one slot's reference; whether the backend is now unreferenced.
@@ -82,5 +99,37 @@ pub(crate) fn del<K: aya::Pod, V: aya::Pod>(
         Ok(()) => Ok(()),
         Err(e) if is_not_found(&e) => Ok(()),
         Err(e) => Err(e).with_context(|| format!("deleting from {name}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rev_nat_indexes_go_past_u16_and_wrap_to_the_lowest_free() {
+        let mut used = BTreeSet::new();
+        let mut next = u16::MAX as u32;
+        assert_eq!(alloc_rev_nat(&mut next, &mut used).unwrap(), 65_535);
+        assert_eq!(alloc_rev_nat(&mut next, &mut used).unwrap(), 65_536);
+        next = MAX_REV_NAT;
+        used.insert(1);
+        assert_eq!(alloc_rev_nat(&mut next, &mut used).unwrap(), MAX_REV_NAT);
+        // Past the last index: wraps, skipping live ones (never 0).
+        assert_eq!(alloc_rev_nat(&mut next, &mut used).unwrap(), 2);
+    }
+
+    #[test]
+    fn the_frontend_past_the_ceiling_is_refused_clearly() {
+        let mut used: BTreeSet<u32> = (1..MAX_REV_NAT).collect();
+        let mut next = 1;
+        // The last free index is found wherever `next` points.
+        assert_eq!(alloc_rev_nat(&mut next, &mut used).unwrap(), MAX_REV_NAT);
+        let err = alloc_rev_nat(&mut next, &mut used).unwrap_err().to_string();
+        assert!(
+            err.contains("262143 frontends per address family is the ceiling"),
+            "{err}"
+        );
+        assert_eq!(used.len(), MAX_REV_NAT as usize);
     }
 }

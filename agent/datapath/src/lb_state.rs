@@ -66,7 +66,7 @@ pub(crate) trait Family {
 pub(crate) struct LbMaps<F: Family> {
     pub services: HashMap<MapData, F::ServiceKey, ServiceValue>,
     pub backends: HashMap<MapData, u32, F::Backend>,
-    pub revnat: HashMap<MapData, u16, F::RevNat>,
+    pub revnat: HashMap<MapData, u32, F::RevNat>,
 }
 
 /// What one backend id stands for: a backend of one protocol's frontends.
@@ -83,7 +83,7 @@ struct Programmed<A> {
     backends: Vec<BackendAddr<A>>,
     /// Backend id of slot i+1.
     ids: Vec<u32>,
-    rev_nat_index: u16,
+    rev_nat_index: u32,
     /// ClientIP affinity timeout (seconds), `None` without affinity.
     affinity: Option<u32>,
     /// The second (external) scope, when the frontend has two. Boxed: most
@@ -116,7 +116,7 @@ struct ExternalScope<A> {
 /// `two_scopes` only on the internal master of a frontend with two scopes.
 fn master_value(
     count: u16,
-    rev_nat_index: u16,
+    rev_nat_index: u32,
     affinity: Option<u32>,
     two_scopes: bool,
 ) -> ServiceValue {
@@ -133,7 +133,6 @@ fn master_value(
         count,
         rev_nat_index,
         flags,
-        pad: 0,
     }
 }
 
@@ -150,14 +149,14 @@ fn external_of<F: Family>(svc: &LbService<F::Addr>) -> Option<&Vec<BackendAddr<F
 }
 
 /// A frontend's reverse-NAT index, backends and their ids (aligned).
-pub(crate) type FrontendIds<'a, A> = (u16, &'a [BackendAddr<A>], &'a [u32]);
+pub(crate) type FrontendIds<'a, A> = (u32, &'a [BackendAddr<A>], &'a [u32]);
 
 /// One touched frontend's plan: its service, reverse-NAT index, and the
 /// backend ids of its slots and of its external scope.
 struct Planned<'d, A> {
     fe: Frontend<A>,
     svc: &'d LbService<A>,
-    rev: u16,
+    rev: u32,
     ids: Vec<u32>,
     external: Option<Vec<u32>>,
 }
@@ -183,7 +182,7 @@ impl<F: Family> Writer<'_, F> {
         del(self.writes, &mut self.maps.services, F::SERVICES_MAP, key)
     }
 
-    fn put_revnat(&mut self, index: u16, fe: &Frontend<F::Addr>) -> anyhow::Result<()> {
+    fn put_revnat(&mut self, index: u32, fe: &Frontend<F::Addr>) -> anyhow::Result<()> {
         let value = F::revnat_value(fe);
         put(
             self.writes,
@@ -194,7 +193,7 @@ impl<F: Family> Writer<'_, F> {
         )
     }
 
-    fn del_revnat(&mut self, index: u16) -> anyhow::Result<()> {
+    fn del_revnat(&mut self, index: u32) -> anyhow::Result<()> {
         del(self.writes, &mut self.maps.revnat, F::REVNAT_MAP, &index)
     }
 
@@ -256,16 +255,16 @@ pub(crate) struct LbState<F: Family> {
     backends: BTreeMap<u32, BackendKey<F::Addr>>,
     backend_ids: StdHashMap<BackendKey<F::Addr>, u32>,
     next_backend_id: u32,
-    next_rev_nat: u16,
+    next_rev_nat: u32,
     /// Entries found at open that belong to no service: deleted on next apply.
     stray_service_keys: Vec<F::ServiceKey>,
-    stray_revnat: Vec<u16>,
+    stray_revnat: Vec<u32>,
     stray_backends: Vec<u32>,
     /// Backend id -> how many slots of programmed frontends name it, so a
     /// partial apply knows which backends its removals left unused.
     backend_refs: StdHashMap<u32, u32>,
     /// Reverse-NAT indices of programmed frontends.
-    rev_nats: BTreeSet<u16>,
+    rev_nats: BTreeSet<u32>,
     /// Whether the mirror matches the maps for every frontend: a full apply
     /// succeeded since open and no apply failed since. Only then may an
     /// apply look at the changed frontends alone.
@@ -316,7 +315,7 @@ impl<F: Family> LbState<F> {
             let (k, v) = entry.with_context(|| format!("reading {}", F::SERVICES_MAP))?;
             all.insert(k, v);
         }
-        let mut revnat: BTreeMap<u16, F::RevNat> = BTreeMap::new();
+        let mut revnat: BTreeMap<u32, F::RevNat> = BTreeMap::new();
         for entry in maps.revnat.iter() {
             let (k, v) = entry.with_context(|| format!("reading {}", F::REVNAT_MAP))?;
             revnat.insert(k, v);

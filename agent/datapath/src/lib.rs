@@ -19,6 +19,7 @@ mod loader;
 pub mod maglev;
 mod metrics;
 mod netlink;
+mod node_addr;
 pub mod policy;
 pub mod rcu;
 mod sock_diag;
@@ -35,6 +36,7 @@ pub use desired::{
 };
 pub use devices::Device;
 pub use lb6::ProgrammedService6;
+pub use node_addr::NodeAddrChanges;
 
 use anyhow::Context;
 use aya::maps::lpm_trie::LpmTrie;
@@ -96,7 +98,7 @@ pub struct ProgrammedService<A = Ipv4Addr> {
     pub frontend: Frontend<A>,
     pub name: String,
     pub backends: Vec<BackendAddr<A>>,
-    pub rev_nat_index: u16,
+    pub rev_nat_index: u32,
     /// ClientIP affinity timeout in seconds, if the service has affinity.
     pub affinity_timeout: Option<u32>,
     /// Backends of the external scope, when the frontend has two (see
@@ -415,7 +417,7 @@ impl Datapath {
         desired: &LbDesired,
         changed: Option<&BTreeSet<Frontend>>,
     ) -> anyhow::Result<ApplyStats> {
-        let keep: BTreeSet<u16> = desired
+        let keep: BTreeSet<u32> = desired
             .maglev
             .iter()
             .filter(|fe| desired.services.contains_key(fe))

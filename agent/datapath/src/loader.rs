@@ -6,11 +6,12 @@ use std::mem::size_of;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use aya::maps::{MapInfo, MapType, ProgramArray};
+use aya::maps::{Array, Map, MapData, MapInfo, MapType, ProgramArray};
 use aya::programs::{CgroupSockAddr, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use catena_common::{
     ct, ct6, endpoint, events, lb, lb6, map_names, policy, program_names, tail_calls,
+    MAP_LAYOUT_REVISION,
 };
 use tracing::{debug, info, warn};
 
@@ -116,7 +117,7 @@ pub fn prepare(dir: &Path) -> anyhow::Result<Layout> {
 }
 
 /// (name, type, key size, value size) the programs expect of every map.
-fn expected_maps() -> [(&'static str, MapType, usize, usize); 14] {
+fn expected_maps() -> [(&'static str, MapType, usize, usize); 15] {
     [
         (
             map_names::LB4_SERVICES,
@@ -133,7 +134,7 @@ fn expected_maps() -> [(&'static str, MapType, usize, usize); 14] {
         (
             map_names::LB4_REVNAT,
             MapType::Hash,
-            size_of::<u16>(),
+            size_of::<u32>(),
             size_of::<lb::RevNat4>(),
         ),
         (
@@ -169,7 +170,7 @@ fn expected_maps() -> [(&'static str, MapType, usize, usize); 14] {
         (
             map_names::LB4_MAGLEV,
             MapType::Hash,
-            size_of::<u16>(),
+            size_of::<u32>(),
             size_of::<catena_common::maglev::MaglevTable>(),
         ),
         (
@@ -198,6 +199,12 @@ fn expected_maps() -> [(&'static str, MapType, usize, usize); 14] {
             size_of::<u32>(),
             size_of::<events::EventRate>(),
         ),
+        (
+            map_names::MAP_LAYOUT,
+            MapType::Array,
+            size_of::<u32>(),
+            size_of::<u32>(),
+        ),
     ]
 }
 
@@ -225,7 +232,7 @@ fn expected_maps6() -> [(&'static str, MapType, usize, usize); 9] {
         (
             map_names::LB6_REVNAT,
             MapType::Hash,
-            size_of::<u16>(),
+            size_of::<u32>(),
             size_of::<lb6::RevNat6>(),
         ),
         (
@@ -263,15 +270,78 @@ fn expected_maps6() -> [(&'static str, MapType, usize, usize); 9] {
 
 /// Array maps are indexed up to their size: a pinned `METRICS` smaller than
 /// the object's (an older version with fewer counters) would silently lose
-/// the new counters, so it counts as incompatible too.
+/// the new counters, so it counts as incompatible too. The same holds for
+/// the load-balancer maps whose capacity is a ceiling the agent enforces
+/// (reverse-NAT indexes are handed out up to `REVNAT_MAX_ENTRIES - 1`): a
+/// smaller pin would make writes fail below the documented limit.
 fn min_entries(name: &str) -> u32 {
     match name {
         map_names::METRICS => catena_common::metrics::COUNTER_MAX,
         map_names::POLICY_EP => policy::POLICY_EP_MAX,
-        map_names::EVENTS_RATE => 1,
+        map_names::EVENTS_RATE | map_names::MAP_LAYOUT => 1,
         map_names::TAIL_CALLS6 => tail_calls::COUNT,
+        map_names::LB4_REVNAT | map_names::LB6_REVNAT => lb::REVNAT_MAX_ENTRIES,
+        map_names::LB4_SERVICES | map_names::LB6_SERVICES => lb::SERVICE_MAP_MAX_ENTRIES,
+        map_names::LB4_BACKENDS | map_names::LB6_BACKENDS => lb::BACKEND_MAP_MAX_ENTRIES,
         _ => 0,
     }
+}
+
+/// The `MAP_LAYOUT_REVISION` in which a map's key or value layout last
+/// changed (0: never). A pin stamped with an older revision is replaced even
+/// when its key and value sizes match: same-size reorders are exactly what
+/// the size check cannot see.
+fn layout_changed_in(name: &str) -> u32 {
+    match name {
+        // Revision 1: reverse-NAT indexes widened from u16 to u32. Every map
+        // holding one is listed, also those whose sizes changed with it.
+        map_names::LB4_SERVICES
+        | map_names::LB6_SERVICES
+        | map_names::LB4_REVNAT
+        | map_names::LB6_REVNAT
+        | map_names::LB4_MAGLEV
+        | map_names::CT4
+        | map_names::CT6
+        | map_names::LB4_AFFINITY
+        | map_names::LB6_AFFINITY
+        | map_names::LB_SOCK_AFFINITY
+        | map_names::LB4_SOCK_REVNAT
+        | map_names::LB6_SOCK_REVNAT
+        | map_names::SNAT4
+        | map_names::SNAT6 => 1,
+        _ => 0,
+    }
+}
+
+/// The layout revision stamped in the pinned `MAP_LAYOUT` (0 when there is
+/// none: pins of a version before the stamp, or no pins at all).
+fn stamped_revision(layout: &Layout) -> anyhow::Result<u32> {
+    let path = layout.maps().join(map_names::MAP_LAYOUT);
+    if !path.exists() {
+        return Ok(0);
+    }
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening pinned map {}", path.display()))?;
+    match Array::<_, u32>::try_from(Map::Array(data)) {
+        Ok(stamp) => Ok(stamp.get(&0, 0).unwrap_or(0)),
+        // Not the one-u32 array it should be: whatever wrote it, its
+        // revision is unknown, so every versioned map is treated as stale.
+        Err(_) => Ok(0),
+    }
+}
+
+/// Records that the pinned maps now have this build's layouts. Written after
+/// the object is loaded (the stale pins are gone and every map is ours); a
+/// crash before it only makes the next start replace those maps again.
+fn stamp_revision(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let map = ebpf
+        .map_mut(map_names::MAP_LAYOUT)
+        .context("the eBPF object has no map MAP_LAYOUT")?;
+    let mut stamp =
+        Array::<_, u32>::try_from(map).context("map MAP_LAYOUT has an unexpected type")?;
+    stamp
+        .set(0, MAP_LAYOUT_REVISION, 0)
+        .context("writing MAP_LAYOUT")
 }
 
 /// aya reuses any pin with the map's name without comparing definitions. A pin
@@ -279,9 +349,21 @@ fn min_entries(name: &str) -> u32 {
 /// layout, so such pins are replaced (their state is lost, which is the lesser
 /// evil) before loading.
 fn drop_incompatible_pins(layout: &Layout) -> anyhow::Result<()> {
+    let stamped = stamped_revision(layout)?;
+    // Pins of a newer agent (a downgrade): which layouts changed since ours
+    // is unknowable here, so none is trusted.
+    let newer = stamped > MAP_LAYOUT_REVISION;
+    if newer {
+        warn!(
+            stamped,
+            ours = MAP_LAYOUT_REVISION,
+            "pinned maps come from a newer catena; replacing them all"
+        );
+    }
     for (name, ty, key, value) in expected_maps()
         .into_iter()
         .chain(crate::devices::expected_maps())
+        .chain(crate::node_addr::expected_maps())
         .chain(expected_maps6())
     {
         let path = layout.maps().join(name);
@@ -293,10 +375,14 @@ fn drop_incompatible_pins(layout: &Layout) -> anyhow::Result<()> {
         let compatible = info.map_type().ok() == Some(ty)
             && info.key_size() as usize == key
             && info.value_size() as usize == value
-            && info.max_entries() >= min_entries(name);
+            && info.max_entries() >= min_entries(name)
+            && !newer
+            && stamped >= layout_changed_in(name);
         if !compatible {
             warn!(
                 map = name,
+                stamped,
+                ours = MAP_LAYOUT_REVISION,
                 "pinned map has an incompatible layout; replacing it"
             );
             fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
@@ -350,12 +436,14 @@ pub fn load(layout: &Layout) -> anyhow::Result<Ebpf> {
     for (name, ..) in expected_maps()
         .into_iter()
         .chain(crate::devices::expected_maps())
+        .chain(crate::node_addr::expected_maps())
         .chain(expected_maps6())
     {
         if ebpf.map(name).is_none() {
             bail!("the eBPF object has no map {name}");
         }
     }
+    stamp_revision(&mut ebpf)?;
     for name in TC_PROGRAMS {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)

@@ -87,17 +87,17 @@ pub fn populate(backends: &[BackendAddr], m: usize) -> Vec<u32> {
 /// One frontend's Maglev input: its rev_nat_index and its backends with the
 /// ids the service maps gave them (aligned).
 pub(crate) struct MaglevFrontend<'a> {
-    pub rev_nat_index: u16,
+    pub rev_nat_index: u32,
     pub backends: &'a [BackendAddr],
     pub ids: &'a [u32],
 }
 
 pub(crate) struct Maglev {
-    map: HashMap<MapData, u16, MaglevTable>,
+    map: HashMap<MapData, u32, MaglevTable>,
     /// rev_nat_index -> the backend ids its table holds (sorted, distinct).
     /// The table is a pure function of the backend set, so an equal set
     /// means an equal table and no write.
-    written: BTreeMap<u16, BTreeSet<u32>>,
+    written: BTreeMap<u32, BTreeSet<u32>>,
     /// Table writes and deletes so far (tests and logs).
     pub writes: u64,
 }
@@ -105,7 +105,7 @@ pub(crate) struct Maglev {
 impl Maglev {
     /// Reads back what the pinned map holds, so a restarted agent rewrites
     /// only tables whose backends changed.
-    pub fn open(map: HashMap<MapData, u16, MaglevTable>) -> anyhow::Result<Maglev> {
+    pub fn open(map: HashMap<MapData, u32, MaglevTable>) -> anyhow::Result<Maglev> {
         let mut written = BTreeMap::new();
         for entry in map.iter() {
             let (idx, table) = entry.context("reading LB4_MAGLEV")?;
@@ -121,8 +121,8 @@ impl Maglev {
     /// Deletes every table whose rev_nat_index is not in `keep`. Run before
     /// the service maps change, so a frontend that stops using Maglev (or is
     /// removed, freeing its index) never sees a stale table.
-    pub fn retain(&mut self, keep: &BTreeSet<u16>) -> anyhow::Result<()> {
-        let stale: Vec<u16> = self
+    pub fn retain(&mut self, keep: &BTreeSet<u32>) -> anyhow::Result<()> {
+        let stale: Vec<u32> = self
             .written
             .keys()
             .filter(|i| !keep.contains(i))
@@ -182,11 +182,11 @@ impl Maglev {
         Ok(written)
     }
 
-    fn retain_except(&mut self, idx: u16) -> anyhow::Result<()> {
+    fn retain_except(&mut self, idx: u32) -> anyhow::Result<()> {
         if !self.written.contains_key(&idx) {
             return Ok(());
         }
-        let keep: BTreeSet<u16> = self
+        let keep: BTreeSet<u32> = self
             .written
             .keys()
             .filter(|i| **i != idx)

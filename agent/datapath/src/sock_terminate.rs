@@ -61,7 +61,7 @@ pub struct SockTranslation {
     pub frontend: SocketAddr,
     /// The translating frontend's rev-NAT index: tells which protocol's
     /// frontend it was (each has its own index).
-    pub rev_nat_index: u16,
+    pub rev_nat_index: u32,
 }
 
 /// A translation whose backend is no longer a backend of its frontend, per
@@ -83,7 +83,7 @@ pub struct StaleTranslation {
 pub enum FrontendBackends {
     /// The frontend's rev-NAT index and backends (empty: it has none and
     /// refuses).
-    Known(u16, BTreeSet<SocketAddr>),
+    Known(u32, BTreeSet<SocketAddr>),
     /// No such frontend (the Service or port is gone).
     Absent,
     /// Could not be read consistently (the maps changed under the reads):
@@ -268,7 +268,7 @@ impl PassMaps {
         &self,
         frontend: SocketAddr,
         proto: u8,
-    ) -> anyhow::Result<Option<(u16, BTreeSet<SocketAddr>)>> {
+    ) -> anyhow::Result<Option<(u32, BTreeSet<SocketAddr>)>> {
         let mut out = BTreeSet::new();
         let rev = match frontend.ip() {
             IpAddr::V4(a) => {
@@ -637,7 +637,7 @@ mod tests {
     }
 
     /// A translation by the frontend with rev-NAT index `rev`.
-    fn t(cookie: u64, backend: &str, frontend: &str, rev: u16) -> SockTranslation {
+    fn t(cookie: u64, backend: &str, frontend: &str, rev: u32) -> SockTranslation {
         SockTranslation {
             cookie,
             backend: sa(backend),
@@ -646,7 +646,7 @@ mod tests {
         }
     }
 
-    fn known(rev: u16, backends: &[&str]) -> FrontendBackends {
+    fn known(rev: u32, backends: &[&str]) -> FrontendBackends {
         FrontendBackends::Known(rev, backends.iter().map(|b| sa(b)).collect())
     }
 

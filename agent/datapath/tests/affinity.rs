@@ -93,7 +93,6 @@ fn affinity_key(dp: &Datapath, client: Ipv4Addr) -> Affinity4Key {
     Affinity4Key {
         client: u32::from_ne_bytes(client.octets()),
         rev_nat_index: rev,
-        pad: 0,
     }
 }
 

@@ -220,7 +220,7 @@ struct Progs {
 fn setup() -> (BpffsDir, Datapath, Progs) {
     let dir = BpffsDir::new();
     let mut dp = Datapath::open(dir.path()).expect("open");
-    test_endpoint(&mut dp, CLIENT4, 1, 256, EP_FLAG_ANTI_SPOOF);
+    test_endpoint_dual(&mut dp, CLIENT4, CLIENT, 1, 256, EP_FLAG_ANTI_SPOOF);
     dp.apply_services(&desired()).expect("apply");
     let p = Progs {
         from: SchedClassifier::from_pin(dp.program_pin("from_container")).unwrap(),
@@ -451,6 +451,121 @@ fn other_ipv6_traffic_is_byte_identical() {
     }
     assert_eq!(dp.counters().unwrap()["service_dnat"], 0);
     assert_eq!(dp.ct_entries().unwrap(), 0);
+}
+
+/// An ICMPv6 message of type `ty` from `src` (neighbour solicitation: 135,
+/// router solicitation: 133, echo request: 128), target `dst`.
+fn icmp6(src: Ipv6Addr, dst: Ipv6Addr, ty: u8) -> Vec<u8> {
+    let mut l4 = vec![ty, 0, 0, 0, 0, 0, 0, 0];
+    l4.extend_from_slice(&dst.octets());
+    let csum = l4_csum6(src, dst, 58, &l4);
+    l4[2..4].copy_from_slice(&csum.to_be_bytes());
+    let mut p = Vec::new();
+    p.extend_from_slice(&MAC_B);
+    p.extend_from_slice(&MAC_A);
+    p.extend_from_slice(&0x86ddu16.to_be_bytes());
+    p.extend_from_slice(&[0x60, 0, 0, 0]);
+    p.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    p.push(58);
+    p.push(255);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(&l4);
+    p
+}
+
+#[test]
+fn ipv6_anti_spoofing_drops_foreign_sources_and_keeps_nd() {
+    let (_dir, mut dp, p) = setup();
+    let other = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 0x99);
+    let link_local = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0x42);
+    let solicited = "ff02::1:ff00:1".parse::<Ipv6Addr>().unwrap();
+    let passes = [
+        (
+            "own address, not a service",
+            Pkt6::tcp(CLIENT, 40000, backend(3), 80).build(),
+        ),
+        ("own address, echo", icmp6(CLIENT, backend(3), 128)),
+        (
+            "own address, neighbour solicitation",
+            icmp6(CLIENT, solicited, 135),
+        ),
+        (
+            "link-local neighbour solicitation",
+            icmp6(link_local, solicited, 135),
+        ),
+        (
+            "link-local router solicitation",
+            icmp6(link_local, "ff02::2".parse().unwrap(), 133),
+        ),
+        (
+            "duplicate address detection from ::",
+            icmp6(Ipv6Addr::UNSPECIFIED, solicited, 135),
+        ),
+    ];
+    for (what, pkt) in &passes {
+        let (rc, out) = run_prog(&p.from, pkt);
+        assert_eq!(rc, PASS, "{what}");
+        assert_eq!(&out, pkt, "{what} was modified");
+    }
+    let drops = [
+        (
+            "foreign source to a service",
+            Pkt6::tcp(other, 40000, VIP_TCP, 80).build(),
+        ),
+        (
+            "foreign source, not a service",
+            Pkt6::udp(other, 40000, backend(3), 53).build(),
+        ),
+        (
+            "foreign source, neighbour solicitation",
+            icmp6(other, solicited, 135),
+        ),
+        // Link-local is fe80::/10 only.
+        (
+            "fec0::/10 is not link-local",
+            icmp6("fec0::1".parse().unwrap(), solicited, 135),
+        ),
+    ];
+    for (what, pkt) in &drops {
+        assert_eq!(run_prog(&p.from, pkt).0, SHOT, "{what}");
+    }
+    let c = dp.counters().unwrap();
+    assert_eq!(c["drop_spoofed_source"], drops.len() as u64);
+    assert_eq!(c["service_dnat"], 0, "a spoofed SYN is never translated");
+    assert_eq!(dp.ct_entries().unwrap(), 0);
+    // Only what the pod sends is checked: traffic to it from anywhere passes.
+    let inbound = Pkt6::tcp(other, 80, CLIENT, 40000).build();
+    assert_eq!(run_prog(&p.to, &inbound), (PASS, inbound.clone()));
+
+    // An IPv4-only pod was given no IPv6 address: every global IPv6 source
+    // is foreign, link-local and :: still pass (its interface's own ND).
+    test_endpoint(&mut dp, CLIENT4, 1, 256, EP_FLAG_ANTI_SPOOF);
+    assert_eq!(
+        run_prog(&p.from, &Pkt6::tcp(CLIENT, 40001, VIP_TCP, 80).build()).0,
+        SHOT
+    );
+    assert_eq!(
+        run_prog(&p.from, &icmp6(link_local, solicited, 135)).0,
+        PASS
+    );
+    assert_eq!(
+        run_prog(&p.from, &icmp6(Ipv6Addr::UNSPECIFIED, solicited, 135)).0,
+        PASS
+    );
+    // Without the flag nothing is checked.
+    test_endpoint_dual(&mut dp, CLIENT4, CLIENT, 1, 256, 0);
+    let (rc, out) = run_prog(&p.from, &Pkt6::tcp(other, 40002, VIP_TCP, 80).build());
+    assert_eq!(rc, PASS);
+    assert_eq!(
+        parse_and_verify6(&out).src,
+        other,
+        "translated, source kept"
+    );
+    assert_eq!(
+        dp.counters().unwrap()["drop_spoofed_source"],
+        drops.len() as u64 + 1
+    );
 }
 
 #[test]

@@ -56,13 +56,13 @@ struct Dump {
     /// (address, port, slot, proto, scope) -> entry.
     services: ServiceEntries,
     backends: BTreeMap<u32, Backend6>,
-    revnat: BTreeMap<u16, RevNat6>,
+    revnat: BTreeMap<u32, RevNat6>,
 }
 
 fn dump(dir: &Path) -> Dump {
     let s: HashMap<_, Service6Key, Service4Value> = open_map(dir, "LB6_SERVICES");
     let b: HashMap<_, u32, Backend6> = open_map(dir, "LB6_BACKENDS");
-    let r: HashMap<_, u16, RevNat6> = open_map(dir, "LB6_REVNAT");
+    let r: HashMap<_, u32, RevNat6> = open_map(dir, "LB6_REVNAT");
     Dump {
         services: s
             .iter()
@@ -264,7 +264,7 @@ fn reopen_repairs_and_cleans_stray_entries() {
         flags: 0,
     };
     b.insert(999, orphan, 0).unwrap();
-    let mut r: HashMap<_, u16, RevNat6> = open_map(dir.path(), "LB6_REVNAT");
+    let mut r: HashMap<_, u32, RevNat6> = open_map(dir.path(), "LB6_REVNAT");
     r.insert(4242, RevNat6::default(), 0).unwrap();
 
     let mut dp = Datapath::open(dir.path()).unwrap();

@@ -38,7 +38,7 @@ fn svc(name: &str, backends: Vec<BackendAddr>) -> LbService {
 struct Dump {
     services: BTreeMap<(u32, u16, u16, u8), Service4Value>,
     backends: BTreeMap<u32, Backend4>,
-    revnat: BTreeMap<u16, RevNat4>,
+    revnat: BTreeMap<u32, RevNat4>,
 }
 
 fn open_map<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &str) -> HashMap<MapData, K, V> {
@@ -49,7 +49,7 @@ fn open_map<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &str) -> HashMap<MapData
 fn dump(dir: &Path) -> Dump {
     let s: HashMap<_, Service4Key, Service4Value> = open_map(dir, "LB4_SERVICES");
     let b: HashMap<_, u32, Backend4> = open_map(dir, "LB4_BACKENDS");
-    let r: HashMap<_, u16, RevNat4> = open_map(dir, "LB4_REVNAT");
+    let r: HashMap<_, u32, RevNat4> = open_map(dir, "LB4_REVNAT");
     Dump {
         services: s
             .iter()
@@ -294,7 +294,7 @@ fn reopen_cleans_stray_entries() {
         0,
     )
     .unwrap();
-    let mut r: HashMap<_, u16, RevNat4> = open_map(dir.path(), "LB4_REVNAT");
+    let mut r: HashMap<_, u32, RevNat4> = open_map(dir.path(), "LB4_REVNAT");
     r.insert(
         4242,
         RevNat4 {

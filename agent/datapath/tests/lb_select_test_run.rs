@@ -86,9 +86,9 @@ fn pick(dp: &mut Datapath, from: &SchedClassifier, vip: Ipv4Addr, sport: u16) ->
     parse_and_verify(&out, false).dst
 }
 
-fn tables(dir: &BpffsDir) -> Vec<u16> {
+fn tables(dir: &BpffsDir) -> Vec<u32> {
     let data = MapData::from_pin(dir.path().join("maps/LB4_MAGLEV")).unwrap();
-    let map: HashMap<MapData, u16, MaglevTable> = HashMap::try_from(Map::HashMap(data)).unwrap();
+    let map: HashMap<MapData, u32, MaglevTable> = HashMap::try_from(Map::HashMap(data)).unwrap();
     map.keys().map(|k| k.unwrap()).collect()
 }
 

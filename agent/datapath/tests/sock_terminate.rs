@@ -68,6 +68,7 @@ fn a_pass_forgets_translations_to_removed_backends_only() {
             address: u32::from_ne_bytes(VIP.octets()),
             port: 80u16.to_be(),
             rev_nat_index,
+            pad: 0,
         };
         map.insert(key, value, 0).unwrap();
     }

@@ -109,6 +109,7 @@ fn setup() -> (BpffsDir, Datapath) {
             endpoint_id: 2,
             identity: 256,
             flags: 0,
+            ipv6: [0; 4],
         },
     )
     .unwrap();

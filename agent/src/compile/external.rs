@@ -3,7 +3,13 @@
 //! through the same addresses).
 //!
 //! - NodePort (`type: NodePort` / `LoadBalancer` with `nodePort`): one
-//!   frontend per node address on the external devices, on the nodePort;
+//!   frontend per node address on the external devices, on the nodePort
+//!   (what the devices' tc programs look packets up by), plus one wildcard
+//!   frontend `0.0.0.0:<nodePort>` / `[::]:<nodePort>` that only the
+//!   socket-level load balancer reads: node processes and pods reaching
+//!   the NodePort on 127.0.0.1, ::1 or any node address (the datapath's
+//!   `NODE_ADDR4` / `NODE_ADDR6`) get it, so no frontend per (address,
+//!   NodePort) is needed for addresses off the external devices;
 //! - `spec.externalIPs` and `status.loadBalancer.ingress[].ip`: one frontend
 //!   each, on the Service port.
 //!
@@ -76,6 +82,11 @@ impl ExternalKind {
 /// How IPv4 `frontend` of `svc` is reached from outside, or `None` for its
 /// ClusterIP (or a frontend it does not have).
 pub fn kind_of(svc: &Service, frontend: &Frontend) -> Option<ExternalKind> {
+    kind_of_family(svc, frontend)
+}
+
+/// `kind_of` for an IPv6 frontend.
+pub fn kind_of6(svc: &Service, frontend: &Frontend6) -> Option<ExternalKind> {
     kind_of_family(svc, frontend)
 }
 
@@ -186,10 +197,10 @@ pub fn external_frontends(
         pods,
         locality,
     };
-    out.v4 = inputs.frontends(&ns.node_addresses, warnings);
+    out.v4 = inputs.frontends(&ns.node_addresses, Ipv4Addr::UNSPECIFIED, warnings);
     // The nodePort range warning is the same for both families: once.
     let mut ignored = Vec::new();
-    out.v6 = inputs.frontends(&ns.node_addresses6, &mut ignored);
+    out.v6 = inputs.frontends(&ns.node_addresses6, Ipv6Addr::UNSPECIFIED, &mut ignored);
     out
 }
 
@@ -206,10 +217,12 @@ struct Inputs<'a> {
 impl Inputs<'_> {
     /// The external frontends of family `A`: externalIPs and LoadBalancer
     /// IPs of that family on each Service port, and NodePorts on
-    /// `node_addresses` if the Service is of that family.
+    /// `node_addresses` and on `wildcard` (the family's unspecified
+    /// address, see the module doc) if the Service is of that family.
     fn frontends<A: Family>(
         &self,
         node_addresses: &[A],
+        wildcard: A,
         warnings: &mut Vec<String>,
     ) -> Vec<(Frontend<A>, LbService<A>)> {
         let (key, spec) = (self.key, self.spec);
@@ -260,7 +273,7 @@ impl Inputs<'_> {
             if node_ports {
                 match port.node_port.map(u16::try_from) {
                     Some(Ok(node_port)) if node_port != 0 => {
-                        for addr in node_addresses {
+                        for addr in node_addresses.iter().chain([&wildcard]) {
                             add(*addr, node_port);
                         }
                     }
@@ -496,7 +509,12 @@ endpoints:
         assert_eq!(d.services6[&fe6("fd00:96::30", 80)].external_backends, None);
         assert!(d.services.contains_key(&fe(NODE_IP, 30080)));
         assert!(d.services.contains_key(&fe("203.0.113.10", 80)));
-        assert_eq!(d.services6.len(), 4, "{:?}", d.services6.keys());
+        // ...and the NodePort's wildcard frontend `[::]:30080`.
+        assert_eq!(d.services6.len(), 5, "{:?}", d.services6.keys());
+        assert_eq!(
+            d.services6[&fe6("::", 30080)],
+            d.services6[&fe6(NODE_IP6, 30080)]
+        );
         let svc = s.services.values().next().unwrap();
         assert_eq!(
             frontend_kind6(Some(svc), &fe6("fd00:203::20", 80)),
@@ -507,6 +525,116 @@ endpoints:
             frontend_kind6(Some(svc), &fe6("fd00:96::30", 80)),
             "ClusterIP"
         );
+    }
+
+    #[test]
+    fn external_local_with_registered_ipv6_endpoints() {
+        // No node names (standalone): the plugin's registrations decide
+        // which IPv6 endpoints are here, for an IPv6-only Service.
+        let s = cluster(
+            r#"apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  type: NodePort
+  clusterIPs: ["fd00:96::30"]
+  ipFamilies: [IPv6]
+  externalTrafficPolicy: Local
+  ports: [{name: http, port: 80, nodePort: 30080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-6, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: ["fd00:10::1"]}
+- {addresses: ["fd00:10::2"]}
+"#,
+        );
+        let registered = catena_api::Endpoint {
+            id: 1,
+            spec: catena_api::EndpointSpec {
+                ips: vec!["fd00:10::2/64".into()],
+                ..Default::default()
+            },
+            identity: 256,
+            attach_mode: "tcx".into(),
+            created: String::new(),
+        };
+        let options = ServiceOptions {
+            north_south: NorthSouth {
+                enabled: true,
+                node_addresses: vec![NODE_IP.parse().unwrap()],
+                node_addresses6: vec![NODE_IP6.parse().unwrap()],
+            },
+            ..Default::default()
+        };
+        let d = compile_services_with(&s, &[], &options, &[registered]).desired;
+        let np = &d.services6[&fe6(NODE_IP6, 30080)];
+        assert_eq!(np.backends, vec![be6("fd00:10::1"), be6("fd00:10::2")]);
+        assert_eq!(np.external_backends, Some(vec![be6("fd00:10::2")]));
+        let svc = s.services.values().next().unwrap();
+        assert_eq!(
+            kind_of6(svc, &fe6(NODE_IP6, 30080)),
+            Some(ExternalKind::NodePort)
+        );
+        assert_eq!(kind_of6(svc, &fe6("fd00:96::30", 80)), None);
+    }
+
+    #[test]
+    fn each_nodeport_gets_one_wildcard_frontend_with_the_same_scopes() {
+        // Two node addresses, one NodePort: two device frontends and one
+        // wildcard, whatever the number of addresses.
+        let s = state("Local", "Cluster");
+        let options = ServiceOptions {
+            node_name: Some("n1".into()),
+            north_south: NorthSouth {
+                enabled: true,
+                node_addresses: vec![NODE_IP.parse().unwrap(), "10.10.0.1".parse().unwrap()],
+                node_addresses6: vec![],
+            },
+            ..Default::default()
+        };
+        let d = compile_services_with(&s, &[], &options, &[]).desired;
+        let mut nodeports: Vec<Frontend> = d
+            .services
+            .keys()
+            .filter(|f| f.port == 30080)
+            .copied()
+            .collect();
+        nodeports.sort();
+        assert_eq!(
+            nodeports,
+            vec![
+                fe("0.0.0.0", 30080),
+                fe("10.10.0.1", 30080),
+                fe(NODE_IP, 30080)
+            ]
+        );
+        // The wildcard carries both scopes: the socket LB picks in-cluster
+        // backends (every endpoint), the health check sees the local one.
+        let wildcard = &d.services[&fe("0.0.0.0", 30080)];
+        assert_eq!(wildcard, &d.services[&fe(NODE_IP, 30080)]);
+        assert_eq!(wildcard.backends, vec![be("10.0.0.1"), be("10.0.0.2")]);
+        assert_eq!(wildcard.external_backends, Some(vec![be("10.0.0.1")]));
+        let svc = s.services.values().next().unwrap();
+        assert_eq!(frontend_kind(Some(svc), &fe("0.0.0.0", 30080)), "NodePort");
+
+        // No external device at all: loopback NodePorts still need the
+        // wildcard.
+        let options = ServiceOptions {
+            north_south: NorthSouth {
+                enabled: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let d = compile_services_with(&s, &[], &options, &[]).desired;
+        assert!(d.services.contains_key(&fe("0.0.0.0", 30080)));
+        // Without kube-proxy replacement there are no NodePorts at all.
+        let d = compile_services_with(&s, &[], &ServiceOptions::default(), &[]).desired;
+        assert!(!d.services.keys().any(|f| f.port == 30080));
     }
 
     #[test]
@@ -521,6 +649,7 @@ endpoints:
             assert!(d.services.contains_key(&fe(NODE_IP, 30080)));
             let v6: Vec<_> = d.services6.keys().copied().collect();
             assert_eq!(v6, vec![fe6("fd00:203::10", 80)], "{families:?}");
+            assert!(d.services.contains_key(&fe("0.0.0.0", 30080)));
         }
         // IPv6 only: no IPv4 NodePort.
         let s = cluster(
@@ -529,5 +658,6 @@ endpoints:
         let d = compile(&s, "n1");
         assert!(d.services.is_empty(), "{:?}", d.services.keys());
         assert!(d.services6.contains_key(&fe6(NODE_IP6, 30080)));
+        assert!(d.services6.contains_key(&fe6("::", 30080)));
     }
 }

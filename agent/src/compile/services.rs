@@ -1354,6 +1354,51 @@ spec:
     }
 
     #[test]
+    fn internal_traffic_policy_local_with_ipv6_endpoints() {
+        // No node names anywhere (standalone): the IPv6 address the plugin
+        // registered here is what makes an endpoint local.
+        let svc = DUAL_SVC.replace(
+            "  ipFamilyPolicy: RequireDualStack\n",
+            "  ipFamilyPolicy: RequireDualStack\n  internalTrafficPolicy: Local\n",
+        );
+        let s = state(&format!(
+            "{svc}{}",
+            dual_slices(&["fd00:10::1", "fd00:10::2"])
+        ));
+        let http6 = fe6("fd00:96::10", 80, Proto::Tcp);
+        let mut here = registered("web-a", "10.0.0.1");
+        here.spec.ips.push("fd00:10::2/64".into());
+        let c = compile_services_with(&s, &[], &ServiceOptions::default(), &[here]);
+        assert_eq!(
+            c.desired.services6[&http6].backends,
+            vec![be6("fd00:10::2", 8080)]
+        );
+        assert_eq!(
+            c.desired.services[&fe("10.96.0.10", 80, Proto::Tcp)].backends,
+            vec![be("10.0.0.1", 8080)]
+        );
+        // Nothing registered: no local endpoint of either family (refused).
+        let c = compile_services_with(&s, &[], &ServiceOptions::default(), &[]);
+        assert!(c.desired.services6[&http6].backends.is_empty());
+        // Selected pods (no slices): an IPv6-only registered pod is local.
+        let pods_only = state(&svc);
+        let mut v6_only = registered("web-b", "10.0.0.8");
+        v6_only.spec.ips = vec!["fd00:10::8/64".into()];
+        v6_only.spec.labels.insert("app".into(), "web".into());
+        let regs = [v6_only];
+        let c = compile_services_with(
+            &pods_only,
+            &pod_endpoints(&pods_only, &regs),
+            &ServiceOptions::default(),
+            &regs,
+        );
+        assert_eq!(
+            c.desired.services6[&http6].backends,
+            vec![be6("fd00:10::8", 8080)]
+        );
+    }
+
+    #[test]
     fn incremental_compile_follows_ipv6_slices() {
         let mut compiler = ServiceCompiler::default();
         let first = Arc::new(state(&format!(

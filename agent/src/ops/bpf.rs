@@ -18,8 +18,8 @@ const BPF_LINK_DETACH: libc::c_long = 34;
 const BPF_LINK_TYPE_CGROUP: u32 = 3;
 const BPF_LINK_TYPE_TCX: u32 = 11;
 
-/// Upper bound on entries read from one map: the largest catena map holds
-/// 262144; a bound keeps a corrupted iteration from looping forever.
+/// Upper bound on entries read from one map: the largest catena maps hold
+/// 524288; a bound keeps a corrupted iteration from looping forever.
 const MAX_ITER: usize = 1 << 20;
 
 use catena_datapath::sys::{bpf, obj_get};

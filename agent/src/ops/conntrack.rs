@@ -355,9 +355,9 @@ pub fn list(bpffs: &Path) -> Result<Vec<CtEntry>> {
 fn list_family<F: CtFamily>(bpffs: &Path) -> Result<Vec<CtEntry>> {
     let ct = PinnedMap::open_typed::<F::Key, Ct4Value>(bpffs, F::CT)?;
     let backends = backends_of::<F>(bpffs)?;
-    let revnat: BTreeMap<u16, F::RevNat> =
-        PinnedMap::open_typed::<u16, F::RevNat>(bpffs, F::REVNAT)?
-            .typed::<u16, F::RevNat>()?
+    let revnat: BTreeMap<u32, F::RevNat> =
+        PinnedMap::open_typed::<u32, F::RevNat>(bpffs, F::REVNAT)?
+            .typed::<u32, F::RevNat>()?
             .into_iter()
             .collect();
     let now = monotonic_ns();

@@ -66,10 +66,10 @@ fn lb(bpffs: &Path) -> Result<BpfMapDump> {
     let services =
         PinnedMap::open_typed::<Service4Key, Service4Value>(bpffs, map_names::LB4_SERVICES)?;
     let backends_map = PinnedMap::open_typed::<u32, Backend4>(bpffs, map_names::LB4_BACKENDS)?;
-    let revnat_map = PinnedMap::open_typed::<u16, RevNat4>(bpffs, map_names::LB4_REVNAT)?;
+    let revnat_map = PinnedMap::open_typed::<u32, RevNat4>(bpffs, map_names::LB4_REVNAT)?;
     let mut svc = services.typed::<Service4Key, Service4Value>()?;
     let backends: BTreeMap<u32, Backend4> = backends_map.typed()?.into_iter().collect();
-    let revnat: BTreeMap<u16, RevNat4> = revnat_map.typed()?.into_iter().collect();
+    let revnat: BTreeMap<u32, RevNat4> = revnat_map.typed()?.into_iter().collect();
     svc.sort_by_key(|(k, _)| {
         (
             u32::from_be(k.address),
@@ -139,10 +139,10 @@ fn lb6(bpffs: &Path) -> Result<(Vec<BpfMapInfo>, Vec<Vec<String>>)> {
     let services =
         PinnedMap::open_typed::<Service6Key, Service6Value>(bpffs, map_names::LB6_SERVICES)?;
     let backends_map = PinnedMap::open_typed::<u32, Backend6>(bpffs, map_names::LB6_BACKENDS)?;
-    let revnat_map = PinnedMap::open_typed::<u16, RevNat6>(bpffs, map_names::LB6_REVNAT)?;
+    let revnat_map = PinnedMap::open_typed::<u32, RevNat6>(bpffs, map_names::LB6_REVNAT)?;
     let mut svc = services.typed::<Service6Key, Service6Value>()?;
     let backends: BTreeMap<u32, Backend6> = backends_map.typed()?.into_iter().collect();
-    let revnat: BTreeMap<u16, RevNat6> = revnat_map.typed()?.into_iter().collect();
+    let revnat: BTreeMap<u32, RevNat6> = revnat_map.typed()?.into_iter().collect();
     svc.sort_by_key(|(k, _)| {
         (
             addr6(&k.address),
@@ -269,6 +269,7 @@ fn endpoints(bpffs: &Path) -> Result<BpfMapDump> {
                 ifindex.to_string(),
                 crate::ops::ifname(*ifindex).unwrap_or_else(|| "<gone>".into()),
                 addr(e.ipv4).to_string(),
+                addr6(&e.ipv6).to_string(),
                 e.endpoint_id.to_string(),
                 e.identity.to_string(),
                 format!("{:#x}", e.flags),
@@ -281,6 +282,7 @@ fn endpoints(bpffs: &Path) -> Result<BpfMapDump> {
             "IFINDEX",
             "INTERFACE",
             "IPV4",
+            "IPV6",
             "ENDPOINT",
             "IDENTITY",
             "FLAGS",

@@ -38,9 +38,12 @@ pub struct Ct4Value {
     /// `CT_SERVICE`: the backend chosen for this flow.
     pub backend_id: u32,
     /// `CT_EGRESS`: frontend to restore in replies (0: no reverse NAT).
-    pub rev_nat_index: u16,
+    pub rev_nat_index: u32,
     /// `CT_FLAG_*`.
     pub flags: u16,
+    /// The u64s below are 8-aligned: 6 bytes are padding either way, named
+    /// so nothing in the value is an implicit hole.
+    pub pad: [u16; 3],
     /// bpf_ktime_get_ns() of creation and of the last packet (either direction).
     pub created_ns: u64,
     pub last_seen_ns: u64,

@@ -12,7 +12,15 @@ pub struct EndpointInfo {
     pub identity: u32,
     /// `EP_FLAG_*`.
     pub flags: u32,
+    /// The pod's primary IPv6 address, network order (all zero if none).
+    pub ipv6: [u32; 4],
 }
 
-/// Enforce that packets from the pod carry one of its own addresses.
+/// Enforce that packets from the pod carry one of its own addresses: the
+/// IPv4 source must be `ipv4`, the IPv6 source `ipv6`, a link-local address
+/// (fe80::/10: neighbour discovery, router solicitation) or the unspecified
+/// address (`::`, duplicate address detection). A family the pod has no
+/// address of (zero) allows only the unspecified source (and, for IPv6,
+/// link-local ones): a single-stack pod was given no global address of the
+/// other family, so any such source is not its own.
 pub const EP_FLAG_ANTI_SPOOF: u32 = 1 << 0;

@@ -40,14 +40,39 @@ pub struct Service4Value {
     /// entry: the ClientIP affinity timeout in seconds when
     /// `SVC_FLAG_AFFINITY` is set, else 0 (Cilium shares the field the same way).
     pub backend_id: u32,
+    /// Key of `LB4_REVNAT` for replies of this frontend (1..`REVNAT_MAX_ENTRIES`).
+    pub rev_nat_index: u32,
     /// In the master entry: how many slots follow. 0 means "no endpoints".
     pub count: u16,
-    /// Key of `LB4_REVNAT` for replies of this frontend.
-    pub rev_nat_index: u16,
     /// `SVC_FLAG_*`.
     pub flags: u16,
-    pub pad: u16,
 }
+
+/// Capacity of `LB4_REVNAT` / `LB6_REVNAT`, and so the frontend ceiling.
+/// Reverse-NAT indexes are `u32` (service values, conntrack, SNAT, affinity
+/// keys, socket reverse NAT) and 0 means "none", so a node programs at most
+/// `REVNAT_MAX_ENTRIES - 1` = 262,143 frontends per family (a frontend is one
+/// ClusterIP, NodePort address, externalIP or LoadBalancer IP, per port and
+/// protocol): 100k Services with two frontends each fit with room to spare.
+/// The agent refuses the frontend past it with a clear error. The map is
+/// allocated on demand (`BPF_F_NO_PREALLOC`, only the agent writes it): the
+/// cap costs its hash buckets up front (2^18 x 16 B = 4 MiB per family) and
+/// each programmed frontend one element (~100 B: the kernel's 48 B element
+/// header, key and value, in an allocator size class); 100k frontends
+/// ~10 MiB.
+pub const REVNAT_MAX_ENTRIES: u32 = 262_144;
+
+/// Capacity of `LB4_SERVICES` / `LB6_SERVICES`: every frontend's master
+/// entry plus one slot per backend (plus the external scope's, for two-scope
+/// frontends). 2^19: 100k frontends with up to ~4 backends each. On demand
+/// like the reverse-NAT maps: 8 MiB of buckets up front per family, ~100 B
+/// per entry written (100k Services x 1 port x 2.5 backends: ~35 MiB).
+pub const SERVICE_MAP_MAX_ENTRIES: u32 = 524_288;
+
+/// Capacity of `LB4_BACKENDS` / `LB6_BACKENDS` (distinct backend address,
+/// port and protocol): 2^19, on demand as above (8 MiB of buckets per family
+/// up front, ~100 B per backend).
+pub const BACKEND_MAP_MAX_ENTRIES: u32 = 524_288;
 
 /// The service has no ready backends: reject new connections at once.
 pub const SVC_FLAG_NO_BACKENDS: u16 = 1 << 0;
@@ -64,8 +89,7 @@ pub const SVC_FLAG_TWO_SCOPES: u16 = 1 << 2;
 pub struct Affinity4Key {
     /// Client address, network order.
     pub client: u32,
-    pub rev_nat_index: u16,
-    pub pad: u16,
+    pub rev_nat_index: u32,
 }
 
 /// Key of `LB_SOCK_AFFINITY`: ClientIP affinity of the socket-level load
@@ -78,10 +102,10 @@ pub struct Affinity4Key {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SockAffinityKey {
     pub netns_cookie: u64,
-    pub rev_nat_index: u16,
+    pub rev_nat_index: u32,
     /// `SOCK_AFFINITY_V4` or `SOCK_AFFINITY_V6`.
     pub family: u8,
-    pub pad: [u8; 5],
+    pub pad: [u8; 3],
 }
 
 pub const SOCK_AFFINITY_V4: u8 = 4;
@@ -115,7 +139,7 @@ pub struct Backend4 {
     pub flags: u8,
 }
 
-/// Value of `LB4_REVNAT` (key: rev_nat_index, u16): the frontend to restore as
+/// Value of `LB4_REVNAT` (key: rev_nat_index, u32): the frontend to restore as
 /// the source of replies.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -147,6 +171,7 @@ pub struct SockRevNat4Key {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockRevNat4Value {
     pub address: u32,
+    pub rev_nat_index: u32,
     pub port: u16,
-    pub rev_nat_index: u16,
+    pub pad: u16,
 }

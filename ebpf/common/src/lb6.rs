@@ -42,7 +42,7 @@ pub struct Backend6 {
     pub flags: u8,
 }
 
-/// Value of `LB6_REVNAT` (key: rev_nat_index, u16).
+/// Value of `LB6_REVNAT` (key: rev_nat_index, u32).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RevNat6 {
@@ -56,8 +56,7 @@ pub struct RevNat6 {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Affinity6Key {
     pub client: Addr6,
-    pub rev_nat_index: u16,
-    pub pad: u16,
+    pub rev_nat_index: u32,
 }
 
 /// Value of `LB6_AFFINITY`: the IPv4 layout (timestamp and backend id).
@@ -79,8 +78,9 @@ pub struct SockRevNat6Key {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockRevNat6Value {
     pub address: Addr6,
+    pub rev_nat_index: u32,
     pub port: u16,
-    pub rev_nat_index: u16,
+    pub pad: u16,
 }
 
 /// IPv6 hairpin source, `fd00:a9fe:2a01::1` (a unique-local address whose

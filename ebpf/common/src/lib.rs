@@ -48,7 +48,52 @@ pub mod map_names {
     pub const IPCACHE6: &str = "IPCACHE6";
     pub const DEVICES6: &str = "DEVICES6";
     pub const SNAT6: &str = "SNAT6";
+    /// The node's own unicast addresses (IPv4, then IPv6): where the
+    /// socket-level load balancer serves NodePorts to node processes and
+    /// pods (see `programs/src/node_addr.rs`).
+    pub const NODE_ADDR4: &str = "NODE_ADDR4";
+    pub const NODE_ADDR6: &str = "NODE_ADDR6";
+    /// One u64: the cookie of the node's network namespace, whose loopback
+    /// addresses serve NodePorts too.
+    pub const NODE_NETNS: &str = "NODE_NETNS";
+    /// One u32: the `MAP_LAYOUT_REVISION` the pinned maps were last loaded
+    /// with (see `MAP_LAYOUT_REVISION`).
+    pub const MAP_LAYOUT: &str = "MAP_LAYOUT";
 }
+
+/// Revision of the pinned maps' key/value layouts, stamped into the pinned
+/// `MAP_LAYOUT` map by the agent after every load. A layout change that keeps
+/// a map's key and value sizes (reordered or retyped fields) is invisible to
+/// the agent's size check of pins left by an older version, so every such
+/// change bumps this and names the map in the agent's `layout_changed_in`:
+/// a pin stamped with an older revision is then replaced instead of misread.
+///
+/// 1: reverse-NAT indexes widened from u16 to u32 (`Service4Value`,
+/// `SockAffinityKey`, `Snat6Value` and the affinity keys kept their sizes).
+pub const MAP_LAYOUT_REVISION: u32 = 1;
+
+/// `size_of` each shared type must have: with every field listed, a
+/// mismatch means the compiler inserted an implicit hole (or someone grew a
+/// type without meaning to). Checked at compile time for both sides.
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<lb::Service4Key>() == 12);
+    assert!(size_of::<lb::Service4Value>() == 12);
+    assert!(size_of::<lb::Affinity4Key>() == 8);
+    assert!(size_of::<lb::SockAffinityKey>() == 16);
+    assert!(size_of::<lb::Affinity4Value>() == 16);
+    assert!(size_of::<lb::RevNat4>() == 8);
+    assert!(size_of::<lb::SockRevNat4Key>() == 16);
+    assert!(size_of::<lb::SockRevNat4Value>() == 12);
+    assert!(size_of::<lb6::Service6Key>() == 24);
+    assert!(size_of::<lb6::RevNat6>() == 20);
+    assert!(size_of::<lb6::Affinity6Key>() == 20);
+    assert!(size_of::<lb6::SockRevNat6Key>() == 32);
+    assert!(size_of::<lb6::SockRevNat6Value>() == 24);
+    assert!(size_of::<ct::Ct4Value>() == 48);
+    assert!(size_of::<nodeport::Snat4Value>() == 24);
+    assert!(size_of::<nodeport::Snat6Value>() == 32);
+};
 
 /// Program names as they appear in the object file (one per attach point).
 pub mod program_names {

@@ -12,7 +12,7 @@
 /// 64 KiB (`u32` ids).
 pub const MAGLEV_TABLE_SIZE: usize = 16_381;
 
-/// Value of `LB4_MAGLEV` (key: the service frontend's `rev_nat_index`, u16).
+/// Value of `LB4_MAGLEV` (key: the service frontend's `rev_nat_index`, u32).
 /// A frontend selects by Maglev exactly when its table is in the map; without
 /// one (random services, or the moment before the agent writes it) the
 /// random slot selection applies.

@@ -48,8 +48,9 @@ pub const SNAT_DIR_IN: u8 = 1;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Snat4Value {
     pub to_addr: u32,
+    pub rev_nat_index: u32,
     pub to_port: u16,
-    pub rev_nat_index: u16,
+    pub pad: [u16; 3],
     /// bpf_ktime_get_ns() of the last packet of the flow in this direction.
     pub last_seen_ns: u64,
 }
@@ -99,9 +100,9 @@ pub struct Snat6Key {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Snat6Value {
     pub to_addr: crate::lb6::Addr6,
+    pub rev_nat_index: u32,
     pub to_port: u16,
-    pub rev_nat_index: u16,
-    pub pad: u32,
+    pub pad: u16,
     /// bpf_ktime_get_ns() of the last packet of the flow in this direction.
     pub last_seen_ns: u64,
 }

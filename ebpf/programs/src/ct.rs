@@ -124,7 +124,7 @@ pub unsafe fn touch(entry: *mut Ct4Value, now: u64, len: u32, closing: bool) {
 pub fn create(
     key: &Ct4Key,
     backend_id: u32,
-    rev_nat_index: u16,
+    rev_nat_index: u32,
     now: u64,
     len: u32,
     closing: bool,
@@ -133,6 +133,7 @@ pub fn create(
         backend_id,
         rev_nat_index,
         flags: if closing { CT_FLAG_CLOSING } else { 0 },
+        pad: [0; 3],
         created_ns: now,
         last_seen_ns: now,
         packets: 1,

@@ -98,7 +98,7 @@ pub fn lookup(key: &Ct6Key) -> Option<*mut Ct4Value> {
 pub fn create(
     key: &Ct6Key,
     backend_id: u32,
-    rev_nat_index: u16,
+    rev_nat_index: u32,
     now: u64,
     len: u32,
     closing: bool,
@@ -107,6 +107,7 @@ pub fn create(
         backend_id,
         rev_nat_index,
         flags: if closing { CT_FLAG_CLOSING } else { 0 },
+        pad: [0; 3],
         created_ns: now,
         last_seen_ns: now,
         packets: 1,

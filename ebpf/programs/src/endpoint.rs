@@ -1,10 +1,16 @@
 //! The start both tc programs share: whose interface this is, its policy
 //! flags, and the parsed packet. Everything that is not an IPv4 flow to judge
 //! is settled here (IPv6 goes on to its own programs), the same way in both
-//! directions.
+//! directions except one: what the pod sends over IPv6 has its source
+//! checked first (anti-spoofing, before neighbour discovery passes).
 
 use aya_ebpf::programs::TcContext;
-use catena_common::{endpoint::EndpointInfo, events::Reason};
+use catena_common::{
+    endpoint::{EndpointInfo, EP_FLAG_ANTI_SPOOF},
+    events::Reason,
+    policy::DIR_EGRESS,
+    IPPROTO_TCP, IPPROTO_UDP,
+};
 
 use crate::{
     events,
@@ -26,8 +32,10 @@ pub struct Packet4 {
 /// the agent writes it before attaching); ARP and other non-IP frames pass;
 /// unparseable packets pass unless `direction` is enforced (`enforced_flag`).
 /// IPv6 tail-calls the program's IPv6 path (`ipv6_call`, a slot of
-/// `TAIL_CALLS6`: services, then policy); neighbour discovery always passes
-/// here. Should the slot be empty (never, once the agent has loaded the
+/// `TAIL_CALLS6`: services, then policy); neighbour discovery passes here.
+/// In the egress direction (what the pod sends) an endpoint with
+/// `EP_FLAG_ANTI_SPOOF` first has its IPv6 source checked (`spoofed6`), ND
+/// included; IPv4 sources are checked by `from_container` itself. Should the slot be empty (never, once the agent has loaded the
 /// programs), IPv6 passes untranslated, or is dropped if `direction` is
 /// enforced (fail closed: IPv6 must not bypass policy).
 #[inline(always)]
@@ -53,17 +61,15 @@ pub fn start(
             flow,
         }),
         Ok(Packet::Other) => Err(VERDICT_PASS),
-        Ok(Packet::Ipv6) if parse::is_ipv6_nd(ctx) => Err(VERDICT_PASS),
-        Ok(Packet::Ipv6) => {
-            // SAFETY: our own context; on success this never returns.
-            unsafe { TAIL_CALLS6.tail_call(ctx, ipv6_call) };
-            if enforced {
-                // No IPv6 program to judge it: fail closed.
-                let ev = events::base(direction, ifindex, &ep, None);
-                return Err(events::drop(ev, Reason::UnsupportedL3));
+        // Before anything lets IPv6 through (neighbour discovery included:
+        // a forged source there would poison the node's neighbour cache).
+        Ok(Packet::Ipv6) if direction == DIR_EGRESS && ep.flags & EP_FLAG_ANTI_SPOOF != 0 => {
+            if let Some(verdict) = spoofed6(ctx, ifindex, &ep, direction) {
+                return Err(verdict);
             }
-            Err(VERDICT_PASS)
+            Err(ipv6(ctx, ifindex, &ep, direction, enforced, ipv6_call))
         }
+        Ok(Packet::Ipv6) => Err(ipv6(ctx, ifindex, &ep, direction, enforced, ipv6_call)),
         Err(()) if enforced => {
             let ev = events::base(direction, ifindex, &ep, None);
             Err(events::drop(ev, Reason::Invalid))
@@ -72,4 +78,52 @@ pub fn start(
         // we have not touched it.
         Err(()) => Err(VERDICT_PASS),
     }
+}
+
+/// An IPv6 packet of a known endpoint: neighbour discovery passes, anything
+/// else goes to the program's IPv6 path (`ipv6_call`); should that slot be
+/// empty, it passes, or is dropped if `direction` is enforced.
+#[inline(always)]
+fn ipv6(
+    ctx: &TcContext,
+    ifindex: u32,
+    ep: &EndpointInfo,
+    direction: u8,
+    enforced: bool,
+    ipv6_call: u32,
+) -> i32 {
+    if parse::is_ipv6_nd(ctx) {
+        return VERDICT_PASS;
+    }
+    // SAFETY: our own context; on success this never returns.
+    unsafe { TAIL_CALLS6.tail_call(ctx, ipv6_call) };
+    if enforced {
+        // No IPv6 program to judge it: fail closed.
+        let ev = events::base(direction, ifindex, ep, None);
+        return events::drop(ev, Reason::UnsupportedL3);
+    }
+    VERDICT_PASS
+}
+
+/// IPv6 anti-spoofing (`EP_FLAG_ANTI_SPOOF`): `Some(drop)` unless the source
+/// is the pod's IPv6 address, link-local (fe80::/10) or unspecified (`::`).
+/// A truncated header is not judged here (the IPv6 path decides on it).
+#[inline(always)]
+fn spoofed6(ctx: &TcContext, ifindex: u32, ep: &EndpointInfo, direction: u8) -> Option<i32> {
+    let hdr: [[u32; 4]; 2] = parse::read(ctx, parse::IP6_SADDR_OFF).ok()?;
+    let saddr = hdr[0];
+    if saddr == ep.ipv6 || saddr == [0; 4] || u32::from_be(saddr[0]) & 0xffc0_0000 == 0xfe80_0000 {
+        return None;
+    }
+    // The event names the flow as far as the fixed header tells it.
+    let next: u8 = parse::read(ctx, parse::ETH_HLEN + 6).unwrap_or(0);
+    let ports: [u16; 2] = if next == IPPROTO_TCP || next == IPPROTO_UDP {
+        parse::read(ctx, parse::IP6_L4_OFF).unwrap_or([0; 2])
+    } else {
+        [0; 2]
+    };
+    let mut ev = events::base6(
+        direction, ifindex, ep, &saddr, &hdr[1], ports[0], ports[1], next,
+    );
+    Some(events::drop6(&mut ev, Reason::SpoofedSource))
 }

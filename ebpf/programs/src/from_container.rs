@@ -1,7 +1,9 @@
 //! `from_container`: tc ingress of the host-side veth, i.e. every packet the pod
 //! sends. In order:
 //! 1. the interface's `ENDPOINTS` entry (none: drop, fail closed);
-//! 2. anti-spoofing: an IPv4 source other than the pod's own is dropped;
+//! 2. anti-spoofing: an IPv4 source other than the pod's own is dropped (an
+//!    IPv6 source other than its own, link-local or `::` already was, in
+//!    `endpoint::start`);
 //! 3. services: IPv4 TCP/UDP to a frontend is DNATed to a backend chosen once
 //!    per flow (sticky per client with ClientIP affinity) and remembered in
 //!    conntrack; a pod reaching itself is source-NATed to the hairpin address

@@ -200,7 +200,7 @@ fn snat_reply(
     flow: &Flow4,
     client: u32,
     client_port: u16,
-    rev_nat_index: u16,
+    rev_nat_index: u32,
 ) -> Result<i32, ()> {
     // SAFETY: copied out at once.
     let Some(frontend) = (unsafe { LB4_REVNAT.get(rev_nat_index) }).copied() else {

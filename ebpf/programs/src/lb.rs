@@ -47,7 +47,6 @@ pub fn external_scope(key: &Service4Key, master: Service4Value) -> (Service4Key,
                 count: 0,
                 rev_nat_index: master.rev_nat_index,
                 flags: SVC_FLAG_NO_BACKENDS,
-                pad: 0,
             },
         ),
     }
@@ -135,23 +134,41 @@ pub fn select_for_flow(
 /// unused backends: a selection that read the master before that and a slot
 /// or backend after it finds nothing, and a backend leaving must never
 /// refuse a new connection another backend could take.
+/// Both families' frontends (`Service4Key`, `Service6Key`; their master
+/// entries share one type).
 #[inline(always)]
-pub fn with_current_master(
-    key: &Service4Key,
+pub fn with_current_master<K: ServiceKey>(
+    key: &K,
     master: &Service4Value,
-    mut pick: impl FnMut(&Service4Value) -> Option<(u32, Backend4)>,
-) -> Option<(u32, Backend4)> {
+    mut pick: impl FnMut(&Service4Value) -> Option<(u32, K::Backend)>,
+) -> Option<(u32, K::Backend)> {
     let mut m = *master;
     for _ in 0..2 {
         if let Some(chosen) = pick(&m) {
             return Some(chosen);
         }
-        m = lookup_master(key)?;
+        m = key.lookup_master()?;
         if m.count == 0 {
             return None;
         }
     }
     None
+}
+
+/// A frontend's master key, of either family: what [`with_current_master`]
+/// needs to read the master entry again.
+pub trait ServiceKey {
+    type Backend;
+    /// The master entry as it is now.
+    fn lookup_master(&self) -> Option<Service4Value>;
+}
+
+impl ServiceKey for Service4Key {
+    type Backend = Backend4;
+    #[inline(always)]
+    fn lookup_master(&self) -> Option<Service4Value> {
+        lookup_master(self)
+    }
 }
 
 /// ClientIP affinity around a selection (see [`affinity::sticky`]), when the
@@ -169,7 +186,6 @@ fn sticky(
     let key = Affinity4Key {
         client,
         rev_nat_index: master.rev_nat_index,
-        pad: 0,
     };
     // In the master entry `backend_id` holds the affinity timeout (seconds).
     affinity::sticky(&LB4_AFFINITY, &key, master.backend_id, now, backend, pick)

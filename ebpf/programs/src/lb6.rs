@@ -7,8 +7,8 @@ use aya_ebpf::helpers::bpf_get_prandom_u32;
 use catena_common::lb::SVC_FLAG_AFFINITY;
 use catena_common::lb6::{Affinity6Key, Backend6, Service6Key, Service6Value};
 
-use crate::affinity;
 use crate::maps::{LB6_AFFINITY, LB6_BACKENDS, LB6_SERVICES};
+use crate::{affinity, lb};
 
 #[inline(always)]
 pub fn master_key(daddr: &[u32; 4], dport: u16, proto: u8) -> Service6Key {
@@ -39,6 +39,12 @@ pub fn backend(id: u32) -> Option<Backend6> {
 /// the backend.
 #[inline(always)]
 pub fn select_backend(master: &Service6Key, count: u16) -> Option<(u32, Backend6)> {
+    // Callers check, but a modulo by zero would be a panic path (which BPF
+    // cannot have: the verifier refuses the program), so it is ruled out
+    // here too.
+    if count == 0 {
+        return None;
+    }
     // SAFETY: helper without arguments.
     let rnd = unsafe { bpf_get_prandom_u32() };
     let slot = (rnd % count as u32) as u16 + 1;
@@ -53,7 +59,13 @@ pub fn select_backend(master: &Service6Key, count: u16) -> Option<(u32, Backend6
 
 /// Backend for a new flow from `client`: with ClientIP affinity the
 /// client's backend while fresh (and still existing), else a random one,
-/// which then becomes the client's.
+/// which then becomes the client's. A frontend shrinking under the random
+/// pick is read again once ([`lb::with_current_master`]), so a backend
+/// leaving never refuses a new connection another backend could take. Only
+/// the pick is retried (the IPv4 path retries the affinity lookup too): what
+/// affinity reads of the master (timeout, rev-NAT index) does not change
+/// when backends leave, and one retried pick keeps this program's stack
+/// within the verifier's limit, which the IPv6 keys and addresses crowd.
 #[inline(always)]
 pub fn select_for_client(
     key: &Service6Key,
@@ -61,13 +73,13 @@ pub fn select_for_client(
     client: &[u32; 4],
     now: u64,
 ) -> Option<(u32, Backend6)> {
+    let pick = || lb::with_current_master(key, master, |m| select_backend(key, m.count));
     if master.flags & SVC_FLAG_AFFINITY == 0 {
-        return select_backend(key, master.count);
+        return pick();
     }
     let aff_key = Affinity6Key {
         client: *client,
         rev_nat_index: master.rev_nat_index,
-        pad: 0,
     };
     // In the master entry `backend_id` holds the affinity timeout (seconds).
     affinity::sticky(
@@ -76,6 +88,14 @@ pub fn select_for_client(
         master.backend_id,
         now,
         backend,
-        || select_backend(key, master.count),
+        pick,
     )
+}
+
+impl lb::ServiceKey for Service6Key {
+    type Backend = Backend6;
+    #[inline(always)]
+    fn lookup_master(&self) -> Option<Service6Value> {
+        lookup_master(self)
+    }
 }

@@ -47,7 +47,7 @@ pub fn tuple_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> 
 /// The backend id the frontend's Maglev table holds for `hash`; `None` when
 /// the frontend has no table (it selects randomly).
 #[inline(always)]
-pub fn lookup(rev_nat_index: u16, hash: u32) -> Option<u32> {
+pub fn lookup(rev_nat_index: u32, hash: u32) -> Option<u32> {
     // SAFETY: a reference into the map value, read once below; the agent
     // replaces a table whole (a hash-map update swaps the element), so the
     // read sees one table or the other.

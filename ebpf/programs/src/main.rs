@@ -36,6 +36,7 @@ mod metrics;
 mod nat;
 mod nat6;
 mod netdev6;
+mod node_addr;
 mod nodeport;
 mod nodeport6;
 mod parse;

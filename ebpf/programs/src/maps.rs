@@ -14,24 +14,31 @@ use catena_common::{
     events::{EventRate, EVENTS_RING_BYTES},
     lb::{
         Affinity4Key, Affinity4Value, Backend4, RevNat4, Service4Key, Service4Value,
-        SockRevNat4Key, SockRevNat4Value,
+        SockRevNat4Key, SockRevNat4Value, BACKEND_MAP_MAX_ENTRIES, REVNAT_MAX_ENTRIES,
+        SERVICE_MAP_MAX_ENTRIES,
     },
     maglev::MaglevTable,
     metrics::COUNTER_MAX,
     policy::{Ipcache4Key, IpcacheValue, PolicyKey, PolicyValue, POLICY_EP_MAX},
 };
 
-/// Master entries (slot 0) and backend slots of every frontend.
+/// Master entries (slot 0) and backend slots of every frontend. Written by
+/// the agent only, so allocated on demand (sizes and cost:
+/// catena_common::lb::SERVICE_MAP_MAX_ENTRIES).
 #[map]
-pub static LB4_SERVICES: HashMap<Service4Key, Service4Value> = HashMap::pinned(262_144, 0);
+pub static LB4_SERVICES: HashMap<Service4Key, Service4Value> =
+    HashMap::pinned(SERVICE_MAP_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
 /// Backend id -> backend address.
 #[map]
-pub static LB4_BACKENDS: HashMap<u32, Backend4> = HashMap::pinned(262_144, 0);
+pub static LB4_BACKENDS: HashMap<u32, Backend4> =
+    HashMap::pinned(BACKEND_MAP_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
-/// rev_nat_index -> frontend to restore as the source of replies.
+/// rev_nat_index -> frontend to restore as the source of replies. Its size
+/// is the frontend ceiling (catena_common::lb::REVNAT_MAX_ENTRIES).
 #[map]
-pub static LB4_REVNAT: HashMap<u16, RevNat4> = HashMap::pinned(65_536, 0);
+pub static LB4_REVNAT: HashMap<u32, RevNat4> =
+    HashMap::pinned(REVNAT_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
 /// Connection tracking; LRU so a full table evicts the oldest flows instead of
 /// failing new ones.
@@ -62,7 +69,7 @@ pub static LB4_AFFINITY: LruHashMap<Affinity4Key, Affinity4Value> = LruHashMap::
 /// (catena_common::maglev). Not preallocated: a table is 64 KiB and only
 /// Maglev services have one, so the size is a cap, not a reservation.
 #[map]
-pub static LB4_MAGLEV: HashMap<u16, MaglevTable> = HashMap::pinned(65_536, BPF_F_NO_PREALLOC);
+pub static LB4_MAGLEV: HashMap<u32, MaglevTable> = HashMap::pinned(65_536, BPF_F_NO_PREALLOC);
 
 /// IPv4 prefix -> identity of the remote end (longest prefix wins; a miss is
 /// `identity::WORLD`). LPM tries are never preallocated: the size is a cap.
@@ -121,15 +128,17 @@ pub static SNAT6: LruHashMap<
 pub static LB6_SERVICES: HashMap<
     catena_common::lb6::Service6Key,
     catena_common::lb6::Service6Value,
-> = HashMap::pinned(262_144, 0);
+> = HashMap::pinned(SERVICE_MAP_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
 /// IPv6 backend id -> backend address (ids independent of `LB4_BACKENDS`).
 #[map]
-pub static LB6_BACKENDS: HashMap<u32, catena_common::lb6::Backend6> = HashMap::pinned(262_144, 0);
+pub static LB6_BACKENDS: HashMap<u32, catena_common::lb6::Backend6> =
+    HashMap::pinned(BACKEND_MAP_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
 /// IPv6 rev_nat_index -> frontend to restore as the source of replies.
 #[map]
-pub static LB6_REVNAT: HashMap<u16, catena_common::lb6::RevNat6> = HashMap::pinned(65_536, 0);
+pub static LB6_REVNAT: HashMap<u32, catena_common::lb6::RevNat6> =
+    HashMap::pinned(REVNAT_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
 /// IPv6 connection tracking of service flows; LRU as `CT4`.
 #[map]
@@ -175,3 +184,24 @@ pub static IPCACHE6: LpmTrie<catena_common::policy::Ipcache6Key, IpcacheValue> =
 #[map]
 pub static EVENT6_SCRATCH: PerCpuArray<catena_common::events::Event6> =
     PerCpuArray::with_max_entries(1, 0);
+
+/// The node's own unicast IPv4 addresses (network order -> 0, presence
+/// only), every interface's: a socket call to one of them on a NodePort is
+/// a NodePort connection (`node_addr`). Written by the agent.
+#[map]
+pub static NODE_ADDR4: HashMap<u32, u32> = HashMap::pinned(4_096, 0);
+
+/// The IPv6 half of `NODE_ADDR4` (global and unique-local addresses).
+#[map]
+pub static NODE_ADDR6: HashMap<[u32; 4], u32> = HashMap::pinned(4_096, 0);
+
+/// Slot 0: the cookie of the node's network namespace (0 until the agent
+/// has written it). Loopback NodePorts are served only there: a pod's
+/// 127.0.0.1 is the pod's own.
+#[map]
+pub static NODE_NETNS: Array<u64> = Array::pinned(1, 0);
+
+/// The layout revision the pinned maps were last loaded with
+/// (catena_common::MAP_LAYOUT_REVISION); read and written by the agent only.
+#[map]
+pub static MAP_LAYOUT: Array<u32> = Array::pinned(1, 0);

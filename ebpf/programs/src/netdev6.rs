@@ -188,7 +188,6 @@ fn external_scope(key: &Service6Key, master: Service6Value) -> (Service6Key, Ser
                 count: 0,
                 rev_nat_index: master.rev_nat_index,
                 flags: SVC_FLAG_NO_BACKENDS,
-                pad: 0,
             },
         ),
     }
@@ -321,7 +320,7 @@ fn snat_reply(
     flow: &Flow6,
     client: &Addr6,
     client_port: u16,
-    rev_nat_index: u16,
+    rev_nat_index: u32,
 ) -> Result<i32, ()> {
     // SAFETY: copied out at once.
     let Some(frontend) = (unsafe { LB6_REVNAT.get(rev_nat_index) }).copied() else {

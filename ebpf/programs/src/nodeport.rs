@@ -69,7 +69,7 @@ pub fn reply_of(
 /// inbound entry is claimed with BPF_NOEXIST, so two flows never share a
 /// reply tuple. `None`: no free port after `SNAT_TRIES` or the table is full.
 #[inline(always)]
-pub fn snat_port(t: &Translated, snat_addr: u32, rev_nat_index: u16, now: u64) -> Option<u16> {
+pub fn snat_port(t: &Translated, snat_addr: u32, rev_nat_index: u32, now: u64) -> Option<u16> {
     let out_key = Snat4Key {
         saddr: t.client,
         daddr: t.backend,
@@ -107,6 +107,7 @@ pub fn snat_port(t: &Translated, snat_addr: u32, rev_nat_index: u16, now: u64) -
         to_addr: t.client,
         to_port: t.client_port,
         rev_nat_index,
+        pad: [0; 3],
         last_seen_ns: now,
     };
     for _ in 0..SNAT_TRIES {
@@ -125,6 +126,7 @@ pub fn snat_port(t: &Translated, snat_addr: u32, rev_nat_index: u16, now: u64) -
                 to_addr: snat_addr,
                 to_port: nport,
                 rev_nat_index,
+                pad: [0; 3],
                 last_seen_ns: now,
             };
             if SNAT4.insert(&out_key, &out, 0).is_err() {

@@ -130,7 +130,7 @@ pub fn reply_of(
 /// reply tuple. `None`: no free port after `SNAT_TRIES` or the table is
 /// full.
 #[inline(always)]
-pub fn snat_port(t: &Translated6, snat_addr: &Addr6, rev_nat_index: u16, now: u64) -> Option<u16> {
+pub fn snat_port(t: &Translated6, snat_addr: &Addr6, rev_nat_index: u32, now: u64) -> Option<u16> {
     let out_key = Snat6Key {
         saddr: t.client,
         daddr: t.backend,

@@ -12,6 +12,10 @@
 //!   translated socket reports becomes the frontend again, so UDP replies come
 //!   "from" the VIP and `getpeername()` shows it.
 //!
+//! - NodePorts on the node's own addresses (127.0.0.0/8 from the node's
+//!   namespace, any node IP from anywhere) through a wildcard frontend,
+//!   as kube-proxy serves them: see `node_addr`.
+//!
 //! No per-packet cost: after connect() the kernel sends to the backend
 //! directly and neither tc program finds anything to translate. Attached at
 //! the node's cgroup2 root, this serves pods too (their cgroups descend
@@ -39,6 +43,7 @@ use crate::{
     affinity, ct, lb,
     maps::{LB4_SOCK_REVNAT, LB_SOCK_AFFINITY},
     metrics::count,
+    node_addr,
 };
 
 /// Return values of cgroup sock_addr programs.
@@ -90,7 +95,7 @@ pub(crate) fn with_affinity<B>(
     ctx: &SockAddrContext,
     flags: u16,
     timeout_s: u32,
-    rev_nat_index: u16,
+    rev_nat_index: u32,
     family: u8,
     backend: impl Fn(u32) -> Option<B>,
     pick: impl FnOnce() -> Option<(u32, B)>,
@@ -102,7 +107,7 @@ pub(crate) fn with_affinity<B>(
         netns_cookie: netns_cookie(ctx),
         rev_nat_index,
         family,
-        pad: [0; 5],
+        pad: [0; 3],
     };
     affinity::sticky(
         &LB_SOCK_AFFINITY,
@@ -153,8 +158,20 @@ pub(crate) fn choose_backend4(
     proto: u8,
 ) -> Result<Option<Backend4>, i32> {
     let key = lb::master_key(addr, port, proto);
-    let Some(master) = lb::lookup_master(&key) else {
-        return Ok(None);
+    // 0.0.0.0 is the caller's own host (the kernel connects it to
+    // loopback), which the wildcard entry must not answer for a pod: it
+    // goes through the node-address check like 127.0.0.1.
+    let exact = if addr == 0 {
+        None
+    } else {
+        lb::lookup_master(&key)
+    };
+    let (key, master) = match exact {
+        Some(master) => (key, master),
+        None => match node_port4(ctx, addr, port, proto) {
+            Some(found) => found,
+            None => return Ok(None),
+        },
     };
     if master.count == 0 {
         count(Counter::SockRejected);
@@ -175,6 +192,7 @@ pub(crate) fn choose_backend4(
         address: addr,
         port,
         rev_nat_index: master.rev_nat_index,
+        pad: 0,
     };
     // Without this entry a UDP reply would look like it came from a stranger
     // and be dropped by the application: refuse rather than half-work.
@@ -183,6 +201,26 @@ pub(crate) fn choose_backend4(
         return Err(reject());
     }
     Ok(Some(backend))
+}
+
+/// The wildcard NodePort frontend `0.0.0.0:port` (key and master) when
+/// `addr` is one of the node's own addresses (see `node_addr`). The reverse
+/// entry keeps `addr` itself, so getpeername() and recvmsg() report the
+/// address the client dialled (127.0.0.1, a node IP), not the wildcard.
+/// Backends are the frontend's in-cluster scope, like every socket call:
+/// node-local clients of an `externalTrafficPolicy: Local` Service are not
+/// external (kube-proxy sends them to the cluster-wide chain, Cilium's
+/// socket LB uses the internal scope).
+#[inline(always)]
+fn node_port4(
+    ctx: &SockAddrContext,
+    addr: u32,
+    port: u16,
+    proto: u8,
+) -> Option<(catena_common::lb::Service4Key, Service4Value)> {
+    let key = lb::master_key(0, port, proto);
+    let master = lb::lookup_master(&key)?;
+    node_addr::is_node4(ctx, addr).then_some((key, master))
 }
 
 /// A backend of an IPv4 frontend for this socket call.

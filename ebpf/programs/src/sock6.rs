@@ -12,7 +12,7 @@
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use catena_common::{
     lb::{SockRevNat4Key, SOCK_AFFINITY_V6},
-    lb6::{SockRevNat6Key, SockRevNat6Value},
+    lb6::{Service6Key, Service6Value, SockRevNat6Key, SockRevNat6Value},
     metrics::Counter,
     IPPROTO_TCP, IPPROTO_UDP,
 };
@@ -21,6 +21,7 @@ use crate::{
     lb6,
     maps::{LB4_SOCK_REVNAT, LB6_SOCK_REVNAT},
     metrics::count,
+    node_addr,
     sock::{self, cookie, reject, SYS_PROCEED},
 };
 
@@ -100,8 +101,19 @@ fn translate(ctx: &SockAddrContext) -> i32 {
         return translate_mapped(ctx, &addr, port, proto);
     }
     let key = lb6::master_key(&addr, port, proto);
-    let Some(master) = lb6::lookup_master(&key) else {
-        return SYS_PROCEED;
+    // `::` is the caller's own host, like `::1` (see `sock::choose_backend4`).
+    let unspecified = addr[0] == 0 && addr[1] == 0 && addr[2] == 0 && addr[3] == 0;
+    let exact = if unspecified {
+        None
+    } else {
+        lb6::lookup_master(&key)
+    };
+    let (key, master) = match exact {
+        Some(master) => (key, master),
+        None => match node_port6(ctx, &addr, port, proto) {
+            Some(found) => found,
+            None => return SYS_PROCEED,
+        },
     };
     if master.count == 0 {
         count(Counter::SockRejected);
@@ -131,6 +143,7 @@ fn translate(ctx: &SockAddrContext) -> i32 {
         address: addr,
         port,
         rev_nat_index: master.rev_nat_index,
+        pad: 0,
     };
     // Without it UDP replies would come from a stranger: refuse instead.
     if LB6_SOCK_REVNAT.insert(&rev_key, &rev, 0).is_err() {
@@ -141,6 +154,22 @@ fn translate(ctx: &SockAddrContext) -> i32 {
     unsafe { set_user(ctx, &backend.address, backend.port) };
     count(Counter::SockTranslated);
     SYS_PROCEED
+}
+
+/// The wildcard NodePort frontend `[::]:port` when `addr` is the node's
+/// own (`::1` in the node's namespace, or a node address): the twin of
+/// `sock::node_port4`, which also serves `::ffff:127.0.0.1` and mapped
+/// node addresses through `translate_mapped`.
+#[inline(always)]
+fn node_port6(
+    ctx: &SockAddrContext,
+    addr: &[u32; 4],
+    port: u16,
+    proto: u8,
+) -> Option<(Service6Key, Service6Value)> {
+    let key = lb6::master_key(&[0; 4], port, proto);
+    let master = lb6::lookup_master(&key)?;
+    node_addr::is_node6(ctx, addr).then_some((key, master))
 }
 
 /// An IPv4 frontend reached as `::ffff:a.b.c.d`: the IPv4 maps decide, and

@@ -1,5 +1,6 @@
 //! Shared pieces of the end-to-end scenarios (the scenarios are in `tests/`).
 
+pub mod dual_stack;
 pub mod echo;
 pub mod source;
 

@@ -6,11 +6,12 @@
 use catena_api::{CtEntry, Endpoint, ServiceStatus};
 use catena_e2e::source::{ClusterSource, SourceKind};
 use catena_e2e::{pod_yaml, wait_for};
+use catena_lab::traffic::serve_udp_on;
 use catena_lab::{bin_path, count_backends, CallArgs, CniRunner, Node};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Ipv6Addr, SocketAddr, TcpStream};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -288,7 +289,7 @@ fn cli_metrics_monitor_and_conntrack_gc() -> anyhow::Result<()> {
             .ends_with(&format!("{web_ip}:8080"))),
         "{lb}"
     );
-    assert!(ok(&node, &["bpf", "lb", "list"])?.contains("LB4_BACKENDS: 3 / 262144 entries"));
+    assert!(ok(&node, &["bpf", "lb", "list"])?.contains("LB4_BACKENDS: 3 / 524288 entries"));
     let bct = json(&node, &["bpf", "ct", "list"])?;
     assert!(!bct["entries"].as_array().unwrap().is_empty());
     let bep = json(&node, &["bpf", "endpoint", "list"])?;
@@ -548,15 +549,12 @@ fn ipv6_conntrack_listed_collected_and_flushed() -> anyhow::Result<()> {
         cni.add(pod, "eth0", &CallArgs::default())?;
     }
     let web_ip = pod_ipv6(&web)?;
-    let mut servers = Vec::new();
-    for (listen, port) in [("TCP6-LISTEN", 8080), ("UDP6-RECVFROM", 5353)] {
-        let mut cmd = Command::new("socat");
-        cmd.args([
-            &format!("{listen}:{port},fork,reuseaddr"),
-            "SYSTEM:echo web-1",
-        ]);
-        servers.push(web.netns().spawn(cmd)?);
-    }
+    let mut tcp_server = Command::new("socat");
+    tcp_server.args(["TCP6-LISTEN:8080,fork,reuseaddr", "SYSTEM:echo web-1"]);
+    let mut tcp_server = web.netns().spawn(tcp_server)?;
+    // One socket, not socat's forking UDP server, whose child can die on
+    // EPIPE without answering (see `serve_udp_on`).
+    let udp_server = serve_udp_on(web.netns(), Ipv6Addr::UNSPECIFIED.into(), 5353, "web-1")?;
     // Answers one line on one held connection, when asked.
     let holder = web
         .netns()
@@ -606,20 +604,12 @@ fn ipv6_conntrack_listed_collected_and_flushed() -> anyhow::Result<()> {
     let reply = client
         .netns()
         .enter_thread(move || -> std::io::Result<String> {
-            // UDP: a datagram may be lost on a loaded machine; ask again,
-            // as a resolver would (same socket, so one flow).
             let s = std::net::UdpSocket::bind("[::]:0")?;
             s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.send_to(b"q\n", dns)?;
             let mut buf = [0u8; 64];
-            let mut last = None;
-            for _ in 0..5 {
-                s.send_to(b"q\n", dns)?;
-                match s.recv(&mut buf) {
-                    Ok(n) => return Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string()),
-                    Err(e) => last = Some(e),
-                }
-            }
-            Err(last.expect("five attempts"))
+            let n = s.recv(&mut buf)?;
+            Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
         })??;
     assert_eq!(reply, "web-1");
 
@@ -732,10 +722,9 @@ fn ipv6_conntrack_listed_collected_and_flushed() -> anyhow::Result<()> {
     assert!(flushed["removedIpv6"].as_u64() >= Some(2), "{flushed}");
     assert!(agent.client().get::<Vec<CtEntry>>("/v1/ct")?.is_empty());
 
-    for mut s in servers {
-        let _ = s.kill();
-        let _ = s.wait();
-    }
+    let _ = tcp_server.kill();
+    let _ = tcp_server.wait();
+    udp_server.stop()?;
     for pod in [&client, &web] {
         cni.del(pod, "eth0", &CallArgs::default())?;
     }

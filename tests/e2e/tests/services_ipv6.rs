@@ -8,7 +8,8 @@
 
 use anyhow::Context;
 use catena_e2e::{pod_yaml, socat_request, write_manifest, TestCgroup};
-use catena_lab::{CallArgs, CniRunner, Conflist, Node, Pod};
+use catena_lab::traffic::serve_udp_on;
+use catena_lab::{CallArgs, CniRunner, Conflist, Node, Pod, Server};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -78,19 +79,20 @@ fn pod_ipv6(pod: &Pod) -> anyhow::Result<Ipv6Addr> {
         .ok_or_else(|| anyhow::anyhow!("{}'s ADD result has no IPv6 address", pod.name))
 }
 
-/// socat servers in the pod: TCP and UDP on every address (IPv6 sockets
-/// that also take IPv4), each answering with the pod's name.
-fn serve(pod: &Pod) -> anyhow::Result<Vec<Child>> {
-    let mut children = Vec::new();
-    for (listen, port) in [("TCP6-LISTEN", 8080), ("UDP6-RECVFROM", 5353)] {
-        let mut cmd = Command::new("socat");
-        cmd.args([
-            &format!("{listen}:{port},fork,reuseaddr"),
-            &format!("SYSTEM:echo {}", pod.name),
-        ]);
-        children.push(pod.netns().spawn(cmd)?);
-    }
-    Ok(children)
+/// Servers in the pod on every address (IPv6 sockets that also take IPv4),
+/// each answering with the pod's name: socat for TCP 8080, one UDP socket
+/// for 5353. (socat's forking UDP server drops a datagram now and then:
+/// its child dies on EPIPE without answering when `echo` has already
+/// exited by the time the datagram is copied to it.)
+fn serve(pod: &Pod) -> anyhow::Result<(Child, Server)> {
+    let mut cmd = Command::new("socat");
+    cmd.args([
+        "TCP6-LISTEN:8080,fork,reuseaddr",
+        &format!("SYSTEM:echo {}", pod.name),
+    ]);
+    let tcp = pod.netns().spawn(cmd)?;
+    let udp = serve_udp_on(pod.netns(), Ipv6Addr::UNSPECIFIED.into(), 5353, &pod.name)?;
+    Ok((tcp, udp))
 }
 
 /// One TCP request from `pod`: (the reply line, the peer the socket reports).
@@ -150,12 +152,15 @@ fn dual_stack_service_over_ipv6_from_pods_and_node_processes() -> anyhow::Result
     let client = node.pod("client")?;
     let webs = [node.pod("web-1")?, node.pod("web-2")?, node.pod("web-3")?];
     let mut servers = Vec::new();
+    let mut udp_servers = Vec::new();
     for pod in webs.iter().chain([&client]) {
         no_dad(pod.netns())?;
         cni.add(pod, "eth0", &CallArgs::default())?;
     }
     for pod in &webs {
-        servers.extend(serve(pod)?);
+        let (tcp, udp) = serve(pod)?;
+        servers.push(tcp);
+        udp_servers.push(udp);
     }
     let backend_ips: Vec<Ipv6Addr> = webs.iter().map(pod_ipv6).collect::<Result<_, _>>()?;
     // Plain IPv6 between pods first (routing, no DAD left), which also
@@ -304,6 +309,9 @@ fn dual_stack_service_over_ipv6_from_pods_and_node_processes() -> anyhow::Result
     for mut child in servers {
         let _ = child.kill();
         let _ = child.wait();
+    }
+    for udp in udp_servers {
+        udp.stop()?;
     }
     for pod in webs.iter().chain([&client]) {
         cni.del(pod, "eth0", &CallArgs::default())?;

@@ -5,7 +5,8 @@
 //! registered its pod — never the endpoint placed on another node (which
 //! does not even exist in the lab: a single stray pick would fail). With no
 //! local endpoint left, new connections are refused at once, although the
-//! Service still has a (remote) endpoint.
+//! Service still has a (remote) endpoint. The same holds over IPv6, where
+//! the registered pod is known local by its IPv6 address.
 
 use catena_api::ServiceStatus;
 use catena_e2e::{socat_request, wait_for, write_manifest, TestCgroup};
@@ -162,6 +163,108 @@ fn internal_traffic_policy_local_uses_only_this_nodes_endpoints() -> anyhow::Res
         started.elapsed()
     );
 
+    for pod in [&client, &placed, &registered] {
+        cni.del(pod, "eth0", &CallArgs::default())?;
+    }
+    drop(agent);
+    Ok(())
+}
+
+/// The same over IPv6 (an IPv6-only Service, dual-stack pods): the endpoint
+/// without a nodeName is local because its pod's IPv6 address was
+/// registered here by the CNI plugin; the IPv6 endpoint placed on node-b
+/// (nothing answers there) is never picked.
+#[test]
+fn internal_traffic_policy_local_over_ipv6() -> anyhow::Result<()> {
+    use catena_e2e::dual_stack::{conflist, no_dad, pod_ipv6};
+    use std::io::Read;
+    use std::process::Command;
+
+    const VIP6: &str = "fd00:96::70";
+    const REMOTE_IP6: &str = "fd00:10:244:99::5";
+    let node = Node::new("e2e-itp6")?;
+    no_dad(node.netns())?;
+    let manifests = node.dir().join("manifests");
+    write_manifest(
+        &manifests,
+        "svc.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: local6, namespace: default}}\nspec:\n  clusterIP: \"{VIP6}\"\n  clusterIPs: [\"{VIP6}\"]\n  ipFamilies: [IPv6]\n  internalTrafficPolicy: Local\n  ports:\n  - {{name: http, port: 80, targetPort: 8080, protocol: TCP}}\n"
+        ),
+    )?;
+    let agent = node.start_agent(&manifests, &["--node-name", NODE_NAME])?;
+    let cni = CniRunner::new(&node, conflist(&node, "e2e-itp6", 19)?);
+    let client = node.pod("client")?;
+    let placed = node.pod("placed")?;
+    let registered = node.pod("registered")?;
+    for pod in [&client, &placed, &registered] {
+        no_dad(pod.netns())?;
+        cni.add(pod, "eth0", &CallArgs::default())?;
+    }
+    let mut servers = Vec::new();
+    for pod in [&placed, &registered] {
+        let mut cmd = Command::new("socat");
+        cmd.args([
+            "TCP6-LISTEN:8080,fork,reuseaddr",
+            &format!("SYSTEM:echo {}", pod.name),
+        ]);
+        servers.push(pod.netns().spawn(cmd)?);
+    }
+    let placed_ip = pod_ipv6(&placed)?;
+    let registered_ip = pod_ipv6(&registered)?;
+    let endpoints = vec![
+        (placed_ip.to_string(), Some(NODE_NAME)),
+        (registered_ip.to_string(), None),
+        (REMOTE_IP6.to_string(), Some("node-b")),
+    ];
+    write_manifest(
+        &manifests,
+        "slices.yaml",
+        &slice_yaml("local6", &endpoints).replace("addressType: IPv4", "addressType: IPv6"),
+    )?;
+    let vip: SocketAddr = format!("[{VIP6}]:80").parse()?;
+    let mut want = vec![
+        SocketAddr::from((placed_ip, 8080)).to_string(),
+        SocketAddr::from((registered_ip, 8080)).to_string(),
+    ];
+    want.sort();
+    wait_for("the local IPv6 endpoints", Duration::from_secs(10), || {
+        Ok(backends_of(&agent, &format!("{vip}/TCP"))?.filter(|b| *b == want))
+    })?;
+
+    // Every request answered, only by the two local backends (a pick of the
+    // remote endpoint would time out and fail the request).
+    let mut tally = std::collections::BTreeMap::<String, usize>::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tally.values().sum::<usize>() < 40 {
+        let reply = client
+            .netns()
+            .enter_thread(move || -> std::io::Result<String> {
+                let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(2))?;
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                let mut out = String::new();
+                s.read_to_string(&mut out)?;
+                Ok(out.trim().to_string())
+            })?;
+        match reply {
+            Ok(who) => *tally.entry(who).or_default() += 1,
+            // Only while the servers start listening, before any answer.
+            Err(_) if tally.is_empty() && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => anyhow::bail!("request to {vip} failed after {tally:?}: {e}"),
+        }
+    }
+    assert_eq!(
+        tally.keys().cloned().collect::<Vec<_>>(),
+        vec!["placed".to_string(), "registered".to_string()],
+        "{tally:?}"
+    );
+
+    for mut child in servers {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
     for pod in [&client, &placed, &registered] {
         cni.del(pod, "eth0", &CallArgs::default())?;
     }

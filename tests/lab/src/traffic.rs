@@ -9,7 +9,7 @@ use crate::node::Pod;
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
@@ -157,11 +157,20 @@ pub fn serve_tcp(ns: &Netns, port: u16, reply: &str) -> Result<Server> {
 
 /// Serves UDP on `0.0.0.0:port` in `ns`: each datagram is answered with `reply\n`.
 pub fn serve_udp(ns: &Netns, port: u16, reply: &str) -> Result<Server> {
+    serve_udp_on(ns, Ipv4Addr::UNSPECIFIED.into(), port, reply)
+}
+
+/// Serves UDP on `bind:port` in `ns` (`[::]` takes IPv4 too): each datagram
+/// is answered with `reply\n` from the one receiving socket. (socat's
+/// `UDP-RECVFROM,fork` with `SYSTEM:echo` is no substitute: its child dies
+/// on EPIPE without answering when `echo` exits before the datagram is
+/// copied to it.)
+pub fn serve_udp_on(ns: &Netns, bind: IpAddr, port: u16, reply: &str) -> Result<Server> {
     let reply = format!("{reply}\n").into_bytes();
     start_server(
         ns,
         move || {
-            let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))?;
+            let s = UdpSocket::bind((bind, port))?;
             s.set_read_timeout(Some(POLL))?;
             Ok((s.local_addr()?, s))
         },

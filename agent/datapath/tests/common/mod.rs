@@ -129,6 +129,26 @@ pub fn test_endpoint(
     identity: u32,
     flags: u32,
 ) {
+    test_endpoint_dual(
+        dp,
+        ipv4,
+        std::net::Ipv6Addr::UNSPECIFIED,
+        endpoint_id,
+        identity,
+        flags,
+    );
+}
+
+/// `test_endpoint` for a pod with an IPv6 address too (what IPv6
+/// anti-spoofing allows as the source).
+pub fn test_endpoint_dual(
+    dp: &mut catena_datapath::Datapath,
+    ipv4: Ipv4Addr,
+    ipv6: std::net::Ipv6Addr,
+    endpoint_id: u32,
+    identity: u32,
+    flags: u32,
+) {
     dp.upsert_endpoint(
         TEST_IFINDEX,
         catena_common::endpoint::EndpointInfo {
@@ -136,6 +156,7 @@ pub fn test_endpoint(
             endpoint_id,
             identity,
             flags,
+            ipv6: catena_common::lb6::addr6_from_octets(&ipv6.octets()),
         },
     )
     .expect("upsert_endpoint");

@@ -136,6 +136,7 @@ fn endpoint(dp: &mut Datapath, identity: u32) -> Result<()> {
             endpoint_id: 1,
             identity,
             flags: EP_FLAG_ANTI_SPOOF,
+            ipv6: [0; 4],
         },
     )
 }
