@@ -45,9 +45,17 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         tokio::spawn(api::healthz::serve(listener, core.clone()));
     }
     let restore_core = core.clone();
-    tokio::task::spawn_blocking(move || restore_core.open_and_restore())
-        .await
-        .context("restore task panicked")??;
+    let restore = async move {
+        tokio::task::spawn_blocking(move || restore_core.open_and_restore())
+            .await
+            .context("restore task panicked")?
+    };
+    // The source's first read (a manifest directory parsed, or the API
+    // server's lists) needs no datapath, and loading the programs is the
+    // kernel verifier's work on another core: both run at once, so an agent
+    // start costs the longer of the two, not their sum. Either failing stops
+    // the start at once (a broken bpffs does not wait for an API server).
+    let ((), (mut updates, kube_client)) = tokio::try_join!(restore, start_source(&config, &core))?;
     ops.start_events();
     // Devices before the first compile, so NodePort frontends come with it.
     // A `--devices` naming a missing interface stops the agent here.
@@ -57,7 +65,6 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         tracing::info!(devices = ?names, "north-south traffic on external devices");
     }
 
-    let (mut updates, kube_client) = start_source(&config, &core).await?;
     // Kubernetes mode only: standalone mode has no API server to report to
     // (`catena status` is the place there).
     let reporter = kube_client.map(|client| PolicyReporter::start(client, config.node_name()));
