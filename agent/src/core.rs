@@ -1401,24 +1401,16 @@ fn reconcile_policy(inner: &mut Inner, pending: &[Endpoint]) -> Result<BTreeMap<
     Ok(identities)
 }
 
-/// IPv4 addresses of the agent's network namespace (the node's): the host
-/// identity. Loopback is left out, a pod never sees it as a source.
-/// This node's addresses (the HOST identity), IPv4 and IPv6. IPv6 link-local
-/// ones included: the host reaches a pod over its veth from its fe80::
-/// address there (neighbour discovery's peer, and any link-local traffic).
+/// This node's addresses (the HOST identity), IPv4 and IPv6, from the
+/// agent's network namespace (the node's). Loopback is left out, a pod
+/// never sees it as a source. IPv6 link-local ones included: the host
+/// reaches a pod over its veth from its fe80:: address there (neighbour
+/// discovery's peer, and any link-local traffic).
 fn local_addrs() -> Vec<std::net::IpAddr> {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+    let Ok(addrs) = crate::nodeport::node_addresses::interface_addresses() else {
         return vec![];
     };
-    let mut out: Vec<std::net::IpAddr> = addrs
-        .filter_map(|a| {
-            let a = a.address?;
-            a.as_sockaddr_in()
-                .map(|s| std::net::IpAddr::V4(s.ip()))
-                .or_else(|| a.as_sockaddr_in6().map(|s| std::net::IpAddr::V6(s.ip())))
-        })
-        .filter(|ip| !ip.is_loopback())
-        .collect();
+    let mut out: Vec<std::net::IpAddr> = addrs.filter(|ip| !ip.is_loopback()).collect();
     out.sort();
     out.dedup();
     out

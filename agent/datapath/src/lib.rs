@@ -19,6 +19,7 @@ mod loader;
 pub mod maglev;
 mod metrics;
 mod netlink;
+mod netlink_socket;
 mod node_addr;
 pub mod policy;
 pub mod rcu;

@@ -5,7 +5,8 @@
 //! NLM_F_EXCL", which cannot tell an existing clsact from an `ingress` qdisc.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use crate::netlink_socket::{align4, finish, header, Socket, NLMSG_HDRLEN};
 
 const RTM_DELTFILTER: u16 = 45;
 const RTM_GETQDISC: u16 = 38;
@@ -21,7 +22,6 @@ pub const TC_H_CLSACT: u32 = 0xffff_fff1;
 pub const TC_PARENT_INGRESS: u32 = 0xffff_fff2;
 pub const TC_PARENT_EGRESS: u32 = 0xffff_fff3;
 
-const NLMSG_HDRLEN: usize = 16;
 const TCMSG_LEN: usize = 20;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,93 +36,25 @@ pub struct TcObject {
     pub bpf_prog_id: Option<u32>,
 }
 
-struct Socket(OwnedFd);
+/// Sends one tc request (`struct tcmsg`) on `sock`.
+fn send(sock: &Socket, msg_type: u16, flags: u16, tcm: &TcMsg) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(NLMSG_HDRLEN + TCMSG_LEN);
+    header(&mut buf, msg_type, flags);
+    buf.push(libc::AF_UNSPEC as u8);
+    buf.extend_from_slice(&[0u8; 3]);
+    buf.extend_from_slice(&tcm.ifindex.to_ne_bytes());
+    buf.extend_from_slice(&tcm.handle.to_ne_bytes());
+    buf.extend_from_slice(&tcm.parent.to_ne_bytes());
+    buf.extend_from_slice(&tcm.info.to_ne_bytes());
+    finish(&mut buf);
+    sock.send(&buf)
+}
 
-impl Socket {
-    fn open() -> io::Result<Socket> {
-        // SAFETY: plain socket(2); the fd is owned at once.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh descriptor.
-        Ok(Socket(unsafe { OwnedFd::from_raw_fd(fd) }))
-    }
-
-    fn send(&self, msg_type: u16, flags: u16, tcm: &TcMsg) -> io::Result<()> {
-        let mut buf = Vec::with_capacity(NLMSG_HDRLEN + TCMSG_LEN);
-        buf.extend_from_slice(&((NLMSG_HDRLEN + TCMSG_LEN) as u32).to_ne_bytes());
-        buf.extend_from_slice(&msg_type.to_ne_bytes());
-        buf.extend_from_slice(&(flags | libc::NLM_F_REQUEST as u16).to_ne_bytes());
-        buf.extend_from_slice(&1u32.to_ne_bytes()); // seq
-        buf.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel
-        buf.push(libc::AF_UNSPEC as u8);
-        buf.extend_from_slice(&[0u8; 3]);
-        buf.extend_from_slice(&tcm.ifindex.to_ne_bytes());
-        buf.extend_from_slice(&tcm.handle.to_ne_bytes());
-        buf.extend_from_slice(&tcm.parent.to_ne_bytes());
-        buf.extend_from_slice(&tcm.info.to_ne_bytes());
-        // SAFETY: sending an initialised buffer on our socket (to the kernel).
-        let n = unsafe { libc::send(self.0.as_raw_fd(), buf.as_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    /// Reads replies until NLMSG_DONE (dumps) or the ack (other requests).
-    fn receive(&self, dump: bool) -> io::Result<Vec<TcObject>> {
-        let mut out = Vec::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            // SAFETY: receiving into our own buffer of buf.len() bytes.
-            let n =
-                unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(err);
-            }
-            let mut data = &buf[..n as usize];
-            while data.len() >= NLMSG_HDRLEN {
-                let len = u32::from_ne_bytes(data[0..4].try_into().unwrap()) as usize;
-                let msg_type = u16::from_ne_bytes(data[4..6].try_into().unwrap());
-                if len < NLMSG_HDRLEN || len > data.len() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "truncated netlink message",
-                    ));
-                }
-                let payload = &data[NLMSG_HDRLEN..len];
-                match msg_type as i32 {
-                    libc::NLMSG_DONE => return Ok(out),
-                    libc::NLMSG_ERROR => {
-                        let code = i32::from_ne_bytes(payload[0..4].try_into().unwrap());
-                        if code != 0 {
-                            return Err(io::Error::from_raw_os_error(-code));
-                        }
-                        if !dump {
-                            return Ok(out);
-                        }
-                    }
-                    _ => {
-                        if let Some(obj) = parse_tc(payload) {
-                            out.push(obj);
-                        }
-                    }
-                }
-                data = &data[align4(len).min(data.len())..];
-            }
-        }
-    }
+/// The qdiscs or filters the kernel replies with (none for an ack).
+fn receive(sock: &Socket, dump: bool) -> io::Result<Vec<TcObject>> {
+    let mut out = Vec::new();
+    sock.receive(dump, |payload| out.extend(parse_tc(payload)))?;
+    Ok(out)
 }
 
 struct TcMsg {
@@ -130,10 +62,6 @@ struct TcMsg {
     handle: u32,
     parent: u32,
     info: u32,
-}
-
-fn align4(n: usize) -> usize {
-    (n + 3) & !3
 }
 
 fn parse_tc(payload: &[u8]) -> Option<TcObject> {
@@ -195,17 +123,16 @@ fn c_string(b: &[u8]) -> String {
 
 /// Qdiscs of one device.
 pub fn qdiscs(ifindex: u32) -> io::Result<Vec<TcObject>> {
-    let sock = Socket::open()?;
+    let sock = Socket::open(libc::NETLINK_ROUTE)?;
     let tcm = TcMsg {
         ifindex: ifindex as i32,
         handle: 0,
         parent: 0,
         info: 0,
     };
-    sock.send(RTM_GETQDISC, libc::NLM_F_DUMP as u16, &tcm)?;
+    send(&sock, RTM_GETQDISC, libc::NLM_F_DUMP as u16, &tcm)?;
     // Without strict checking the kernel dumps every device: filter here.
-    Ok(sock
-        .receive(true)?
+    Ok(receive(&sock, true)?
         .into_iter()
         .filter(|q| q.ifindex == ifindex as i32)
         .collect())
@@ -213,25 +140,25 @@ pub fn qdiscs(ifindex: u32) -> io::Result<Vec<TcObject>> {
 
 /// Filters attached under `parent` (TC_PARENT_INGRESS / TC_PARENT_EGRESS).
 pub fn filters(ifindex: u32, parent: u32) -> io::Result<Vec<TcObject>> {
-    let sock = Socket::open()?;
+    let sock = Socket::open(libc::NETLINK_ROUTE)?;
     let tcm = TcMsg {
         ifindex: ifindex as i32,
         handle: 0,
         parent,
         info: 0,
     };
-    sock.send(RTM_GETTFILTER, libc::NLM_F_DUMP as u16, &tcm)?;
-    sock.receive(true)
+    send(&sock, RTM_GETTFILTER, libc::NLM_F_DUMP as u16, &tcm)?;
+    receive(&sock, true)
 }
 
 pub fn delete_filter(filter: &TcObject) -> io::Result<()> {
-    let sock = Socket::open()?;
+    let sock = Socket::open(libc::NETLINK_ROUTE)?;
     let tcm = TcMsg {
         ifindex: filter.ifindex,
         handle: filter.handle,
         parent: filter.parent,
         info: filter.info,
     };
-    sock.send(RTM_DELTFILTER, libc::NLM_F_ACK as u16, &tcm)?;
-    sock.receive(false).map(|_| ())
+    send(&sock, RTM_DELTFILTER, libc::NLM_F_ACK as u16, &tcm)?;
+    sock.receive(false, |_| {})
 }

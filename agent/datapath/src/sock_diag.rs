@@ -8,14 +8,14 @@
 
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use crate::netlink_socket::{finish, header, Socket, NLMSG_HDRLEN};
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
 const INET_DIAG_REQ_BYTECODE: u16 = 1;
 /// `enum { NOP, JMP, S_GE, S_LE, D_GE, D_LE, AUTO, S_COND, D_COND, ... }`.
 const INET_DIAG_BC_D_COND: u8 = 8;
-const NLMSG_HDRLEN: usize = 16;
 /// `struct inet_diag_sockid`.
 const SOCKID_LEN: usize = 48;
 /// `struct inet_diag_req_v2`: family, protocol, ext, pad, states, sockid.
@@ -83,131 +83,6 @@ impl DiagSocket {
     }
 }
 
-struct Socket(OwnedFd);
-
-impl Socket {
-    fn open() -> io::Result<Socket> {
-        // SAFETY: plain socket(2); the fd is owned at once.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_SOCK_DIAG,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh descriptor.
-        let sock = Socket(unsafe { OwnedFd::from_raw_fd(fd) });
-        // The kernel answers synchronously; a bound on the wait only guards
-        // the worker against a kernel bug turning into a hung thread.
-        let tv = libc::timeval {
-            tv_sec: 5,
-            tv_usec: 0,
-        };
-        // SAFETY: setsockopt with a valid timeval of the size given.
-        let rc = unsafe {
-            libc::setsockopt(
-                sock.0.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as u32,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(sock)
-    }
-
-    fn send(&self, msg: &[u8]) -> io::Result<()> {
-        // SAFETY: sending an initialised buffer on our socket (to the kernel).
-        let n = unsafe { libc::send(self.0.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    /// Reads replies until NLMSG_DONE (dumps) or the ack (other requests),
-    /// handing every other message's payload to `each`.
-    fn receive(&self, dump: bool, mut each: impl FnMut(&[u8])) -> io::Result<()> {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            // SAFETY: receiving into our own buffer of buf.len() bytes.
-            let n =
-                unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(err);
-            }
-            let mut data = &buf[..n as usize];
-            while data.len() >= NLMSG_HDRLEN {
-                let len = u32::from_ne_bytes(data[0..4].try_into().unwrap()) as usize;
-                let msg_type = u16::from_ne_bytes(data[4..6].try_into().unwrap());
-                if len < NLMSG_HDRLEN || len > data.len() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "truncated netlink message",
-                    ));
-                }
-                let payload = &data[NLMSG_HDRLEN..len];
-                match msg_type as i32 {
-                    libc::NLMSG_DONE => {
-                        // A dump that failed part-way reports its error here.
-                        let code = payload
-                            .get(0..4)
-                            .map(|b| i32::from_ne_bytes(b.try_into().unwrap()))
-                            .unwrap_or(0);
-                        if code < 0 {
-                            return Err(io::Error::from_raw_os_error(-code));
-                        }
-                        return Ok(());
-                    }
-                    libc::NLMSG_ERROR => {
-                        let code = payload
-                            .get(0..4)
-                            .map(|b| i32::from_ne_bytes(b.try_into().unwrap()))
-                            .ok_or_else(|| {
-                                io::Error::new(io::ErrorKind::InvalidData, "short netlink error")
-                            })?;
-                        if code != 0 {
-                            return Err(io::Error::from_raw_os_error(-code));
-                        }
-                        if !dump {
-                            return Ok(());
-                        }
-                    }
-                    _ => each(payload),
-                }
-                data = &data[align4(len).min(data.len())..];
-            }
-        }
-    }
-}
-
-fn align4(n: usize) -> usize {
-    (n + 3) & !3
-}
-
-fn header(buf: &mut Vec<u8>, msg_type: u16, flags: u16) {
-    buf.extend_from_slice(&0u32.to_ne_bytes()); // length, patched by `finish`
-    buf.extend_from_slice(&msg_type.to_ne_bytes());
-    buf.extend_from_slice(&(flags | libc::NLM_F_REQUEST as u16).to_ne_bytes());
-    buf.extend_from_slice(&1u32.to_ne_bytes()); // seq
-    buf.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel
-}
-
-fn finish(buf: &mut [u8]) {
-    let len = buf.len() as u32;
-    buf[0..4].copy_from_slice(&len.to_ne_bytes());
-}
-
 fn req_v2(buf: &mut Vec<u8>, family: u8, protocol: u8, states: u32, id: &[u8; SOCKID_LEN]) {
     buf.extend_from_slice(&[family, protocol, 0, 0]);
     buf.extend_from_slice(&states.to_ne_bytes());
@@ -244,7 +119,7 @@ pub(crate) fn dump_peer(
     states: u32,
     peer: (IpAddr, u16),
 ) -> io::Result<Vec<DiagSocket>> {
-    let sock = Socket::open()?;
+    let sock = Socket::open(libc::NETLINK_SOCK_DIAG)?;
     let bc = peer_filter(peer.0, peer.1);
     let mut msg = Vec::with_capacity(NLMSG_HDRLEN + REQ_V2_LEN + 4 + bc.len());
     header(
@@ -275,7 +150,7 @@ pub(crate) fn dump_peer(
 /// UDP: ECONNABORTED to the owner, the socket disconnected). `NotFound`
 /// when it is gone already (closed, or its cookie no longer matches).
 pub(crate) fn destroy(s: &DiagSocket) -> io::Result<()> {
-    let sock = Socket::open()?;
+    let sock = Socket::open(libc::NETLINK_SOCK_DIAG)?;
     let mut msg = Vec::with_capacity(NLMSG_HDRLEN + REQ_V2_LEN);
     header(&mut msg, SOCK_DESTROY, libc::NLM_F_ACK as u16);
     req_v2(&mut msg, s.family, s.protocol, u32::MAX, &s.id);

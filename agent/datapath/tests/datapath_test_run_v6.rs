@@ -91,6 +91,23 @@ fn fold(mut acc: u32) -> u16 {
     !(acc as u16)
 }
 
+/// An Ethernet frame (MAC_A -> MAC_B) carrying an IPv6 header from `src`
+/// to `dst` with `next_header`, `hop_limit` and `l4` as payload.
+fn frame6(src: Ipv6Addr, dst: Ipv6Addr, next_header: u8, hop_limit: u8, l4: &[u8]) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&MAC_B);
+    p.extend_from_slice(&MAC_A);
+    p.extend_from_slice(&0x86ddu16.to_be_bytes());
+    p.extend_from_slice(&[0x60, 0, 0, 0]);
+    p.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    p.push(next_header);
+    p.push(hop_limit);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(l4);
+    p
+}
+
 /// The L4 checksum over the IPv6 pseudo header (RFC 8200 8.1) and `l4`
 /// (with its checksum field zeroed by the caller).
 fn l4_csum6(src: Ipv6Addr, dst: Ipv6Addr, next_header: u8, l4: &[u8]) -> u16 {
@@ -160,19 +177,7 @@ impl Pkt6 {
         let csum = l4_csum6(self.src, self.dst, nh, &l4);
         let off = if self.udp { 6 } else { 16 };
         l4[off..off + 2].copy_from_slice(&csum.to_be_bytes());
-
-        let mut p = Vec::new();
-        p.extend_from_slice(&MAC_B);
-        p.extend_from_slice(&MAC_A);
-        p.extend_from_slice(&0x86ddu16.to_be_bytes());
-        p.extend_from_slice(&[0x60, 0, 0, 0]);
-        p.extend_from_slice(&(l4.len() as u16).to_be_bytes());
-        p.push(nh);
-        p.push(64);
-        p.extend_from_slice(&self.src.octets());
-        p.extend_from_slice(&self.dst.octets());
-        p.extend_from_slice(&l4);
-        p
+        frame6(self.src, self.dst, nh, 64, &l4)
     }
 }
 
@@ -460,18 +465,7 @@ fn icmp6(src: Ipv6Addr, dst: Ipv6Addr, ty: u8) -> Vec<u8> {
     l4.extend_from_slice(&dst.octets());
     let csum = l4_csum6(src, dst, 58, &l4);
     l4[2..4].copy_from_slice(&csum.to_be_bytes());
-    let mut p = Vec::new();
-    p.extend_from_slice(&MAC_B);
-    p.extend_from_slice(&MAC_A);
-    p.extend_from_slice(&0x86ddu16.to_be_bytes());
-    p.extend_from_slice(&[0x60, 0, 0, 0]);
-    p.extend_from_slice(&(l4.len() as u16).to_be_bytes());
-    p.push(58);
-    p.push(255);
-    p.extend_from_slice(&src.octets());
-    p.extend_from_slice(&dst.octets());
-    p.extend_from_slice(&l4);
-    p
+    frame6(src, dst, 58, 255, &l4)
 }
 
 #[test]

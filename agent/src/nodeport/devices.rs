@@ -67,7 +67,10 @@ fn global_unicast(a: Ipv4Addr) -> bool {
         || a.octets()[0] == 0)
 }
 
-fn global_unicast6(a: Ipv6Addr) -> bool {
+/// Whether `a` is a global unicast IPv6 address (not loopback, unspecified,
+/// multicast, link-local or IPv4-mapped): the IPv6 addresses kept for an
+/// external device, and those serving NodePorts (`node_addresses`).
+pub(super) fn global_unicast6(a: Ipv6Addr) -> bool {
     !(a.is_loopback()
         || a.is_unspecified()
         || a.is_multicast()

@@ -21,6 +21,8 @@ use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use super::devices::global_unicast6;
+
 /// Whether IPv4 `a`, an address of a node interface, serves NodePorts.
 fn serves_node_ports4(a: Ipv4Addr) -> bool {
     !(a.is_loopback()
@@ -28,15 +30,6 @@ fn serves_node_ports4(a: Ipv4Addr) -> bool {
         || a.is_multicast()
         || a.is_broadcast()
         || a.octets()[0] == 0)
-}
-
-/// Whether IPv6 `a`, an address of a node interface, serves NodePorts.
-fn serves_node_ports6(a: Ipv6Addr) -> bool {
-    !(a.is_loopback()
-        || a.is_unspecified()
-        || a.is_multicast()
-        || a.is_unicast_link_local()
-        || a.to_ipv4_mapped().is_some())
 }
 
 /// Splits interface addresses into the IPv4 and IPv6 NodePort addresses.
@@ -49,7 +42,7 @@ fn node_port_addresses(
             std::net::IpAddr::V4(a) if serves_node_ports4(a) => {
                 v4.insert(a);
             }
-            std::net::IpAddr::V6(a) if serves_node_ports6(a) => {
+            std::net::IpAddr::V6(a) if global_unicast6(a) => {
                 v6.insert(a);
             }
             _ => {}
@@ -58,17 +51,23 @@ fn node_port_addresses(
     (v4, v6)
 }
 
-/// The node's NodePort addresses, from its interfaces.
-pub fn current() -> Result<(BTreeSet<Ipv4Addr>, BTreeSet<Ipv6Addr>)> {
-    let addrs = nix::ifaddrs::getifaddrs()
+/// Every IPv4 and IPv6 address of every interface in the calling thread's
+/// network namespace (an address on several interfaces comes once per
+/// interface).
+pub fn interface_addresses() -> Result<impl Iterator<Item = std::net::IpAddr>> {
+    Ok(nix::ifaddrs::getifaddrs()
         .context("listing interface addresses")?
         .filter_map(|ifa| {
             let a = ifa.address?;
             a.as_sockaddr_in()
                 .map(|s| std::net::IpAddr::V4(s.ip()))
                 .or_else(|| a.as_sockaddr_in6().map(|s| std::net::IpAddr::V6(s.ip())))
-        });
-    Ok(node_port_addresses(addrs))
+        }))
+}
+
+/// The node's NodePort addresses, from its interfaces.
+pub fn current() -> Result<(BTreeSet<Ipv4Addr>, BTreeSet<Ipv6Addr>)> {
+    Ok(node_port_addresses(interface_addresses()?))
 }
 
 /// The cookie of the calling thread's network namespace (the kernel's

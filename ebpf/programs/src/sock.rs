@@ -40,7 +40,8 @@ use catena_common::{
 };
 
 use crate::{
-    affinity, ct, lb,
+    affinity, ct,
+    lb::{self, ServiceKey},
     maps::{LB4_SOCK_REVNAT, LB_SOCK_AFFINITY},
     metrics::count,
     node_addr,
@@ -157,21 +158,14 @@ pub(crate) fn choose_backend4(
     port: u16,
     proto: u8,
 ) -> Result<Option<Backend4>, i32> {
-    let key = lb::master_key(addr, port, proto);
-    // 0.0.0.0 is the caller's own host (the kernel connects it to
-    // loopback), which the wildcard entry must not answer for a pod: it
-    // goes through the node-address check like 127.0.0.1.
-    let exact = if addr == 0 {
-        None
-    } else {
-        lb::lookup_master(&key)
-    };
-    let (key, master) = match exact {
-        Some(master) => (key, master),
-        None => match node_port4(ctx, addr, port, proto) {
-            Some(found) => found,
-            None => return Ok(None),
-        },
+    let found = frontend(
+        lb::master_key(addr, port, proto),
+        addr == 0,
+        || lb::master_key(0, port, proto),
+        || node_addr::is_node4(ctx, addr),
+    );
+    let Some((key, master)) = found else {
+        return Ok(None);
     };
     if master.count == 0 {
         count(Counter::SockRejected);
@@ -203,24 +197,35 @@ pub(crate) fn choose_backend4(
     Ok(Some(backend))
 }
 
-/// The wildcard NodePort frontend `0.0.0.0:port` (key and master) when
-/// `addr` is one of the node's own addresses (see `node_addr`). The reverse
-/// entry keeps `addr` itself, so getpeername() and recvmsg() report the
-/// address the client dialled (127.0.0.1, a node IP), not the wildcard.
-/// Backends are the frontend's in-cluster scope, like every socket call:
-/// node-local clients of an `externalTrafficPolicy: Local` Service are not
-/// external (kube-proxy sends them to the cluster-wide chain, Cilium's
-/// socket LB uses the internal scope).
+/// The frontend (key and master) a socket call to `key`'s address and
+/// port reaches, of either family: the exact frontend, else the wildcard
+/// NodePort frontend (`0.0.0.0:port`, `[::]:port`) when `is_node` says the
+/// address is one of the node's own (see `node_addr`). `unspecified`
+/// (0.0.0.0, `::`) is the caller's own host (the kernel connects it to
+/// loopback), which the exact entry must not answer for a pod: it goes
+/// through the node-address check like 127.0.0.1.
+///
+/// The reverse entry keeps the dialled address itself, so getpeername() and
+/// recvmsg() report it (127.0.0.1, a node IP), not the wildcard. Backends
+/// are the frontend's in-cluster scope, like every socket call: node-local
+/// clients of an `externalTrafficPolicy: Local` Service are not external
+/// (kube-proxy sends them to the cluster-wide chain, Cilium's socket LB
+/// uses the internal scope).
 #[inline(always)]
-fn node_port4(
-    ctx: &SockAddrContext,
-    addr: u32,
-    port: u16,
-    proto: u8,
-) -> Option<(catena_common::lb::Service4Key, Service4Value)> {
-    let key = lb::master_key(0, port, proto);
-    let master = lb::lookup_master(&key)?;
-    node_addr::is_node4(ctx, addr).then_some((key, master))
+pub(crate) fn frontend<K: ServiceKey>(
+    key: K,
+    unspecified: bool,
+    wildcard: impl FnOnce() -> K,
+    is_node: impl FnOnce() -> bool,
+) -> Option<(K, Service4Value)> {
+    if !unspecified {
+        if let Some(master) = key.lookup_master() {
+            return Some((key, master));
+        }
+    }
+    let wildcard = wildcard();
+    let master = wildcard.lookup_master()?;
+    is_node().then_some((wildcard, master))
 }
 
 /// A backend of an IPv4 frontend for this socket call.

@@ -12,7 +12,7 @@
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use catena_common::{
     lb::{SockRevNat4Key, SOCK_AFFINITY_V6},
-    lb6::{Service6Key, Service6Value, SockRevNat6Key, SockRevNat6Value},
+    lb6::{SockRevNat6Key, SockRevNat6Value},
     metrics::Counter,
     IPPROTO_TCP, IPPROTO_UDP,
 };
@@ -100,20 +100,18 @@ fn translate(ctx: &SockAddrContext) -> i32 {
     if is_v4_mapped(&addr) {
         return translate_mapped(ctx, &addr, port, proto);
     }
-    let key = lb6::master_key(&addr, port, proto);
-    // `::` is the caller's own host, like `::1` (see `sock::choose_backend4`).
+    // `::` is the caller's own host, like `::1`; the wildcard `[::]:port`
+    // serves `::1` and node addresses (`::ffff:127.0.0.1` and mapped node
+    // addresses go through `translate_mapped`).
     let unspecified = addr[0] == 0 && addr[1] == 0 && addr[2] == 0 && addr[3] == 0;
-    let exact = if unspecified {
-        None
-    } else {
-        lb6::lookup_master(&key)
-    };
-    let (key, master) = match exact {
-        Some(master) => (key, master),
-        None => match node_port6(ctx, &addr, port, proto) {
-            Some(found) => found,
-            None => return SYS_PROCEED,
-        },
+    let found = sock::frontend(
+        lb6::master_key(&addr, port, proto),
+        unspecified,
+        || lb6::master_key(&[0; 4], port, proto),
+        || node_addr::is_node6(ctx, &addr),
+    );
+    let Some((key, master)) = found else {
+        return SYS_PROCEED;
     };
     if master.count == 0 {
         count(Counter::SockRejected);
@@ -154,22 +152,6 @@ fn translate(ctx: &SockAddrContext) -> i32 {
     unsafe { set_user(ctx, &backend.address, backend.port) };
     count(Counter::SockTranslated);
     SYS_PROCEED
-}
-
-/// The wildcard NodePort frontend `[::]:port` when `addr` is the node's
-/// own (`::1` in the node's namespace, or a node address): the twin of
-/// `sock::node_port4`, which also serves `::ffff:127.0.0.1` and mapped
-/// node addresses through `translate_mapped`.
-#[inline(always)]
-fn node_port6(
-    ctx: &SockAddrContext,
-    addr: &[u32; 4],
-    port: u16,
-    proto: u8,
-) -> Option<(Service6Key, Service6Value)> {
-    let key = lb6::master_key(&[0; 4], port, proto);
-    let master = lb6::lookup_master(&key)?;
-    node_addr::is_node6(ctx, addr).then_some((key, master))
 }
 
 /// An IPv4 frontend reached as `::ffff:a.b.c.d`: the IPv4 maps decide, and

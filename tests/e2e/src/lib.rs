@@ -2,6 +2,7 @@
 
 pub mod dual_stack;
 pub mod echo;
+pub mod monitor;
 pub mod source;
 
 use anyhow::{bail, Context, Result};

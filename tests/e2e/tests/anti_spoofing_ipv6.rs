@@ -9,11 +9,10 @@
 
 use anyhow::Context;
 use catena_e2e::dual_stack::{conflist, no_dad, pod_gateway6, pod_ipv6};
+use catena_e2e::monitor::DropMonitor;
 use catena_e2e::{pod_yaml, write_manifest};
-use catena_lab::{bin_path, CallArgs, CniRunner, Netns, Node, Pod};
-use serde_json::Value;
+use catena_lab::{CallArgs, CniRunner, Netns, Node, Pod};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const PORT: u16 = 7070;
@@ -185,34 +184,10 @@ fn spoofed_ipv6_sources_are_dropped_while_own_address_and_nd_work() -> anyhow::R
     );
 
     // `catena monitor` shows the drop with the forged source.
-    let mon = Command::new(bin_path("catena")?)
-        .arg("--socket")
-        .arg(node.agent_socket())
-        .args([
-            "monitor",
-            "--type",
-            "drop",
-            "--reason",
-            "spoofed_source",
-            "--count",
-            "1",
-            "--duration",
-            "20s",
-            "-o",
-            "json",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let mon = DropMonitor::start(&node, "spoofed_source")?;
     std::thread::sleep(Duration::from_millis(500)); // let it subscribe
     send(client.netns(), elsewhere, to, "spoofed-watched")?;
-    let out = mon.wait_with_output()?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let ev: Value = serde_json::from_str(String::from_utf8(out.stdout)?.trim())?;
+    let ev = mon.event()?;
     assert_eq!(ev["direction"], "egress", "{ev}");
     assert_eq!(ev["proto"], "UDP", "{ev}");
     let src: SocketAddr = ev["src"].as_str().unwrap_or_default().parse()?;

@@ -4,6 +4,8 @@
 //! the conntrack GC expiring idle flows while keeping an open one.
 
 use catena_api::{CtEntry, Endpoint, ServiceStatus};
+use catena_e2e::dual_stack::{self, no_dad, pod_ipv6};
+use catena_e2e::monitor::DropMonitor;
 use catena_e2e::source::{ClusterSource, SourceKind};
 use catena_e2e::{pod_yaml, wait_for};
 use catena_lab::traffic::serve_udp_on;
@@ -350,25 +352,7 @@ fn cli_metrics_monitor_and_conntrack_gc() -> anyhow::Result<()> {
 
     // monitor: a spoofed source from the client pod is dropped and shown.
     let events = detail["events"].as_str().unwrap().to_string();
-    let mon = Command::new(bin_path("catena")?)
-        .arg("--socket")
-        .arg(node.agent_socket())
-        .args([
-            "monitor",
-            "--type",
-            "drop",
-            "--reason",
-            "spoofed_source",
-            "--count",
-            "1",
-            "--duration",
-            "20s",
-            "-o",
-            "json",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let mon = DropMonitor::start(&node, "spoofed_source")?;
     if events == "available" {
         std::thread::sleep(Duration::from_millis(500)); // let it subscribe
         client
@@ -386,14 +370,7 @@ fn cli_metrics_monitor_and_conntrack_gc() -> anyhow::Result<()> {
                 }
                 Ok(())
             })??;
-        let out = mon.wait_with_output()?;
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let line = String::from_utf8(out.stdout)?;
-        let ev: Value = serde_json::from_str(line.trim())?;
+        let ev = mon.event()?;
         assert_eq!(
             (ev["kind"].as_str(), ev["reason"].as_str()),
             (Some("drop"), Some("spoofed_source")),
@@ -414,7 +391,7 @@ fn cli_metrics_monitor_and_conntrack_gc() -> anyhow::Result<()> {
         );
     } else {
         // The datapath has no event reader: the agent says so with a 503.
-        let out = mon.wait_with_output()?;
+        let out = mon.output()?;
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
@@ -462,53 +439,6 @@ fn cli_metrics_monitor_and_conntrack_gc() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// ptp + host-local with an IPv4 and an IPv6 range, then catena.
-fn dual_stack_conflist(node: &Node, v4: &str, v6: &str) -> anyhow::Result<catena_lab::Conflist> {
-    Ok(catena_lab::Conflist::from_value(serde_json::json!({
-        "cniVersion": "1.0.0",
-        "name": "ops-dual",
-        "plugins": [
-            {
-                "type": "ptp",
-                "ipMasq": false,
-                "ipam": {
-                    "type": "host-local",
-                    "ranges": [[{"subnet": v4}], [{"subnet": v6}]],
-                    "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}],
-                    "dataDir": node.ipam_dir(),
-                }
-            },
-            node.catena_plugin(),
-        ]
-    }))?)
-}
-
-/// No duplicate address detection in `ns`, so IPv6 addresses are usable at
-/// once (must run before the interfaces exist).
-fn no_dad(ns: &catena_lab::Netns) -> anyhow::Result<()> {
-    ns.run(
-        "sysctl",
-        &[
-            "-q",
-            "-w",
-            "net.ipv6.conf.all.accept_dad=0",
-            "net.ipv6.conf.default.accept_dad=0",
-        ],
-    )?;
-    Ok(())
-}
-
-fn pod_ipv6(pod: &catena_lab::Pod) -> anyhow::Result<std::net::Ipv6Addr> {
-    let result = pod
-        .result()
-        .ok_or_else(|| anyhow::anyhow!("{} has no ADD result", pod.name))?;
-    let ips = result.raw["ips"].as_array().cloned().unwrap_or_default();
-    ips.iter()
-        .filter_map(|ip| ip["address"].as_str()?.split('/').next()?.parse().ok())
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("{}'s ADD result has no IPv6 address", pod.name))
-}
-
 /// IPv6 conntrack is listed (`ct list`, `bpf ct list`, with `-o json`),
 /// shown next to the IPv6 service maps (`bpf lb list`), collected by the
 /// periodic GC like IPv4 (idle flows go, an open connection keeps both its
@@ -538,10 +468,7 @@ fn ipv6_conntrack_listed_collected_and_flushed() -> anyhow::Result<()> {
             "3s",
         ],
     )?;
-    let cni = CniRunner::new(
-        &node,
-        dual_stack_conflist(&node, "10.244.51.0/24", "fd00:10:244:51::/64")?,
-    );
+    let cni = CniRunner::new(&node, dual_stack::conflist(&node, "ops-dual", 51)?);
     let client = node.pod("client")?;
     let web = node.pod("web-1")?;
     for pod in [&client, &web] {

@@ -2,12 +2,11 @@
 //! by an `ingressDeny` rule shows up as a `policy_denied` drop carrying the
 //! policy's kind, name and rule path.
 
+use catena_e2e::monitor::DropMonitor;
 use catena_e2e::pod_yaml;
 use catena_e2e::source::{ClusterSource, SourceKind};
-use catena_lab::{bin_path, CallArgs, CniRunner, Node};
-use serde_json::Value;
+use catena_lab::{CallArgs, CniRunner, Node};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 const POLICY: &str = "apiVersion: cilium.io/v2
@@ -51,25 +50,7 @@ fn a_denied_connection_is_shown_with_the_rule_that_denied_it() -> anyhow::Result
     let allowed: SocketAddr = (web_ip, 8080).into();
     client.tcp_request(allowed, Duration::from_secs(3))?;
 
-    let mon = Command::new(bin_path("catena")?)
-        .arg("--socket")
-        .arg(node.agent_socket())
-        .args([
-            "monitor",
-            "--type",
-            "drop",
-            "--reason",
-            "policy_denied",
-            "--count",
-            "1",
-            "--duration",
-            "20s",
-            "-o",
-            "json",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let mon = DropMonitor::start(&node, "policy_denied")?;
     std::thread::sleep(Duration::from_millis(500)); // let it subscribe
     let denied: SocketAddr = (web_ip, 9090).into();
     for _ in 0..3 {
@@ -80,13 +61,7 @@ fn a_denied_connection_is_shown_with_the_rule_that_denied_it() -> anyhow::Result
             "port 9090 is denied"
         );
     }
-    let out = mon.wait_with_output()?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let ev: Value = serde_json::from_str(String::from_utf8(out.stdout)?.trim())?;
+    let ev = mon.event()?;
     assert_eq!(ev["direction"], "ingress", "{ev}");
     assert_eq!(
         ev["policy"].as_str(),

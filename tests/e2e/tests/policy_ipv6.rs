@@ -9,12 +9,13 @@
 //! IPv6 verdicts and drops show in `catena monitor` with IPv6 addresses, and
 //! the same policy over IPv4 decides as before.
 
+use catena_e2e::dual_stack::{self, no_dad, pod_ipv6};
+use catena_e2e::monitor::DropMonitor;
 use catena_e2e::{pod_yaml, write_manifest};
-use catena_lab::{bin_path, CallArgs, CniRunner, Conflist, Netns, Node, Pod};
-use serde_json::{json, Value};
+use catena_lab::{CallArgs, CniRunner, Netns, Node};
 use std::io::Read;
-use std::net::{Ipv6Addr, SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 const POLICIES: &str = "apiVersion: cilium.io/v2
@@ -36,55 +37,6 @@ spec:
   egressDeny:
   - toCIDR: [\"fd00:99::3/128\"]
 ";
-
-/// ptp + host-local with an IPv4 and an IPv6 range, then catena.
-fn dual_stack_conflist(node: &Node) -> anyhow::Result<Conflist> {
-    Ok(Conflist::from_value(json!({
-        "cniVersion": "1.0.0",
-        "name": "e2e-pol6",
-        "plugins": [
-            {
-                "type": "ptp",
-                "ipMasq": false,
-                "ipam": {
-                    "type": "host-local",
-                    "ranges": [
-                        [{"subnet": "10.244.16.0/24"}],
-                        [{"subnet": "fd00:10:244:16::/64"}]
-                    ],
-                    "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}],
-                    "dataDir": node.ipam_dir(),
-                }
-            },
-            node.catena_plugin(),
-        ]
-    }))?)
-}
-
-/// No duplicate address detection in `ns` (addresses usable at once).
-fn no_dad(ns: &Netns) -> anyhow::Result<()> {
-    ns.run(
-        "sysctl",
-        &[
-            "-q",
-            "-w",
-            "net.ipv6.conf.all.accept_dad=0",
-            "net.ipv6.conf.default.accept_dad=0",
-        ],
-    )?;
-    Ok(())
-}
-
-fn pod_ipv6(pod: &Pod) -> anyhow::Result<Ipv6Addr> {
-    let result = pod
-        .result()
-        .ok_or_else(|| anyhow::anyhow!("{} has no ADD result", pod.name))?;
-    let ips = result.raw["ips"].as_array().cloned().unwrap_or_default();
-    ips.iter()
-        .filter_map(|ip| ip["address"].as_str()?.split('/').next()?.parse().ok())
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("{}'s ADD result has no IPv6 address", pod.name))
-}
 
 /// A socat TCP server on every address of `ns` (IPv6 sockets that also take
 /// IPv4), answering with `name`.
@@ -186,7 +138,7 @@ fn ipv6_policy_by_label_and_cidr_with_replies_nd_and_events() -> anyhow::Result<
         .join("---\n"),
     )?;
     let agent = node.start_agent(&manifests, &[])?;
-    let cni = CniRunner::new(&node, dual_stack_conflist(&node)?);
+    let cni = CniRunner::new(&node, dual_stack::conflist(&node, "e2e-pol6", 16)?);
     let web = node.pod("web")?;
     let client = node.pod("client")?;
     let other = node.pod("other")?;
@@ -233,34 +185,10 @@ fn ipv6_policy_by_label_and_cidr_with_replies_nd_and_events() -> anyhow::Result<
 
     // `catena monitor` shows an IPv6 drop with its addresses and the
     // endpoint it hit.
-    let mon = Command::new(bin_path("catena")?)
-        .arg("--socket")
-        .arg(node.agent_socket())
-        .args([
-            "monitor",
-            "--type",
-            "drop",
-            "--reason",
-            "policy_denied",
-            "--count",
-            "1",
-            "--duration",
-            "20s",
-            "-o",
-            "json",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let mon = DropMonitor::start(&node, "policy_denied")?;
     std::thread::sleep(Duration::from_millis(500)); // let it subscribe
     blocked(other.netns(), web6, "other -> web over IPv6, watched");
-    let out = mon.wait_with_output()?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let ev: Value = serde_json::from_str(String::from_utf8(out.stdout)?.trim())?;
+    let ev = mon.event()?;
     assert_eq!(ev["direction"], "ingress", "{ev}");
     assert_eq!(ev["dst"], web6.to_string(), "{ev}");
     let src: SocketAddr = ev["src"].as_str().unwrap_or_default().parse()?;

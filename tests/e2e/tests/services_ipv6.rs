@@ -7,10 +7,10 @@
 //! too; an IPv6 Service without endpoints is refused at once.
 
 use anyhow::Context;
+use catena_e2e::dual_stack::{self, no_dad, pod_ipv6};
 use catena_e2e::{pod_yaml, socat_request, write_manifest, TestCgroup};
 use catena_lab::traffic::serve_udp_on;
-use catena_lab::{CallArgs, CniRunner, Conflist, Node, Pod, Server};
-use serde_json::json;
+use catena_lab::{CallArgs, CniRunner, Node, Pod, Server};
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::{Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
@@ -25,58 +25,6 @@ fn dual_service(name: &str, v4: &str, v6: &str, app: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: {v4}\n  clusterIPs: [{v4}, \"{v6}\"]\n  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: RequireDualStack\n  selector: {{app: {app}}}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n  - {{name: dns, port: 53, protocol: UDP, targetPort: 5353}}\n"
     )
-}
-
-/// ptp + host-local with an IPv4 and an IPv6 range (default routes for
-/// both), then catena.
-fn dual_stack_conflist(node: &Node) -> anyhow::Result<Conflist> {
-    Ok(Conflist::from_value(json!({
-        "cniVersion": "1.0.0",
-        "name": "e2e-dual",
-        "plugins": [
-            {
-                "type": "ptp",
-                "ipMasq": false,
-                "ipam": {
-                    "type": "host-local",
-                    "ranges": [
-                        [{"subnet": "10.244.6.0/24"}],
-                        [{"subnet": "fd00:10:244:6::/64"}]
-                    ],
-                    "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}],
-                    "dataDir": node.ipam_dir(),
-                }
-            },
-            node.catena_plugin(),
-        ]
-    }))?)
-}
-
-/// No duplicate address detection in `ns`: addresses are usable at once
-/// instead of staying tentative for a second or more. Must run before the
-/// interfaces exist (`default` is copied into new interfaces).
-fn no_dad(ns: &catena_lab::Netns) -> anyhow::Result<()> {
-    ns.run(
-        "sysctl",
-        &[
-            "-q",
-            "-w",
-            "net.ipv6.conf.all.accept_dad=0",
-            "net.ipv6.conf.default.accept_dad=0",
-        ],
-    )?;
-    Ok(())
-}
-
-fn pod_ipv6(pod: &Pod) -> anyhow::Result<Ipv6Addr> {
-    let result = pod
-        .result()
-        .ok_or_else(|| anyhow::anyhow!("{} has no ADD result", pod.name))?;
-    let ips = result.raw["ips"].as_array().cloned().unwrap_or_default();
-    ips.iter()
-        .filter_map(|ip| ip["address"].as_str()?.split('/').next()?.parse().ok())
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("{}'s ADD result has no IPv6 address", pod.name))
 }
 
 /// Servers in the pod on every address (IPv6 sockets that also take IPv4),
@@ -147,7 +95,7 @@ fn dual_stack_service_over_ipv6_from_pods_and_node_processes() -> anyhow::Result
         &manifests,
         &["--kube-proxy-replacement", "true", "--cgroup-root", &cg],
     )?;
-    let cni = CniRunner::new(&node, dual_stack_conflist(&node)?);
+    let cni = CniRunner::new(&node, dual_stack::conflist(&node, "e2e-dual", 6)?);
 
     let client = node.pod("client")?;
     let webs = [node.pod("web-1")?, node.pod("web-2")?, node.pod("web-3")?];

@@ -16,9 +16,10 @@
 //! ext0's addresses have NodePort frontends of their own; int0's and the
 //! loopback addresses are served by the NodePort's wildcard frontend.
 
+use catena_e2e::dual_stack::{self, pod_ipv6};
 use catena_e2e::source::{ClusterSource, SourceKind};
 use catena_e2e::{pod_yaml, wait_for, TestCgroup};
-use catena_lab::{CallArgs, CniRunner, Conflist, Netns, Node, Pod};
+use catena_lab::{CallArgs, CniRunner, Conflist, Netns, Node};
 use serde_json::json;
 use std::net::{Ipv6Addr, SocketAddr, UdpSocket};
 use std::process::{Child, Command};
@@ -163,31 +164,11 @@ fn conflist(
     )?)
 }
 
-fn pod_ipv6(pod: &Pod) -> anyhow::Result<Ipv6Addr> {
-    let result = pod
-        .result()
-        .ok_or_else(|| anyhow::anyhow!("{} has no ADD result", pod.name))?;
-    let ips = result.raw["ips"].as_array().cloned().unwrap_or_default();
-    ips.iter()
-        .filter_map(|ip| ip["address"].as_str()?.split('/').next()?.parse().ok())
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("{}'s ADD result has no IPv6 address", pod.name))
-}
-
 /// Two interfaces with IPv4 and IPv6 addresses in the node: veths whose
 /// peers sit in `outside` (the lab kernel may have no dummy driver).
 fn wire(node: &Node, outside: &Netns) -> anyhow::Result<()> {
     let ns = node.netns();
-    // IPv6 addresses usable at once (no duplicate address detection).
-    ns.run(
-        "sysctl",
-        &[
-            "-q",
-            "-w",
-            "net.ipv6.conf.all.accept_dad=0",
-            "net.ipv6.conf.default.accept_dad=0",
-        ],
-    )?;
+    dual_stack::no_dad(ns)?;
     for (dev, peer, v4, v6) in [
         ("ext0", "ext0p", "192.168.88.1/24", "fd00:88::1/64"),
         ("int0", "int0p", "172.20.0.1/24", "fd00:89::1/64"),

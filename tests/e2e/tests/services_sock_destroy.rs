@@ -10,10 +10,9 @@
 //! keeps working.
 
 use catena_api::ServiceStatus;
-use catena_e2e::{wait_for, write_manifest, TestCgroup};
-use catena_lab::{CallArgs, CniRunner, Conflist, Node, Pod};
+use catena_e2e::{dual_stack, wait_for, write_manifest, TestCgroup};
+use catena_lab::{CallArgs, CniRunner, Node, Pod};
 use serde::Deserialize;
-use serde_json::json;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -244,30 +243,6 @@ fn service_manifest(family: Family, addrs: &[&str]) -> String {
     )
 }
 
-/// ptp + host-local with an IPv4 and an IPv6 range, then catena.
-fn dual_stack_conflist(node: &Node) -> anyhow::Result<Conflist> {
-    Ok(Conflist::from_value(json!({
-        "cniVersion": "1.0.0",
-        "name": "e2e-sockd",
-        "plugins": [
-            {
-                "type": "ptp",
-                "ipMasq": false,
-                "ipam": {
-                    "type": "host-local",
-                    "ranges": [
-                        [{"subnet": "10.244.70.0/24"}],
-                        [{"subnet": "fd00:10:244:70::/64"}]
-                    ],
-                    "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}],
-                    "dataDir": node.ipam_dir(),
-                }
-            },
-            node.catena_plugin(),
-        ]
-    }))?)
-}
-
 /// The pod's address of `family`, from its ADD result.
 fn pod_ip(pod: &Pod, family: Family) -> anyhow::Result<IpAddr> {
     let result = pod
@@ -323,19 +298,10 @@ fn run(family: Family) -> anyhow::Result<()> {
         &manifests,
         &["--kube-proxy-replacement", "true", "--cgroup-root", &cg],
     )?;
-    let cni = CniRunner::new(&node, dual_stack_conflist(&node)?);
+    let cni = CniRunner::new(&node, dual_stack::conflist(&node, "e2e-sockd", 70)?);
     let (a, b, client_pod) = (node.pod("a")?, node.pod("b")?, node.pod("client")?);
     for pod in [&a, &b, &client_pod] {
-        // No duplicate address detection: IPv6 addresses usable at once.
-        pod.netns().run(
-            "sysctl",
-            &[
-                "-q",
-                "-w",
-                "net.ipv6.conf.all.accept_dad=0",
-                "net.ipv6.conf.default.accept_dad=0",
-            ],
-        )?;
+        dual_stack::no_dad(pod.netns())?;
         cni.add(pod, "eth0", &CallArgs::default())?;
     }
     let _servers = [Server::start(&a)?, Server::start(&b)?];
