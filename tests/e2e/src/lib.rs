@@ -43,6 +43,28 @@ pub fn wait_for<T>(
     }
 }
 
+/// Waits until the agent shows `frontend` (as `/v1/services` names it, e.g.
+/// `10.96.0.10:80/TCP`) programmed with exactly the backends `want`
+/// (`addr:port`, any order).
+pub fn wait_for_backends(
+    api: &catena_api::Client,
+    frontend: &str,
+    mut want: Vec<String>,
+) -> Result<()> {
+    want.sort();
+    wait_for(
+        "the backend set programmed",
+        Duration::from_secs(10),
+        || {
+            let s: Vec<catena_api::ServiceStatus> = api.get("/v1/services")?;
+            Ok(s.iter()
+                .find(|s| s.frontend == frontend)
+                .filter(|s| s.backends == want)
+                .map(|_| ()))
+        },
+    )
+}
+
 /// A ClusterIP Service manifest.
 pub fn service_yaml(
     name: &str,

@@ -8,8 +8,7 @@
 //! an error while the slots around them are renumbered; no new connection
 //! fails, and none reaches a backend after its removal took effect.
 
-use catena_api::ServiceStatus;
-use catena_e2e::{endpoint_slice_yaml, service_yaml, wait_for, write_manifest};
+use catena_e2e::{endpoint_slice_yaml, service_yaml, wait_for_backends, write_manifest};
 use catena_lab::traffic::{serve_echo, EchoStream};
 use catena_lab::{CallArgs, CniRunner, Node, Pod};
 use std::collections::{BTreeMap, BTreeSet};
@@ -181,19 +180,8 @@ fn churn(tag: &str, agent_args: &[&str]) -> anyhow::Result<()> {
             "slice.yaml",
             &endpoint_slice_yaml("churn-1", "churn", PORT, &addrs),
         )?;
-        let mut want: Vec<String> = addrs.iter().map(|a| format!("{a}:{PORT}")).collect();
-        want.sort();
-        wait_for(
-            "the backend set programmed",
-            Duration::from_secs(10),
-            || {
-                let s: Vec<ServiceStatus> = api.get("/v1/services")?;
-                Ok(s.iter()
-                    .find(|s| s.frontend == frontend)
-                    .filter(|s| s.backends == want)
-                    .map(|_| ()))
-            },
-        )?;
+        let want = addrs.iter().map(|a| format!("{a}:{PORT}")).collect();
+        wait_for_backends(&api, &frontend, want)?;
         Ok(Instant::now())
     };
     let mut current: BTreeSet<String> = ["b0", "b1", "b2", "b3"].map(String::from).into();

@@ -9,8 +9,7 @@
 //! translated sockets to A: their owner sees ECONNABORTED; everything else
 //! keeps working.
 
-use catena_api::ServiceStatus;
-use catena_e2e::{dual_stack, wait_for, write_manifest, TestCgroup};
+use catena_e2e::{dual_stack, wait_for, wait_for_backends, write_manifest, TestCgroup};
 use catena_lab::{CallArgs, CniRunner, Node, Pod};
 use serde::Deserialize;
 use std::io::{BufRead, BufReader, Write};
@@ -312,22 +311,11 @@ fn run(family: Family) -> anyhow::Result<()> {
     let api = agent.client();
     let frontend = format!("{}/TCP", SocketAddr::new(vip.parse()?, 80));
     let programmed = |addrs: &[&String]| -> anyhow::Result<()> {
-        let mut want: Vec<String> = addrs
+        let want = addrs
             .iter()
             .map(|a| Ok(SocketAddr::new(a.parse()?, TCP_PORT).to_string()))
             .collect::<anyhow::Result<_>>()?;
-        want.sort();
-        wait_for(
-            "the backend set programmed",
-            Duration::from_secs(10),
-            || {
-                let s: Vec<ServiceStatus> = api.get("/v1/services")?;
-                Ok(s.iter()
-                    .find(|s| s.frontend == frontend)
-                    .filter(|s| s.backends == want)
-                    .map(|_| ()))
-            },
-        )
+        wait_for_backends(&api, &frontend, want)
     };
     write_manifest(
         &manifests,
