@@ -25,7 +25,9 @@ use catena_common::lb::{
 };
 use tracing::{debug, warn};
 
-use crate::lb_common::{alloc_backend_id, alloc_rev_nat, del, normalize_affinity, put, unref};
+use crate::lb_common::{
+    alloc_backend_id, alloc_rev_nat, del, normalize_affinity, put, put_batch, unref,
+};
 use crate::{ApplyStats, BackendAddr, Frontend, LbDesired, LbService, ProgrammedService, Proto};
 
 /// A service-map entry (master or slot). Both families share its layout
@@ -197,14 +199,21 @@ impl<F: Family> Writer<'_, F> {
         del(self.writes, &mut self.maps.revnat, F::REVNAT_MAP, &index)
     }
 
-    fn put_backend(&mut self, id: u32, key: &BackendKey<F::Addr>) -> anyhow::Result<()> {
-        let value = F::backend_value(key);
-        put(
+    /// Writes new backends in order; `Err((written, _))`: the first
+    /// `written` are in the map.
+    fn put_backends(
+        &mut self,
+        backends: &[(u32, BackendKey<F::Addr>)],
+    ) -> Result<(), (usize, anyhow::Error)> {
+        let entries: Vec<(u32, F::Backend)> = backends
+            .iter()
+            .map(|(id, key)| (*id, F::backend_value(key)))
+            .collect();
+        put_batch(
             self.writes,
             &mut self.maps.backends,
             F::BACKENDS_MAP,
-            &id,
-            &value,
+            &entries,
         )
     }
 
@@ -222,14 +231,22 @@ impl<F: Family> Writer<'_, F> {
         old: Option<&[u32]>,
         rewrite: bool,
     ) -> anyhow::Result<bool> {
-        let mut changed = false;
-        for (i, id) in ids.iter().enumerate() {
-            if rewrite || old.and_then(|o| o.get(i)) != Some(id) {
-                self.put_service(&F::service_key(fe, scope, i as u16 + 1), &slot_value(*id))?;
-                changed = true;
-            }
-        }
-        Ok(changed)
+        let entries: Vec<(F::ServiceKey, ServiceValue)> = ids
+            .iter()
+            .enumerate()
+            .filter(|(i, id)| rewrite || old.and_then(|o| o.get(*i)) != Some(*id))
+            .map(|(i, id)| (F::service_key(fe, scope, i as u16 + 1), slot_value(*id)))
+            .collect();
+        // The kernel writes a batch entry by entry, in this order: readers
+        // see what the one-by-one writes showed them.
+        put_batch(
+            self.writes,
+            &mut self.maps.services,
+            F::SERVICES_MAP,
+            &entries,
+        )
+        .map_err(|(_, e)| e)?;
+        Ok(!entries.is_empty())
     }
 
     /// Deletes the entries `slots` of one scope (0 is its master). Whether
@@ -687,14 +704,12 @@ impl<F: Family> LbState<F> {
             maps,
             writes: &mut self.writes,
         };
-        for (n, (id, key)) in new_backends.iter().enumerate() {
-            if let Err(e) = w.put_backend(*id, key) {
-                // Forget the ids not written so the next apply writes them.
-                self.forget_backends(&new_backends[n..]);
-                return Err(e);
-            }
-            stats.backends_added += 1;
+        if let Err((written, e)) = w.put_backends(&new_backends) {
+            // Forget the ids not written so the next apply writes them.
+            self.forget_backends(&new_backends[written..]);
+            return Err(e);
         }
+        stats.backends_added += new_backends.len();
 
         // 3. Per frontend: rev-NAT, slots, then the master (which publishes the
         //    new count), then surplus slots.

@@ -22,6 +22,30 @@ pub const BPF_LINK_TYPE_TCX: u32 = 11;
 pub const BPF_TCX_INGRESS: u32 = 46;
 pub const BPF_TCX_EGRESS: u32 = 47;
 
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// `BPF_MAP_UPDATE_BATCH`: writes `count` entries, keys and values packed
+/// back to back in `keys` and `values`. `Err((written, error))` on failure:
+/// the first `written` entries are in the map, the rest are not.
+pub fn map_update_batch(
+    map: BorrowedFd<'_>,
+    keys: &[u8],
+    values: &[u8],
+    count: u32,
+) -> Result<(), (u32, io::Error)> {
+    // union bpf_attr, `batch` member: in_batch, out_batch, keys, values,
+    // count (u32) + map_fd (u32), elem_flags, flags.
+    let mut attr = [0u64; 7];
+    attr[2] = keys.as_ptr() as u64;
+    attr[3] = values.as_ptr() as u64;
+    attr[4] = u64::from(count) | (map.as_raw_fd() as u64) << 32;
+    match bpf(BPF_MAP_UPDATE_BATCH, &mut attr) {
+        Ok(_) => Ok(()),
+        // The kernel writes back how many it processed.
+        Err(e) => Err(((attr[4] & 0xffff_ffff) as u32, e)),
+    }
+}
+
 /// Filesystem magic of bpffs (`BPF_FS_MAGIC` in linux/magic.h).
 pub const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// `CGROUP2_SUPER_MAGIC` in linux/magic.h.
