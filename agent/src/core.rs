@@ -793,6 +793,7 @@ impl AgentCore {
                 .map(|s| s.as_ref())
         };
         let maglev = &inner.services.desired().maglev;
+        let maglev6 = &inner.services.desired().maglev6;
         let algorithm = |maglev: bool| if maglev { "maglev" } else { "random" }.to_string();
         Ok(inner
             .datapath
@@ -836,8 +837,7 @@ impl AgentCore {
                     backends: s.backends.iter().map(|b| sock(b.address, b.port)).collect(),
                     rev_nat_index: s.rev_nat_index,
                     kind: kind.to_string(),
-                    // IPv6 frontends pick at random.
-                    algorithm: algorithm(false),
+                    algorithm: algorithm(maglev6.contains(&s.frontend)),
                     external_backends: s
                         .external_backends
                         .map(|b| b.iter().map(|b| sock(b.address, b.port)).collect()),

@@ -103,7 +103,9 @@ pub struct LbDesired {
     /// consistent hashing of the flow's 5-tuple instead of at random
     /// (`--lb-algorithm maglev`, annotation `service.cilium.io/lb-algorithm`).
     pub maglev: BTreeSet<Frontend>,
-    /// IPv6 frontends (dual-stack and IPv6-only Services). They always pick
-    /// backends at random (Maglev tables are IPv4-only).
+    /// IPv6 frontends (dual-stack and IPv6-only Services).
     pub services6: BTreeMap<Frontend6, LbService6>,
+    /// IPv6 frontends (keys of `services6`) that pick backends by Maglev,
+    /// as `maglev` for IPv4.
+    pub maglev6: BTreeSet<Frontend6>,
 }

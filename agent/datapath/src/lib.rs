@@ -48,7 +48,7 @@ use catena_common::ct6::Ct6Key;
 use catena_common::endpoint::EndpointInfo;
 use catena_common::map_names;
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use tracing::info;
 
@@ -121,6 +121,8 @@ pub struct Datapath {
     /// `CT6` (IPv6 service flows).
     conntrack6: ct::Conntrack6,
     maglev: maglev::Maglev,
+    /// The IPv6 frontends' Maglev tables (`LB6_MAGLEV`).
+    maglev6: maglev::Maglev,
     endpoints: endpoints::Endpoints,
     /// External devices and local endpoint addresses (north-south traffic).
     devices: devices::DeviceMaps,
@@ -168,7 +170,14 @@ impl Datapath {
         let conntrack6 = ct::Conntrack6 {
             map: hash_map(&mut ebpf, map_names::CT6)?,
         };
-        let maglev = maglev::Maglev::open(hash_map(&mut ebpf, map_names::LB4_MAGLEV)?)?;
+        let maglev = maglev::Maglev::open(
+            hash_map(&mut ebpf, map_names::LB4_MAGLEV)?,
+            map_names::LB4_MAGLEV,
+        )?;
+        let maglev6 = maglev::Maglev::open(
+            hash_map(&mut ebpf, map_names::LB6_MAGLEV)?,
+            map_names::LB6_MAGLEV,
+        )?;
         let endpoints = endpoints::Endpoints {
             map: hash_map(&mut ebpf, map_names::ENDPOINTS)?,
         };
@@ -212,6 +221,7 @@ impl Datapath {
             lb6,
             conntrack6,
             maglev,
+            maglev6,
             endpoints,
             devices,
             conntrack,
@@ -440,6 +450,14 @@ impl Datapath {
             })
             .collect();
         self.maglev.write(&frontends)?;
+        // IPv6 frontends' tables, in the same order around their own maps.
+        let keep6: BTreeSet<u32> = desired
+            .maglev6
+            .iter()
+            .filter(|fe| desired.services6.contains_key(fe))
+            .filter_map(|fe| self.lb6.frontend(fe).map(|(rev_nat, _, _)| rev_nat))
+            .collect();
+        self.maglev6.retain(&keep6)?;
         let stats6 = match changed {
             Some(_) => {
                 let changed6 = self.lb6.changed_frontends(desired);
@@ -448,6 +466,17 @@ impl Datapath {
             }
             None => self.lb6.apply(&mut self.lb6_maps, desired)?,
         };
+        let frontends6: Vec<maglev::MaglevFrontend<'_, Ipv6Addr>> = desired
+            .maglev6
+            .iter()
+            .filter_map(|fe| self.lb6.frontend(fe))
+            .map(|(rev_nat_index, backends, ids)| maglev::MaglevFrontend {
+                rev_nat_index,
+                backends,
+                ids,
+            })
+            .collect();
+        self.maglev6.write(&frontends6)?;
         Ok(stats.plus(stats6))
     }
 
@@ -466,9 +495,10 @@ impl Datapath {
         self.conntrack6.flush()
     }
 
-    /// Maglev table writes and deletes done by this instance.
+    /// Maglev table writes and deletes done by this instance (both
+    /// families).
     pub fn maglev_table_writes(&self) -> u64 {
-        self.maglev.writes
+        self.maglev.writes + self.maglev6.writes
     }
 
     pub fn services(&self) -> Vec<ProgrammedService> {

@@ -209,7 +209,7 @@ fn expected_maps() -> [(&'static str, MapType, usize, usize); 15] {
 }
 
 /// The IPv6 service and conntrack maps, checked like [`expected_maps`].
-fn expected_maps6() -> [(&'static str, MapType, usize, usize); 9] {
+fn expected_maps6() -> [(&'static str, MapType, usize, usize); 10] {
     [
         (
             map_names::TAIL_CALLS6,
@@ -252,6 +252,12 @@ fn expected_maps6() -> [(&'static str, MapType, usize, usize); 9] {
             MapType::LruHash,
             size_of::<lb6::Affinity6Key>(),
             size_of::<lb6::Affinity6Value>(),
+        ),
+        (
+            map_names::LB6_MAGLEV,
+            MapType::Hash,
+            size_of::<u32>(),
+            size_of::<catena_common::maglev::MaglevTable>(),
         ),
         (
             map_names::LB_SOCK_AFFINITY,
@@ -300,6 +306,7 @@ fn layout_changed_in(name: &str) -> u32 {
         | map_names::LB4_REVNAT
         | map_names::LB6_REVNAT
         | map_names::LB4_MAGLEV
+        | map_names::LB6_MAGLEV
         | map_names::CT4
         | map_names::CT6
         | map_names::LB4_AFFINITY

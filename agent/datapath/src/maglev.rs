@@ -1,6 +1,8 @@
 //! Maglev lookup tables (catena_common::maglev): computed here from each
-//! Maglev frontend's backends and written to `LB4_MAGLEV` under the
-//! frontend's rev_nat_index.
+//! Maglev frontend's backends and written to `LB4_MAGLEV` (IPv4 frontends)
+//! or `LB6_MAGLEV` (IPv6) under the frontend's rev_nat_index. A table is a
+//! list of backend ids, so one [`Maglev`] per map serves either family;
+//! only a backend's name in the permutation depends on its address family.
 //!
 //! The table depends only on the backends' addresses and ports (never on
 //! node-local backend ids), so every node computes the same slot -> backend
@@ -13,6 +15,7 @@
 //! missing backend.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::Context;
 use aya::maps::{HashMap, MapData};
@@ -38,12 +41,29 @@ fn hash64(bytes: &[u8], seed: u64) -> u64 {
     h ^ (h >> 31)
 }
 
+/// A backend address family whose addresses Maglev tables can name.
+pub trait MaglevAddress: Copy + Ord {
+    /// The address in network order.
+    fn network_octets(&self) -> Vec<u8>;
+}
+
+impl MaglevAddress for Ipv4Addr {
+    fn network_octets(&self) -> Vec<u8> {
+        self.octets().to_vec()
+    }
+}
+
+impl MaglevAddress for Ipv6Addr {
+    fn network_octets(&self) -> Vec<u8> {
+        self.octets().to_vec()
+    }
+}
+
 /// What identifies a backend in the permutation: address and port in
-/// network order (6 bytes).
-fn backend_name(b: &BackendAddr) -> [u8; 6] {
-    let mut name = [0u8; 6];
-    name[..4].copy_from_slice(&b.address.octets());
-    name[4..].copy_from_slice(&b.port.to_be_bytes());
+/// network order (6 bytes for IPv4, 18 for IPv6).
+fn backend_name<A: MaglevAddress>(b: &BackendAddr<A>) -> Vec<u8> {
+    let mut name = b.address.network_octets();
+    name.extend_from_slice(&b.port.to_be_bytes());
     name
 }
 
@@ -53,7 +73,7 @@ fn backend_name(b: &BackendAddr) -> [u8; 6] {
 /// into `backends`. `m` must be prime (so every permutation visits every
 /// slot) and `backends` non-empty; callers sort `backends` so every node
 /// feeds the same order.
-pub fn populate(backends: &[BackendAddr], m: usize) -> Vec<u32> {
+pub fn populate<A: MaglevAddress>(backends: &[BackendAddr<A>], m: usize) -> Vec<u32> {
     assert!(m > 1 && !backends.is_empty(), "maglev: m > 1 and backends");
     let perms: Vec<(u64, u64)> = backends
         .iter()
@@ -85,15 +105,19 @@ pub fn populate(backends: &[BackendAddr], m: usize) -> Vec<u32> {
 }
 
 /// One frontend's Maglev input: its rev_nat_index and its backends with the
-/// ids the service maps gave them (aligned).
-pub(crate) struct MaglevFrontend<'a> {
+/// ids the service maps gave them (aligned), of one family.
+pub(crate) struct MaglevFrontend<'a, A = Ipv4Addr> {
     pub rev_nat_index: u32,
-    pub backends: &'a [BackendAddr],
+    pub backends: &'a [BackendAddr<A>],
     pub ids: &'a [u32],
 }
 
+/// The tables of one family's frontends (one map; rev_nat indices and
+/// backend ids of that family's number spaces).
 pub(crate) struct Maglev {
     map: HashMap<MapData, u32, MaglevTable>,
+    /// The map's name, for errors.
+    name: &'static str,
     /// rev_nat_index -> the backend ids its table holds (sorted, distinct).
     /// The table is a pure function of the backend set, so an equal set
     /// means an equal table and no write.
@@ -105,14 +129,18 @@ pub(crate) struct Maglev {
 impl Maglev {
     /// Reads back what the pinned map holds, so a restarted agent rewrites
     /// only tables whose backends changed.
-    pub fn open(map: HashMap<MapData, u32, MaglevTable>) -> anyhow::Result<Maglev> {
+    pub fn open(
+        map: HashMap<MapData, u32, MaglevTable>,
+        name: &'static str,
+    ) -> anyhow::Result<Maglev> {
         let mut written = BTreeMap::new();
         for entry in map.iter() {
-            let (idx, table) = entry.context("reading LB4_MAGLEV")?;
+            let (idx, table) = entry.with_context(|| format!("reading {name}"))?;
             written.insert(idx, table.backend_ids.iter().copied().collect());
         }
         Ok(Maglev {
             map,
+            name,
             written,
             writes: 0,
         })
@@ -133,7 +161,7 @@ impl Maglev {
             match self.map.remove(&idx) {
                 Ok(()) => {}
                 Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(e).context("deleting from LB4_MAGLEV"),
+                Err(e) => return Err(e).with_context(|| format!("deleting from {}", self.name)),
             }
             self.written.remove(&idx);
         }
@@ -143,7 +171,10 @@ impl Maglev {
     /// Writes the tables of `frontends` whose backend set changed (after the
     /// service maps, so every id named exists). A frontend without backends
     /// gets no table (it rejects new flows anyway).
-    pub fn write(&mut self, frontends: &[MaglevFrontend<'_>]) -> anyhow::Result<usize> {
+    pub fn write<A: MaglevAddress>(
+        &mut self,
+        frontends: &[MaglevFrontend<'_, A>],
+    ) -> anyhow::Result<usize> {
         let mut written = 0;
         for fe in frontends {
             let ids: BTreeSet<u32> = fe.ids.iter().copied().collect();
@@ -159,7 +190,7 @@ impl Maglev {
             // property of the table, not of the caller).
             let mut order: Vec<usize> = (0..fe.backends.len()).collect();
             order.sort_by_key(|&i| (fe.backends[i].address, fe.backends[i].port));
-            let sorted: Vec<BackendAddr> = order.iter().map(|&i| fe.backends[i]).collect();
+            let sorted: Vec<BackendAddr<A>> = order.iter().map(|&i| fe.backends[i]).collect();
             let slots = populate(&sorted, MAGLEV_TABLE_SIZE);
             let mut table = Box::new(MaglevTable {
                 backend_ids: [0; MAGLEV_TABLE_SIZE],
@@ -170,8 +201,9 @@ impl Maglev {
             self.writes += 1;
             self.map
                 .insert(fe.rev_nat_index, table, 0)
-                .context("writing LB4_MAGLEV")?;
+                .with_context(|| format!("writing {}", self.name))?;
             debug!(
+                map = self.name,
                 rev_nat_index = fe.rev_nat_index,
                 backends = ids.len(),
                 "maglev table written"
@@ -295,9 +327,56 @@ mod tests {
         );
     }
 
+    fn backends6(n: u16) -> Vec<BackendAddr<Ipv6Addr>> {
+        (0..n)
+            .map(|i| BackendAddr {
+                address: Ipv6Addr::new(0xfd00, 0, 0, 1, 0, 0, 0, 5 + i),
+                port: 8080,
+            })
+            .collect()
+    }
+
+    /// A backend's name is its address and port bytes in network order; the
+    /// IPv4 form must never change (it would change every node's tables).
+    #[test]
+    fn backend_names_are_network_order_address_and_port() {
+        assert_eq!(
+            backend_name(&backends(1)[0]),
+            [10, 0, 0, 1, 0x1f, 0x90].to_vec()
+        );
+        let v6 = backend_name(&backends6(1)[0]);
+        assert_eq!(v6.len(), 18);
+        assert_eq!(&v6[..2], &[0xfd, 0x00]);
+        assert_eq!(&v6[14..], &[0x00, 0x05, 0x1f, 0x90]);
+    }
+
+    /// IPv6 backends get tables with the same properties: full, even,
+    /// deterministic, and removing one backend moves little beyond its own
+    /// slots.
+    #[test]
+    fn ipv6_tables_are_even_and_move_about_one_nth() {
+        let m = MAGLEV_TABLE_SIZE;
+        let all = backends6(8);
+        let before = populate(&all, m);
+        assert_eq!(before, populate(&all, m));
+        let c = counts(&before, all.len());
+        let (min, max) = (*c.iter().min().unwrap(), *c.iter().max().unwrap());
+        assert!(max - min <= 1, "{c:?}");
+        let mut rest = all.clone();
+        rest.remove(3);
+        let after = populate(&rest, m);
+        let changed = before
+            .iter()
+            .zip(&after)
+            .filter(|(b, a)| all[**b as usize] != rest[**a as usize])
+            .count();
+        let owned = before.iter().filter(|b| **b == 3).count();
+        assert!(changed >= owned && ((changed - owned) as f64) < m as f64 / 8.0);
+    }
+
     #[test]
     #[should_panic(expected = "maglev")]
     fn no_backends_is_a_caller_bug() {
-        populate(&[], 251);
+        populate::<Ipv4Addr>(&[], 251);
     }
 }

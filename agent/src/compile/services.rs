@@ -111,7 +111,7 @@ pub fn compile_services_with(
         let (frontends, mut warnings) =
             compile_service(key, svc, slices.as_deref(), pods, &locality);
         let mut entries = frontends.v4;
-        out.desired.services6.extend(frontends.v6);
+        let mut entries6 = frontends.v6;
         let external = super::external::external_frontends(
             key,
             svc,
@@ -122,11 +122,13 @@ pub fn compile_services_with(
             &mut warnings,
         );
         entries.extend(external.v4);
-        out.desired.services6.extend(external.v6);
+        entries6.extend(external.v6);
         if service_algorithm(key, svc, options.lb_algorithm, &mut warnings) == LbAlgorithm::Maglev {
             out.desired.maglev.extend(entries.iter().map(|(f, _)| *f));
+            out.desired.maglev6.extend(entries6.iter().map(|(f, _)| *f));
         }
         out.desired.services.extend(entries);
+        out.desired.services6.extend(entries6);
         out.warnings.extend(warnings);
     }
     out
@@ -437,15 +439,24 @@ impl ServiceCompiler {
             if maglev {
                 self.desired.maglev.extend(new.iter().copied());
             }
-            // IPv6 frontends: replaced the same way. The datapath finds the
-            // changed ones itself, so only `changed` needs to say so.
-            let (_, differs6) = replace_frontends(
+            // IPv6 frontends: replaced the same way, Maglev included. The
+            // datapath finds the changed ones itself (and rechecks every
+            // IPv6 Maglev table), so only `changed` needs to say so.
+            let (old6, differs6) = replace_frontends(
                 &mut self.frontends6,
                 &mut self.desired.services6,
                 &key,
                 entries6,
             );
-            changes.changed |= differs6;
+            let mut was_maglev6 = false;
+            for f in &old6 {
+                was_maglev6 |= self.desired.maglev6.remove(f);
+            }
+            let new6: &[Frontend6] = self.frontends6.get(&key).map_or(&[], Vec::as_slice);
+            changes.changed |= differs6 || (was_maglev6 != maglev && !new6.is_empty());
+            if maglev {
+                self.desired.maglev6.extend(new6.iter().copied());
+            }
             if warnings.is_empty() {
                 self.warnings.remove(&key);
             } else {
@@ -1434,5 +1445,60 @@ spec:
         assert!(compiler.update(&empty, &[]).changed);
         assert!(compiler.desired().services.is_empty());
         assert!(compiler.desired().services6.is_empty());
+    }
+
+    /// The lb-algorithm (annotation or agent default) applies to a Service's
+    /// IPv6 frontends as to its IPv4 ones, in the reference compile and the
+    /// incremental one alike, and an annotation edit alone is a change.
+    #[test]
+    fn maglev_covers_ipv6_frontends() {
+        let annotated = |algorithm: &str| {
+            Arc::new(state(&format!(
+                "{}{}",
+                DUAL_SVC.replace(
+                    "metadata: {name: web, namespace: shop}",
+                    &format!(
+                        "metadata: {{name: web, namespace: shop, annotations: {{service.cilium.io/lb-algorithm: {algorithm}}}}}"
+                    ),
+                ),
+                dual_slices(&["fd00:10::1", "fd00:10::2"])
+            )))
+        };
+        let maglev = annotated("maglev");
+        let reference = compile_services(&maglev, &[]).desired;
+        assert_eq!(
+            reference.maglev6.iter().copied().collect::<Vec<_>>(),
+            vec![
+                fe6("fd00:96::10", 53, Proto::Udp),
+                fe6("fd00:96::10", 80, Proto::Tcp)
+            ]
+        );
+        assert_eq!(reference.maglev.len(), 2, "the IPv4 frontends too");
+        let mut compiler = ServiceCompiler::default();
+        assert!(compiler.update(&maglev, &[]).changed);
+        assert_eq!(compiler.desired(), &reference);
+
+        // Back to random: only the annotation changed, and it is a change
+        // for the IPv6 frontends as well.
+        let random = annotated("random");
+        assert!(compiler.update(&random, &[]).changed);
+        assert!(compiler.desired().maglev6.is_empty());
+        assert_eq!(compiler.desired(), &compile_services(&random, &[]).desired);
+
+        // The agent default applies to a Service without the annotation.
+        let plain = Arc::new(state(&format!(
+            "{DUAL_SVC}{}",
+            dual_slices(&["fd00:10::1"])
+        )));
+        let mut all = ServiceCompiler::new(ServiceOptions {
+            lb_algorithm: LbAlgorithm::Maglev,
+            ..Default::default()
+        });
+        all.update(&plain, &[]);
+        assert_eq!(all.desired().maglev6.len(), 2);
+        // The Service goes away: no Maglev frontend is left behind.
+        all.update(&Arc::new(ClusterState::default()), &[]);
+        assert!(all.desired().maglev6.is_empty());
+        assert!(all.desired().maglev.is_empty());
     }
 }

@@ -43,6 +43,7 @@ pub mod map_names {
     pub const CT6: &str = "CT6";
     pub const LB6_SOCK_REVNAT: &str = "LB6_SOCK_REVNAT";
     pub const LB6_AFFINITY: &str = "LB6_AFFINITY";
+    pub const LB6_MAGLEV: &str = "LB6_MAGLEV";
     pub const LB_SOCK_AFFINITY: &str = "LB_SOCK_AFFINITY";
     pub const TAIL_CALLS6: &str = "TAIL_CALLS6";
     pub const IPCACHE6: &str = "IPCACHE6";

@@ -12,13 +12,14 @@
 /// 64 KiB (`u32` ids).
 pub const MAGLEV_TABLE_SIZE: usize = 16_381;
 
-/// Value of `LB4_MAGLEV` (key: the service frontend's `rev_nat_index`, u32).
+/// Value of `LB4_MAGLEV` and `LB6_MAGLEV` (key: the service frontend's
+/// `rev_nat_index`, u32, of that family's number space).
 /// A frontend selects by Maglev exactly when its table is in the map; without
 /// one (random services, or the moment before the agent writes it) the
 /// random slot selection applies.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MaglevTable {
-    /// Backend ids (keys of `LB4_BACKENDS`), never 0.
+    /// Backend ids (keys of `LB4_BACKENDS` or `LB6_BACKENDS`), never 0.
     pub backend_ids: [u32; MAGLEV_TABLE_SIZE],
 }

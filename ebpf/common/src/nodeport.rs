@@ -35,8 +35,9 @@ pub struct Snat4Key {
     pub pad: [u8; 2],
 }
 
-/// Key: client -> backend (after DNAT, before SNAT). Value: the node address
-/// and port the flow leaves with.
+/// Key: client -> frontend, as the client sent it (before DNAT and SNAT;
+/// not client -> backend, which two frontends of one backend can share).
+/// Value: the node address and port the flow leaves with.
 pub const SNAT_DIR_OUT: u8 = 0;
 /// Key: backend -> node address:port (a reply as it arrives). Value: the
 /// client address and port to restore, and the frontend (`rev_nat_index`) to

@@ -174,6 +174,8 @@ fn service(
     let t = Translated {
         client: flow.saddr,
         client_port: flow.sport,
+        frontend: flow.daddr,
+        frontend_port: flow.dport,
         backend: backend.address,
         backend_port: backend.port,
         proto: flow.proto,

@@ -159,6 +159,14 @@ pub static LB6_AFFINITY: LruHashMap<
     catena_common::lb6::Affinity6Value,
 > = LruHashMap::pinned(65_536, 0);
 
+/// Maglev lookup tables of IPv6 frontends, as `LB4_MAGLEV`: IPv6
+/// rev_nat_index -> table of `LB6_BACKENDS` ids. A map of its own because
+/// both numbers come from the IPv6 number spaces, which overlap the IPv4
+/// ones (one shared map would need a family in its key, a layout change of
+/// the pinned `LB4_MAGLEV`).
+#[map]
+pub static LB6_MAGLEV: HashMap<u32, MaglevTable> = HashMap::pinned(65_536, BPF_F_NO_PREALLOC);
+
 /// ClientIP session affinity of the socket-level load balancer, per network
 /// namespace (catena_common::lb::SockAffinityKey), IPv4 and IPv6 frontends.
 #[map]

@@ -219,7 +219,7 @@ fn service(
             if master.count == 0 {
                 return Ok(no_backend(ctx));
             }
-            let Some((id, b)) = lb6::select_for_client(key, master, &flow.saddr, now) else {
+            let Some((id, b)) = lb6::select_for_flow(key, master, flow, now) else {
                 // A slot removed under us: as without backends.
                 return Ok(no_backend(ctx));
             };
@@ -296,6 +296,8 @@ fn remote(ctx: &TcContext, flow: &Flow6) -> Result<i32, ()> {
     let t = Translated6 {
         client: flow.saddr,
         client_port: flow.sport,
+        frontend: flow.daddr,
+        frontend_port: flow.dport,
         backend: backend.address,
         backend_port: backend.port,
         proto: flow.proto,

@@ -28,10 +28,14 @@ pub fn device_addr(ifindex: u32) -> Option<u32> {
     (dev.ipv4 != 0).then_some(dev.ipv4)
 }
 
-/// A flow after DNAT, before SNAT: client -> backend.
+/// A flow to a frontend DNATed to a backend, before SNAT.
 pub struct Translated {
     pub client: u32,
     pub client_port: u16,
+    /// The destination the client sent to (a node address and NodePort,
+    /// an externalIP or a LoadBalancer IP and the service port).
+    pub frontend: u32,
+    pub frontend_port: u16,
     pub backend: u32,
     pub backend_port: u16,
     pub proto: u8,
@@ -68,13 +72,18 @@ pub fn reply_of(
 /// translation, or a newly claimed port. Both directions are written; the
 /// inbound entry is claimed with BPF_NOEXIST, so two flows never share a
 /// reply tuple. `None`: no free port after `SNAT_TRIES` or the table is full.
+///
+/// The outbound entry is keyed by the flow as the client sent it (to the
+/// frontend), not as DNATed: one client port may reach two frontends of the
+/// same backend (an externalIP and a LoadBalancer IP, say), and each needs
+/// a reply tuple, and a `rev_nat_index` to answer as, of its own.
 #[inline(always)]
 pub fn snat_port(t: &Translated, snat_addr: u32, rev_nat_index: u32, now: u64) -> Option<u16> {
     let out_key = Snat4Key {
         saddr: t.client,
-        daddr: t.backend,
+        daddr: t.frontend,
         sport: t.client_port,
-        dport: t.backend_port,
+        dport: t.frontend_port,
         proto: t.proto,
         dir: SNAT_DIR_OUT,
         pad: [0; 2],
@@ -82,22 +91,12 @@ pub fn snat_port(t: &Translated, snat_addr: u32, rev_nat_index: u32, now: u64) -
     if let Some(entry) = SNAT4.get_ptr_mut(&out_key) {
         // SAFETY: a live value pointer from this run's lookup.
         let out = unsafe { &mut *entry };
-        // The LRU may have evicted one direction alone: reuse the
-        // translation only while its reply entry still leads back here.
-        if out.to_addr == snat_addr {
-            if let Some(back) = reply_of(
-                t.backend,
-                snat_addr,
-                t.backend_port,
-                out.to_port,
-                t.proto,
-                now,
-            ) {
-                if back.to_addr == t.client && back.to_port == t.client_port {
-                    out.last_seen_ns = now;
-                    return Some(out.to_port);
-                }
-            }
+        // The LRU may have evicted one direction alone, and the flow may
+        // have moved to another backend since: reuse the translation only
+        // while its reply entry still leads back here.
+        if out.to_addr == snat_addr && leads_back(t, snat_addr, out.to_port, rev_nat_index, now) {
+            out.last_seen_ns = now;
+            return Some(out.to_port);
         }
     }
     // First choice derived from the client's port (stable for retries of one
@@ -121,7 +120,11 @@ pub fn snat_port(t: &Translated, snat_addr: u32, rev_nat_index: u32, now: u64) -
             dir: SNAT_DIR_IN,
             pad: [0; 2],
         };
-        if SNAT4.insert(&in_key, &back, BPF_NOEXIST as u64).is_ok() {
+        // A taken port is still ours when its reply entry already leads back
+        // to this very flow (its outbound entry evicted alone).
+        if SNAT4.insert(&in_key, &back, BPF_NOEXIST as u64).is_ok()
+            || leads_back(t, snat_addr, nport, rev_nat_index, now)
+        {
             let out = Snat4Value {
                 to_addr: snat_addr,
                 to_port: nport,
@@ -139,4 +142,18 @@ pub fn snat_port(t: &Translated, snat_addr: u32, rev_nat_index: u32, now: u64) -
         port = SNAT_PORT_MIN as u32 + unsafe { bpf_get_prandom_u32() } % SNAT_RANGE;
     }
     None
+}
+
+/// Whether the reply tuple `t.backend -> snat_addr:nport` belongs to `t`:
+/// it restores `t`'s client and port and answers as `t`'s frontend.
+#[inline(always)]
+fn leads_back(t: &Translated, snat_addr: u32, nport: u16, rev_nat_index: u32, now: u64) -> bool {
+    match reply_of(t.backend, snat_addr, t.backend_port, nport, t.proto, now) {
+        Some(back) => {
+            back.to_addr == t.client
+                && back.to_port == t.client_port
+                && back.rev_nat_index == rev_nat_index
+        }
+        None => false,
+    }
 }

@@ -88,10 +88,13 @@ pub fn redirect(ifindex: u32) -> i32 {
     unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
 }
 
-/// A flow after DNAT, before SNAT: client -> backend.
+/// A flow to a frontend DNATed to a backend, before SNAT.
 pub struct Translated6 {
     pub client: Addr6,
     pub client_port: u16,
+    /// The destination the client sent to (see `nodeport::Translated`).
+    pub frontend: Addr6,
+    pub frontend_port: u16,
     pub backend: Addr6,
     pub backend_port: u16,
     pub proto: u8,
@@ -125,17 +128,17 @@ pub fn reply_of(
 }
 
 /// The node port `t` leaves with from `snat_addr` (`nodeport::snat_port`
-/// for IPv6): the flow's existing translation, or a newly claimed port,
-/// the inbound entry claimed with BPF_NOEXIST so two flows never share a
-/// reply tuple. `None`: no free port after `SNAT_TRIES` or the table is
-/// full.
+/// for IPv6, which says why the outbound entry is keyed by the frontend):
+/// the flow's existing translation, or a newly claimed port, the inbound
+/// entry claimed with BPF_NOEXIST so two flows never share a reply tuple.
+/// `None`: no free port after `SNAT_TRIES` or the table is full.
 #[inline(always)]
 pub fn snat_port(t: &Translated6, snat_addr: &Addr6, rev_nat_index: u32, now: u64) -> Option<u16> {
     let out_key = Snat6Key {
         saddr: t.client,
-        daddr: t.backend,
+        daddr: t.frontend,
         sport: t.client_port,
-        dport: t.backend_port,
+        dport: t.frontend_port,
         proto: t.proto,
         dir: SNAT_DIR_OUT,
         pad: [0; 2],
@@ -143,22 +146,12 @@ pub fn snat_port(t: &Translated6, snat_addr: &Addr6, rev_nat_index: u32, now: u6
     if let Some(entry) = SNAT6.get_ptr_mut(&out_key) {
         // SAFETY: a live value pointer from this run's lookup.
         let out = unsafe { &mut *entry };
-        // The LRU may have evicted one direction alone: reuse the
-        // translation only while its reply entry still leads back here.
-        if out.to_addr == *snat_addr {
-            if let Some(back) = reply_of(
-                &t.backend,
-                snat_addr,
-                t.backend_port,
-                out.to_port,
-                t.proto,
-                now,
-            ) {
-                if back.to_addr == t.client && back.to_port == t.client_port {
-                    out.last_seen_ns = now;
-                    return Some(out.to_port);
-                }
-            }
+        // The LRU may have evicted one direction alone, and the flow may
+        // have moved to another backend since: reuse the translation only
+        // while its reply entry still leads back here.
+        if out.to_addr == *snat_addr && leads_back(t, snat_addr, out.to_port, rev_nat_index, now) {
+            out.last_seen_ns = now;
+            return Some(out.to_port);
         }
     }
     let mut port = SNAT_PORT_MIN as u32 + u16::from_be(t.client_port) as u32 % SNAT_RANGE;
@@ -180,7 +173,11 @@ pub fn snat_port(t: &Translated6, snat_addr: &Addr6, rev_nat_index: u32, now: u6
             dir: SNAT_DIR_IN,
             pad: [0; 2],
         };
-        if SNAT6.insert(&in_key, &back, BPF_NOEXIST as u64).is_ok() {
+        // A taken port is still ours when its reply entry already leads back
+        // to this very flow (its outbound entry evicted alone).
+        if SNAT6.insert(&in_key, &back, BPF_NOEXIST as u64).is_ok()
+            || leads_back(t, snat_addr, nport, rev_nat_index, now)
+        {
             let out = Snat6Value {
                 to_addr: *snat_addr,
                 to_port: nport,
@@ -198,6 +195,26 @@ pub fn snat_port(t: &Translated6, snat_addr: &Addr6, rev_nat_index: u32, now: u6
         port = SNAT_PORT_MIN as u32 + unsafe { bpf_get_prandom_u32() } % SNAT_RANGE;
     }
     None
+}
+
+/// Whether the reply tuple `t.backend -> snat_addr:nport` belongs to `t`:
+/// it restores `t`'s client and port and answers as `t`'s frontend.
+#[inline(always)]
+fn leads_back(
+    t: &Translated6,
+    snat_addr: &Addr6,
+    nport: u16,
+    rev_nat_index: u32,
+    now: u64,
+) -> bool {
+    match reply_of(&t.backend, snat_addr, t.backend_port, nport, t.proto, now) {
+        Some(back) => {
+            back.to_addr == t.client
+                && back.to_port == t.client_port
+                && back.rev_nat_index == rev_nat_index
+        }
+        None => false,
+    }
 }
 
 /// DNAT: destination address and port become `addr:port`.

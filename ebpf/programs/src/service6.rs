@@ -228,7 +228,7 @@ fn service(
             if master.count == 0 {
                 return Ok(no_backend(ctx, ep));
             }
-            let Some((id, backend)) = lb6::select_for_client(key, master, &flow.saddr, now) else {
+            let Some((id, backend)) = lb6::select_for_flow(key, master, flow, now) else {
                 // A slot removed under us: as without backends.
                 return Ok(no_backend(ctx, ep));
             };

@@ -15,6 +15,7 @@
 //! node1 with externalTrafficPolicy: Cluster needs SNAT so its reply returns
 //! through node1.
 
+use anyhow::Context;
 use catena_api::ServiceStatus;
 use catena_e2e::echo::{echo_request, EchoPeer};
 use catena_e2e::source::{ClusterSource, SourceKind};
@@ -30,6 +31,11 @@ const CLIENT: &str = "192.168.77.2";
 const NODE_LINK: &str = "10.10.0.1";
 const EXTERNAL_IP: &str = "203.0.113.10";
 const LB_IP: &str = "203.0.113.20";
+/// Frontends of a Service whose only endpoint is on node2.
+const REMOTE_EXTERNAL_IP: &str = "203.0.113.30";
+const REMOTE_LB_IP: &str = "203.0.113.31";
+/// The one ephemeral port the client uses while checking port reuse.
+const REUSED_PORT: u16 = 40000;
 /// Where the echo servers listen (any address of their family).
 const ANY: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
 const TIMEOUT: Duration = Duration::from_secs(3);
@@ -255,6 +261,23 @@ fn nodeport_external_ips_and_traffic_policies() -> anyhow::Result<()> {
         ),
     )?;
     source.apply(
+        "remote-pair.yaml",
+        &format!(
+            "{}---\n{}",
+            service(
+                "remote-pair",
+                "10.96.0.23",
+                30084,
+                "Cluster",
+                None,
+                None,
+                &[REMOTE_EXTERNAL_IP],
+                Some(REMOTE_LB_IP)
+            ),
+            slice("remote-pair-1", "remote-pair", &[ip_remote.to_string()])
+        ),
+    )?;
+    source.apply(
         "remote-only.yaml",
         &format!(
             "{}---\n{}",
@@ -288,6 +311,8 @@ fn nodeport_external_ips_and_traffic_policies() -> anyhow::Result<()> {
                 format!("{LB_IP}:80/TCP"),
                 format!("{NODE_EXT}:30082/TCP"),
                 format!("{NODE_LINK}:30081/TCP"),
+                format!("{REMOTE_EXTERNAL_IP}:80/TCP"),
+                format!("{REMOTE_LB_IP}:80/TCP"),
             ];
             Ok(want
                 .iter()
@@ -409,6 +434,36 @@ fn nodeport_external_ips_and_traffic_policies() -> anyhow::Result<()> {
             "{frontend}: both backends serve: {served:?}"
         );
     }
+
+    // One client port towards two frontends of the same remote backend, one
+    // after the other: both flows translate to the same client -> backend
+    // tuple, and each reply must still come from the frontend its own flow
+    // was sent to (a SNAT translation reused across frontends answered the
+    // second as the first, which the client's socket never accepts). The
+    // client's ephemeral range is narrowed to one port to make the reuse
+    // certain; with the full range it happens by chance now and then.
+    client.run(
+        "sysctl",
+        &[
+            "-qw",
+            &format!("net.ipv4.ip_local_port_range={REUSED_PORT} {REUSED_PORT}"),
+        ],
+    )?;
+    for round in 0..3 {
+        for frontend in [sa(REMOTE_EXTERNAL_IP, 80), sa(REMOTE_LB_IP, 80)] {
+            let (by, seen, peer) = echo_request(&client, frontend)
+                .with_context(|| format!("round {round}: to {frontend} from port {REUSED_PORT}"))?;
+            assert_eq!(
+                (by.as_str(), seen.as_str(), peer),
+                ("remote-1", NODE_LINK, frontend),
+                "round {round}"
+            );
+        }
+    }
+    client.run(
+        "sysctl",
+        &["-qw", "net.ipv4.ip_local_port_range=32768 60999"],
+    )?;
 
     // eTP=Local without a local endpoint: an external client is refused at
     // once (TCP RST)...

@@ -36,6 +36,11 @@ const NODE_LINK: &str = "fd00:10::1";
 const NODE2_LINK: &str = "fd00:10::2";
 const EXTERNAL_IP: &str = "fd00:203::10";
 const LB_IP: &str = "fd00:203::20";
+/// Frontends of a Service whose only endpoint is on node2.
+const REMOTE_EXTERNAL_IP: &str = "fd00:203::30";
+const REMOTE_LB_IP: &str = "fd00:203::31";
+/// The one ephemeral port the client uses while checking port reuse.
+const REUSED_PORT: u16 = 40000;
 /// Where the echo servers listen (any address of their family).
 const ANY: IpAddr = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
 
@@ -383,6 +388,22 @@ fn ipv6_nodeport_external_ips_and_traffic_policies() -> anyhow::Result<()> {
         ),
     )?;
     source.apply(
+        "remote-pair.yaml",
+        &format!(
+            "{}---\n{}",
+            service(
+                "remote-pair",
+                ("10.96.0.53", "fd00:96::53"),
+                30186,
+                "Cluster",
+                None,
+                &[REMOTE_EXTERNAL_IP],
+                Some(REMOTE_LB_IP)
+            ),
+            slice6("remote-pair-1", "remote-pair", &[ip_remote])
+        ),
+    )?;
+    source.apply(
         "remote-only.yaml",
         &format!(
             "{}---\n{}",
@@ -414,6 +435,8 @@ fn ipv6_nodeport_external_ips_and_traffic_policies() -> anyhow::Result<()> {
                 np(LB_IP, 80),
                 np(NODE_EXT, 30184),
                 np(NODE_EXT4, 30180),
+                np(REMOTE_EXTERNAL_IP, 80),
+                np(REMOTE_LB_IP, 80),
             ];
             Ok(want
                 .iter()
@@ -493,6 +516,36 @@ fn ipv6_nodeport_external_ips_and_traffic_policies() -> anyhow::Result<()> {
             "{frontend}: both backends serve: {served:?}"
         );
     }
+
+    // One client port towards two frontends of the same remote backend, one
+    // after the other: both flows translate to the same client -> backend
+    // tuple, and each reply must still come from the frontend its own flow
+    // was sent to (a SNAT translation reused across frontends answered the
+    // second as the first, which the client's socket never accepts). The
+    // client's ephemeral range is narrowed to one port to make the reuse
+    // certain; with the full range it happens by chance now and then.
+    client.run(
+        "sysctl",
+        &[
+            "-qw",
+            &format!("net.ipv4.ip_local_port_range={REUSED_PORT} {REUSED_PORT}"),
+        ],
+    )?;
+    for round in 0..3 {
+        for frontend in [sa(REMOTE_EXTERNAL_IP, 80), sa(REMOTE_LB_IP, 80)] {
+            let (by, seen, peer) = echo_request(&client, frontend)
+                .with_context(|| format!("round {round}: to {frontend} from port {REUSED_PORT}"))?;
+            assert_eq!(
+                (by.as_str(), seen.as_str(), peer),
+                ("remote-1", NODE_LINK, frontend),
+                "round {round}"
+            );
+        }
+    }
+    client.run(
+        "sysctl",
+        &["-qw", "net.ipv4.ip_local_port_range=32768 60999"],
+    )?;
 
     // eTP=Local without a local endpoint: an external client is refused at
     // once, TCP with a RST...
