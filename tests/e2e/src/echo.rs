@@ -3,7 +3,7 @@
 //! NodePort scenarios check both the backend and the preserved or SNATed
 //! client address with it, over IPv4 and IPv6.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use catena_lab::Netns;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -74,4 +74,43 @@ pub fn echo_request(ns: &Netns, addr: SocketAddr) -> Result<(String, String, Soc
         let seen = words.next().unwrap_or_default().to_string();
         Ok((served, seen, peer))
     })?
+}
+
+/// Requests to each of `frontends` in turn, three rounds, all from the one
+/// client port `port` (the client netns's ephemeral range narrowed to it,
+/// restored after): each must be served by `by`, seeing the client as `seen`,
+/// and answered from the frontend its own flow was sent to. Two frontends of
+/// one backend then share a translated tuple; the reply must still name its
+/// own frontend, or the client's socket never accepts it.
+pub fn one_port_to_each(
+    client: &Netns,
+    port: u16,
+    frontends: &[SocketAddr],
+    by: &str,
+    seen: &str,
+) -> Result<()> {
+    let range = |r: &str| {
+        client
+            .run(
+                "sysctl",
+                &["-qw", &format!("net.ipv4.ip_local_port_range={r}")],
+            )
+            .map(|_| ())
+    };
+    range(&format!("{port} {port}"))?;
+    let result = (|| -> Result<()> {
+        for round in 0..3 {
+            for &frontend in frontends {
+                let (served_by, saw, peer) = echo_request(client, frontend)
+                    .with_context(|| format!("round {round}: to {frontend} from port {port}"))?;
+                anyhow::ensure!(
+                    (served_by.as_str(), saw.as_str(), peer) == (by, seen, frontend),
+                    "round {round}: to {frontend}: served by {served_by} seeing {saw}, answered from {peer}"
+                );
+            }
+        }
+        Ok(())
+    })();
+    range("32768 60999")?;
+    result
 }

@@ -15,9 +15,8 @@
 //! node1 with externalTrafficPolicy: Cluster needs SNAT so its reply returns
 //! through node1.
 
-use anyhow::Context;
 use catena_api::ServiceStatus;
-use catena_e2e::echo::{echo_request, EchoPeer};
+use catena_e2e::echo::{echo_request, one_port_to_each, EchoPeer};
 use catena_e2e::source::{ClusterSource, SourceKind};
 use catena_e2e::{pod_yaml, wait_for};
 use catena_lab::{CallArgs, CniRunner, Netns, Node};
@@ -442,27 +441,12 @@ fn nodeport_external_ips_and_traffic_policies() -> anyhow::Result<()> {
     // second as the first, which the client's socket never accepts). The
     // client's ephemeral range is narrowed to one port to make the reuse
     // certain; with the full range it happens by chance now and then.
-    client.run(
-        "sysctl",
-        &[
-            "-qw",
-            &format!("net.ipv4.ip_local_port_range={REUSED_PORT} {REUSED_PORT}"),
-        ],
-    )?;
-    for round in 0..3 {
-        for frontend in [sa(REMOTE_EXTERNAL_IP, 80), sa(REMOTE_LB_IP, 80)] {
-            let (by, seen, peer) = echo_request(&client, frontend)
-                .with_context(|| format!("round {round}: to {frontend} from port {REUSED_PORT}"))?;
-            assert_eq!(
-                (by.as_str(), seen.as_str(), peer),
-                ("remote-1", NODE_LINK, frontend),
-                "round {round}"
-            );
-        }
-    }
-    client.run(
-        "sysctl",
-        &["-qw", "net.ipv4.ip_local_port_range=32768 60999"],
+    one_port_to_each(
+        &client,
+        REUSED_PORT,
+        &[sa(REMOTE_EXTERNAL_IP, 80), sa(REMOTE_LB_IP, 80)],
+        "remote-1",
+        NODE_LINK,
     )?;
 
     // eTP=Local without a local endpoint: an external client is refused at

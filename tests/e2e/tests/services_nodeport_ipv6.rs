@@ -19,9 +19,9 @@
 
 use anyhow::Context;
 use catena_api::ServiceStatus;
-use catena_e2e::echo::{echo_request, EchoPeer};
+use catena_e2e::echo::{echo_request, one_port_to_each, EchoPeer};
 use catena_e2e::source::{ClusterSource, SourceKind};
-use catena_e2e::{pod_yaml, wait_for};
+use catena_e2e::{dual_stack, pod_yaml, wait_for};
 use catena_lab::{CallArgs, CniRunner, Conflist, Netns, Node, Pod};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -43,22 +43,6 @@ const REMOTE_LB_IP: &str = "fd00:203::31";
 const REUSED_PORT: u16 = 40000;
 /// Where the echo servers listen (any address of their family).
 const ANY: IpAddr = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
-
-/// No duplicate address detection in `ns`: addresses are usable at once
-/// instead of staying tentative for a second or more. Must run before the
-/// interfaces exist (`default` is copied into new interfaces).
-fn no_dad(ns: &Netns) -> anyhow::Result<()> {
-    ns.run(
-        "sysctl",
-        &[
-            "-q",
-            "-w",
-            "net.ipv6.conf.all.accept_dad=0",
-            "net.ipv6.conf.default.accept_dad=0",
-        ],
-    )?;
-    Ok(())
-}
 
 fn sa(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse().unwrap(), port)
@@ -147,7 +131,7 @@ fn pod_ipv6(pod: &Pod) -> anyhow::Result<Ipv6Addr> {
 fn wire(node1: &Node, node2: &Node, client: &Netns) -> anyhow::Result<()> {
     let (n1, n2) = (node1.netns(), node2.netns());
     for ns in [n1, n2, client] {
-        no_dad(ns)?;
+        dual_stack::no_dad(ns)?;
     }
     n1.run(
         "ip",
@@ -357,7 +341,7 @@ fn ipv6_nodeport_external_ips_and_traffic_policies() -> anyhow::Result<()> {
     let web2 = node1.pod("web-2")?;
     let remote = node2.pod("remote-1")?;
     for pod in [&web1, &web2, &remote] {
-        no_dad(pod.netns())?;
+        dual_stack::no_dad(pod.netns())?;
     }
     for pod in [&web1, &web2] {
         cni1.add(pod, "eth0", &CallArgs::default())?;
@@ -524,27 +508,12 @@ fn ipv6_nodeport_external_ips_and_traffic_policies() -> anyhow::Result<()> {
     // second as the first, which the client's socket never accepts). The
     // client's ephemeral range is narrowed to one port to make the reuse
     // certain; with the full range it happens by chance now and then.
-    client.run(
-        "sysctl",
-        &[
-            "-qw",
-            &format!("net.ipv4.ip_local_port_range={REUSED_PORT} {REUSED_PORT}"),
-        ],
-    )?;
-    for round in 0..3 {
-        for frontend in [sa(REMOTE_EXTERNAL_IP, 80), sa(REMOTE_LB_IP, 80)] {
-            let (by, seen, peer) = echo_request(&client, frontend)
-                .with_context(|| format!("round {round}: to {frontend} from port {REUSED_PORT}"))?;
-            assert_eq!(
-                (by.as_str(), seen.as_str(), peer),
-                ("remote-1", NODE_LINK, frontend),
-                "round {round}"
-            );
-        }
-    }
-    client.run(
-        "sysctl",
-        &["-qw", "net.ipv4.ip_local_port_range=32768 60999"],
+    one_port_to_each(
+        &client,
+        REUSED_PORT,
+        &[sa(REMOTE_EXTERNAL_IP, 80), sa(REMOTE_LB_IP, 80)],
+        "remote-1",
+        NODE_LINK,
     )?;
 
     // eTP=Local without a local endpoint: an external client is refused at
@@ -631,7 +600,7 @@ fn auto_detection_takes_an_ipv6_only_default_route_device() -> anyhow::Result<()
         )?,
     );
     let web1 = node1.pod("web-1")?;
-    no_dad(web1.netns())?;
+    dual_stack::no_dad(web1.netns())?;
     cni.add(&web1, "eth0", &CallArgs::default())?;
     let _e1 = EchoPeer::start(web1.netns(), ANY, 8080, "web-1")?;
     reachable(node1.netns(), SocketAddr::from((pod_ipv6(&web1)?, 8080)))?;
