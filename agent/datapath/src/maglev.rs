@@ -242,6 +242,17 @@ mod tests {
             .collect()
     }
 
+    /// Table slots whose backend differs between `before` (indices into
+    /// `old`) and `after` (indices into `new`): compared by backend, since
+    /// indices shift when one is removed.
+    fn moved<A: PartialEq>(before: &[u32], old: &[A], after: &[u32], new: &[A]) -> usize {
+        before
+            .iter()
+            .zip(after)
+            .filter(|(b, a)| old[**b as usize] != new[**a as usize])
+            .count()
+    }
+
     fn counts(table: &[u32], n: usize) -> Vec<usize> {
         let mut c = vec![0; n];
         for i in table {
@@ -286,12 +297,7 @@ mod tests {
             let mut rest = all.clone();
             rest.remove(removed);
             let after = populate(&rest, m);
-            // Compare by backend, not by index (indices shift after removal).
-            let changed = before
-                .iter()
-                .zip(&after)
-                .filter(|(b, a)| all[**b as usize] != rest[**a as usize])
-                .count();
+            let changed = moved(&before, &all, &after, &rest);
             let owned = before.iter().filter(|b| **b as usize == removed).count();
             // The removed backend's slots must move; the paper measures the
             // rest of the churn at a few percent of M. Allow up to 1/N of M
@@ -316,11 +322,7 @@ mod tests {
         let before = populate(&backends(4), m);
         let after = populate(&backends(5), m);
         let five = backends(5);
-        let changed = before
-            .iter()
-            .zip(&after)
-            .filter(|(b, a)| five[**b as usize] != five[**a as usize])
-            .count();
+        let changed = moved(&before, &five, &after, &five);
         assert!(
             (changed as f64) < 2.0 * m as f64 / 5.0,
             "{changed} of {m} slots changed"
@@ -365,11 +367,7 @@ mod tests {
         let mut rest = all.clone();
         rest.remove(3);
         let after = populate(&rest, m);
-        let changed = before
-            .iter()
-            .zip(&after)
-            .filter(|(b, a)| all[**b as usize] != rest[**a as usize])
-            .count();
+        let changed = moved(&before, &all, &after, &rest);
         let owned = before.iter().filter(|b| **b == 3).count();
         assert!(changed >= owned && ((changed - owned) as f64) < m as f64 / 8.0);
     }

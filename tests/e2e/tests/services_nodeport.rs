@@ -434,13 +434,8 @@ fn nodeport_external_ips_and_traffic_policies() -> anyhow::Result<()> {
         );
     }
 
-    // One client port towards two frontends of the same remote backend, one
-    // after the other: both flows translate to the same client -> backend
-    // tuple, and each reply must still come from the frontend its own flow
-    // was sent to (a SNAT translation reused across frontends answered the
-    // second as the first, which the client's socket never accepts). The
-    // client's ephemeral range is narrowed to one port to make the reuse
-    // certain; with the full range it happens by chance now and then.
+    // One client port to two frontends of one remote backend: each reply
+    // must come from its own frontend (see `one_port_to_each`).
     one_port_to_each(
         &client,
         REUSED_PORT,
