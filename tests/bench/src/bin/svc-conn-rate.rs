@@ -62,7 +62,7 @@ const SCALES: [usize; 3] = [1, 1_000, 10_000];
 /// Endpoints of each filler service (they never see traffic; they size the rules).
 const FILLER_ENDPOINTS: usize = 2;
 const BACKENDS: usize = 3;
-const ROUNDS: usize = 9;
+const ROUNDS: usize = 15;
 /// Measured time per variant per round.
 const SLICE: Duration = Duration::from_millis(1000);
 /// Unmeasured run per variant before each scale's rounds.
@@ -277,6 +277,21 @@ impl Tally {
     /// work on 2 cores) does not drag it down the way a total would.
     fn rate(&self) -> f64 {
         percentile(&self.round_rates, 50.0)
+    }
+
+    /// This variant's rate against `base`'s, paired by round (both ran in
+    /// the same round, a few seconds apart): the median of the per-round
+    /// ratios. The machine's speed drifts between rounds by more than the
+    /// differences measured here; within a round it mostly does not, so
+    /// pairing cancels the drift that a ratio of two medians keeps.
+    fn paired_ratio(&self, base: &Tally) -> f64 {
+        let ratios: Vec<f64> = self
+            .round_rates
+            .iter()
+            .zip(&base.round_rates)
+            .map(|(r, b)| r / b)
+            .collect();
+        percentile(&ratios, 50.0)
     }
 }
 
@@ -557,7 +572,7 @@ fn main() -> Result<()> {
     println!(
         "one client thread in a client pod: connect / send / recv / close (RST) in a loop, to {BACKENDS} backend pods (ptp veths) behind {VIP}:{PORT} (pod-IP variants: the {BACKENDS} pod IPs in turn); fillers have {FILLER_ENDPOINTS} endpoints each"
     );
-    println!("conn/s = the median round's rate (min..max over rounds); connect latency = connect() returning, all connections of all rounds");
+    println!("conn/s = the median round's rate (min..max over rounds); vs = the median over rounds of this variant's rate / the other's in the same round; connect latency = connect() returning, all connections of all rounds");
     println!(
         "the measured service is the LAST rule of KUBE-SERVICES (worst case for iptables' linear match; kube-proxy's iptables mode scales this way); position does not matter to the nftables vmap or catena"
     );
@@ -565,8 +580,8 @@ fn main() -> Result<()> {
     println!("| services | variant              |  conn/s | round min..max  | vs no LB | vs iptables-nft | connect p50 us | p99 us | errors |");
     println!("|---------:|----------------------|--------:|-----------------|---------:|----------------:|---------------:|-------:|-------:|");
     for scale in SCALES {
-        let base = results.get(&(scale, Variant::NoLb)).map(Tally::rate);
-        let nft = results.get(&(scale, Variant::IptablesNft)).map(Tally::rate);
+        let base = results.get(&(scale, Variant::NoLb));
+        let nft = results.get(&(scale, Variant::IptablesNft));
         for v in Variant::ALL {
             let Some(t) = results.get(&(scale, v)) else {
                 if let Some(reason) = unavailable.get(&v) {
@@ -579,7 +594,8 @@ fn main() -> Result<()> {
                 continue;
             };
             let rate = t.rate();
-            let ratio = |b: Option<f64>| b.map_or("-".into(), |b| format!("{:.2}x", rate / b));
+            let ratio =
+                |b: Option<&Tally>| b.map_or("-".into(), |b| format!("{:.2}x", t.paired_ratio(b)));
             let (p50, p99) = if t.connect_us.is_empty() {
                 (f64::NAN, f64::NAN)
             } else {
@@ -631,15 +647,18 @@ fn main() -> Result<()> {
         println!("  {scale:>6} services: {}", line.join(", "));
     }
 
-    let rate = |scale: usize, v: Variant| results.get(&(scale, v)).map(Tally::rate);
+    let ratio = |scale: usize, v: Variant, base: Variant| {
+        results
+            .get(&(scale, v))
+            .zip(results.get(&(scale, base)))
+            .map(|(t, b)| t.paired_ratio(b))
+    };
     println!();
     println!("| target                                                     | measured | verdict |");
     println!("|------------------------------------------------------------|----------|---------|");
     for v in [Variant::CatenaSock, Variant::Catena] {
-        let vs_nft = rate(10_000, v)
-            .zip(rate(10_000, Variant::IptablesNft))
-            .map(|(c, n)| c / n);
-        let vs_base = rate(1, v).zip(rate(1, Variant::NoLb)).map(|(c, b)| c / b);
+        let vs_nft = ratio(10_000, v, Variant::IptablesNft);
+        let vs_base = ratio(1, v, Variant::NoLb);
         println!(
             "| {:<18} >= {TARGET_VS_IPTABLES_NFT:.0}x iptables-nft at 10k services   | {:>7.2}x | {}    |",
             v.label(),
