@@ -43,7 +43,7 @@ const COUNTS: [usize; 4] = [1, 1_000, 10_000, 100_000];
 const REPEAT: u32 = 1_000_000;
 /// Single-run SYNs per program per batch (new-flow path).
 const NEW_FLOWS: usize = 1_000;
-const ROUNDS: usize = 9;
+const ROUNDS: usize = 21;
 /// Issue #4: per-packet cost <= 1.5x the empty program, flat across counts.
 const TARGET_RATIO: f64 = 1.5;
 const TARGET_FLAT: f64 = 1.10;
@@ -312,7 +312,9 @@ fn main() -> Result<()> {
     println!("| services | map entries | program s | noop ns | non-service ns | established ns | ratio | added ns | noop 1-run ns | est 1-run ns | SYN one ns | one ratio | SYN spread ns | spread ratio | added ns |");
     println!("|---------:|------------:|----------:|--------:|---------------:|---------------:|------:|---------:|--------------:|-------------:|-----------:|----------:|--------------:|-------------:|---------:|");
     let mut est_ratios = Vec::new();
-    let mut one_ratios = Vec::new();
+    let mut est_ns = Vec::new();
+    let mut one_ns = Vec::new();
+    let mut syn_ns = Vec::new();
     let mut syn_ratios = Vec::new();
     for (i, s) in setups.iter().enumerate() {
         let (noop, from, plain) = (
@@ -337,7 +339,9 @@ fn main() -> Result<()> {
         let ratio1 = of(|b| b.spread / b.noop);
         let ratio_one = of(|b| b.one / b.noop);
         est_ratios.push(ratio);
-        one_ratios.push(ratio_one);
+        est_ns.push(from);
+        one_ns.push(o1);
+        syn_ns.push(f1);
         syn_ratios.push(ratio1);
         println!(
             "| {:>8} | {:>11} | {:>9.2} | {noop:>7.1} | {plain:>14.1} | {from:>14.1} | {ratio:>5.2} | {:>8.1} | {n1:>13.0} | {e1:>12.0} | {o1:>10.0} | {ratio_one:>9.2} | {f1:>13.0} | {ratio1:>12.2} | {:>8.0} |",
@@ -351,15 +355,15 @@ fn main() -> Result<()> {
     let spread = |v: &[f64]| {
         v.iter().cloned().fold(f64::MIN, f64::max) / v.iter().cloned().fold(f64::MAX, f64::min)
     };
-    // Flatness compares each count's ratio to the empty program measured in
-    // the same round, not raw ns: the machine's speed drifts between rounds
-    // (the empty program alone moves by 20% here), the pairing cancels that.
-    let est_flat = spread(&est_ratios);
-    let syn_flat = spread(&syn_ratios);
-    let one_flat = spread(&one_ratios);
+    // Flatness compares the medians' ns. Not the ratios to the empty
+    // program: a single run's time comes in steps of about 10 ns, so a
+    // ~100 ns denominator would add +-10% of its own.
+    let est_flat = spread(&est_ns);
+    let one_flat = spread(&one_ns);
+    let syn_flat = spread(&syn_ns);
     println!();
     println!(
-        "flatness = max/min across counts of the ratio to the empty program (per-round pairs, so machine drift cancels): established {est_flat:.2}x, SYN to one ClusterIP {one_flat:.2}x, SYN spread {syn_flat:.2}x"
+        "flatness = max/min across counts of the median ns: established {est_flat:.2}x, SYN to one ClusterIP {one_flat:.2}x, SYN spread {syn_flat:.2}x"
     );
     println!();
     println!("| target                                          | measured        | verdict |");
