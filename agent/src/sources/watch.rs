@@ -115,8 +115,8 @@ mod tests {
     use super::*;
     use std::sync::mpsc as std_mpsc;
 
-    /// The events the real inotify backend delivers for `action` within
-    /// `wait` of it.
+    /// The events the real inotify backend delivers for `action`, until
+    /// 300 ms pass without one.
     fn events_of(dir: &std::path::Path, action: impl FnOnce()) -> Vec<EventKind> {
         let (tx, rx) = std_mpsc::channel();
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {

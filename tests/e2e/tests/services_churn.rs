@@ -42,6 +42,28 @@ struct StreamEnd {
     error: String,
 }
 
+impl StreamEnd {
+    /// The end a connection met just now, by `e`.
+    fn now(e: &std::io::Error) -> StreamEnd {
+        StreamEnd {
+            at: Instant::now(),
+            kind: e.kind(),
+            error: e.to_string(),
+        }
+    }
+
+    /// A reset or close by the peer: how a backend's removal ends a flow
+    /// (its next packet reaches another backend, which resets it).
+    fn is_reset_or_close(&self) -> bool {
+        matches!(
+            self.kind,
+            std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::UnexpectedEof
+                | std::io::ErrorKind::BrokenPipe
+        )
+    }
+}
+
 struct StreamLog {
     backend: String,
     round_trips: u64,
@@ -64,11 +86,7 @@ fn run_stream(mut s: EchoStream, stop: Arc<AtomicBool>) -> StreamLog {
             return StreamLog {
                 backend: s.backend.clone(),
                 round_trips,
-                end: Some(StreamEnd {
-                    at: Instant::now(),
-                    kind: e.kind(),
-                    error: e.to_string(),
-                }),
+                end: Some(StreamEnd::now(&e)),
             };
         }
         round_trips += 1;
@@ -99,11 +117,7 @@ fn new_connections(
                 s.abort();
                 Ok(())
             });
-            let failure = r.err().map(|e| StreamEnd {
-                at: Instant::now(),
-                kind: e.kind(),
-                error: e.to_string(),
-            });
+            let failure = r.err().map(|e| StreamEnd::now(&e));
             log.lock().unwrap().push(NewConn {
                 started,
                 backend,
@@ -295,12 +309,7 @@ fn churn(tag: &str, agent_args: &[&str]) -> anyhow::Result<()> {
             ),
             (Some(edit), Some(end)) => {
                 assert!(
-                    matches!(
-                        end.kind,
-                        std::io::ErrorKind::ConnectionReset
-                            | std::io::ErrorKind::UnexpectedEof
-                            | std::io::ErrorKind::BrokenPipe
-                    ),
+                    end.is_reset_or_close(),
                     "stream to {} ended by {} ({:?}), not a reset or close",
                     log.backend,
                     end.error,
@@ -329,13 +338,7 @@ fn churn(tag: &str, agent_args: &[&str]) -> anyhow::Result<()> {
     // backend must at least fall inside a removal. Any other failure, or
     // one far from every removal, fails the test.
     let removal_hit = |c: &NewConn, end: &StreamEnd| {
-        let closed = matches!(
-            end.kind,
-            std::io::ErrorKind::ConnectionReset
-                | std::io::ErrorKind::UnexpectedEof
-                | std::io::ErrorKind::BrokenPipe
-        );
-        closed
+        end.is_reset_or_close()
             && edits.iter().any(|e| {
                 e.removed.is_some()
                     && c.backend
